@@ -1,0 +1,70 @@
+"""Fold checkpoints: a `save_pretrained`-style folder that loads back without the hub.
+
+    fold_0/best/
+      model.safetensors   backbone, pooling and head weights (fp32)
+      config.json         the backbone's config (architecture, no download needed)
+      tokenizer files     as the tokenizer's save_pretrained writes them
+      foldtune.yaml       the run's resolved config
+      foldtune.json       fold, targets, scores, step: what inference needs to know
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from foldtune.config import Config, dump_config
+from foldtune.files import atomic_directory
+from foldtune.models.regressor import TextRegressor, load_backbone_config
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "foldtune.json"
+CONFIG_FILE = "foldtune.yaml"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing a file or cannot be read."""
+
+
+def save_checkpoint(folder: str | Path, model: TextRegressor, tokenizer, cfg: Config, meta: dict) -> Path:
+    """Write the folder whole: a crash mid-save leaves the previous checkpoint in place."""
+    folder = Path(folder)
+    with atomic_directory(folder) as tmp:
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.backbone.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {folder} is not a finished foldtune checkpoint")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); retrain this fold") from None
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TextRegressor, dict]:
+    """The fold's model (eval mode, on `device`) and its metadata."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; retrain this fold")
+    model = TextRegressor.from_backbone_config(load_backbone_config(folder), meta["pooling"], len(meta["target_columns"]))
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{weights} cannot be read ({err}); the file is damaged: retrain this fold") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match its config.json: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval(), meta

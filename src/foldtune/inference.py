@@ -1,0 +1,121 @@
+"""Predict with every fold checkpoint of a run, average the folds, write a submission."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from foldtune.checkpoint import CheckpointError, load_checkpoint, read_meta
+from foldtune.config import load_config
+from foldtune.data.collate import DynamicPadding, length_sorted_batches
+from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.files import atomic_write_csv
+from foldtune.training.precision import Precision, resolve_device, resolve_precision
+
+log = logging.getLogger("foldtune")
+
+
+def fold_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The best checkpoint folder of every fold of a run, in fold order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    folders = sorted(run_dir.glob("fold_*/best"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not folders:
+        raise CheckpointError(f"{run_dir} holds no fold checkpoint (fold_*/best): has the run trained a fold?")
+    return folders
+
+
+def latest_run(runs_dir: str | Path = "runs") -> Path:
+    """The most recently started run that has at least one fold checkpoint."""
+    runs_dir = Path(runs_dir)
+    candidates = [p.parent for p in runs_dir.glob("*/config.yaml") if any(p.parent.glob("fold_*/best"))]
+    if not candidates:
+        raise CheckpointError(f"no trained run under {runs_dir}/: run `python train.py` first, or pass --run")
+    return max(candidates, key=lambda p: (p / "config.yaml").stat().st_mtime)
+
+
+@torch.inference_mode()
+def predict(model, dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
+            precision: Precision) -> np.ndarray:
+    """Predictions in row order, from batches sorted by length (almost no padding)."""
+    batches = length_sorted_batches(dataset.lengths, batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DynamicPadding(pad_token_id),
+                        pin_memory=device.type == "cuda")
+    out = None
+    for rows, batch in zip(batches, loader):
+        with precision.autocast():
+            preds = model(batch["input_ids"].to(device, non_blocking=True),
+                          batch["attention_mask"].to(device, non_blocking=True))
+        preds = preds.float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(dataset), preds.shape[1]), dtype=np.float32)
+        out[rows] = preds
+    return out
+
+
+def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "auto",
+                precision: str = "auto") -> tuple[np.ndarray, dict]:
+    """The fold-averaged predictions of a run for `texts`, and the first fold's metadata."""
+    folders = fold_checkpoints(run_dir)
+    metas = [read_meta(f) for f in folders]
+    targets = metas[0]["target_columns"]
+    for folder, meta in zip(folders, metas):
+        if meta["target_columns"] != targets:
+            raise CheckpointError(f"{folder} predicts {meta['target_columns']}, {folders[0]} predicts {targets}: "
+                                  "folds of different runs cannot be averaged")
+    device_ = resolve_device(device)
+    precision_ = resolve_precision(precision, device_)
+    tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
+    dataset = TextDataset(encode_texts(tokenizer, list(texts), metas[0]["max_len"]).input_ids)
+    total = np.zeros((len(texts), len(targets)), dtype=np.float64)
+    for folder in folders:
+        model, _ = load_checkpoint(folder, device_)
+        total += predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_)
+        log.info("predicted %d texts with %s", len(texts), folder)
+        del model
+    return (total / len(folders)).astype(np.float32), metas[0]
+
+
+def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, target_columns: Sequence[str],
+                     id_column: str) -> pd.DataFrame:
+    """Check the submission (one row per id, finite values) and write it atomically."""
+    if len(ids) != len(preds) or len(set(ids)) != len(ids):
+        raise ValueError(f"submission needs one row per id: {len(ids)} ids ({len(set(ids))} distinct), "
+                         f"{len(preds)} prediction rows")
+    if not np.isfinite(preds).all():
+        raise ValueError("predictions contain NaN or infinite values; the submission was not written")
+    frame = pd.DataFrame(preds, columns=list(target_columns))
+    frame.insert(0, id_column, list(ids))
+    atomic_write_csv(path, frame)
+    return frame
+
+
+def run_inference(run_dir: str | Path, test_file: str | Path | None, out: str | Path | None,
+                  batch_size: int | None = None, clip: bool = True, device: str = "auto") -> Path:
+    """The whole of `infer.py`: read the test file, predict with every fold, write the CSV."""
+    from foldtune.data.validate import load_test
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    test_file = test_file or cfg.data.test_file
+    if test_file is None:
+        raise ValueError(f"no test file given and {run_dir}/config.yaml names none: pass --test FILE")
+    test = load_test(test_file, cfg.data)
+    preds, meta = predict_run(run_dir, test[cfg.data.text_column].tolist(),
+                              batch_size or cfg.training.eval_batch_size, device)
+    if clip:
+        low, high = meta["target_range"]
+        preds = np.clip(preds, low, high)
+    out = Path(out) if out else run_dir / "submission.csv"
+    write_submission(out, test[cfg.data.id_column].tolist(), preds, meta["target_columns"], cfg.data.id_column)
+    log.info("wrote %s: %d rows, %d folds averaged%s", out, len(test), len(fold_checkpoints(run_dir)),
+             f", clipped to [{meta['target_range'][0]:g}, {meta['target_range'][1]:g}]" if clip else "")
+    return out

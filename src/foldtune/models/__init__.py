@@ -1,0 +1,1 @@
+"""Backbone, pooling and regression head."""

@@ -1,0 +1,1 @@
+"""Training one fold (FoldTrainer) and every fold of a run."""

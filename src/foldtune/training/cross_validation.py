@@ -1,0 +1,186 @@
+"""Every fold of a run: check the input, split, tokenize once, train each fold, score the OOF.
+
+    runs/<name>/
+      config.yaml   the resolved config          folds.csv   id -> fold
+      run.json      versions, device, command    oof.csv     id, fold, predictions
+      scores.json   per fold and OOF, per target
+      fold_<k>/     best/ (checkpoint), oof.csv, metrics.csv, train.log
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+
+from foldtune import __version__
+from foldtune.config import Config, ConfigError, save_config
+from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.data.folds import assign_folds
+from foldtune.data.validate import load_test, load_train
+from foldtune.files import atomic_write_csv, atomic_write_json
+from foldtune.losses import LOSSES
+from foldtune.metrics import score_report
+from foldtune.models.pooling import POOLINGS
+from foldtune.models.regressor import load_tokenizer
+from foldtune.optim.factory import OPTIMIZERS
+from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer
+
+log = logging.getLogger("foldtune")
+
+
+def check_names(cfg: Config) -> None:
+    """Every name the config picks from a registry exists (fails before any loading)."""
+    POOLINGS.get(cfg.model.pooling)
+    LOSSES.get(cfg.training.loss)
+    OPTIMIZERS.get(cfg.training.optimizer)
+    resolve_precision(cfg.training.precision, resolve_device(cfg.training.device))
+
+
+def ensure_demo_files(cfg: Config) -> None:
+    """Write the built-in demo essays where the config expects its files, if absent."""
+    from foldtune.data.demo import make_demo
+
+    train_path = Path(cfg.data.train_file)
+    test_path = Path(cfg.data.test_file) if cfg.data.test_file else None
+    if train_path.exists() and (test_path is None or test_path.exists()):
+        return
+    train, test = make_demo()
+    atomic_write_csv(train_path, train)
+    if test_path is not None:
+        atomic_write_csv(test_path, test)
+    log.info("wrote the demo data set: %s (%d rows)%s", train_path, len(train),
+             f", {test_path} ({len(test)} rows)" if test_path else "")
+
+
+def new_run_dir(cfg: Config, config_name: str) -> Path:
+    name = cfg.output.name or f"{config_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output.dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def parse_folds_arg(text: str | None, n_splits: int) -> list[int]:
+    """'0,2' -> [0, 2]; None -> every fold."""
+    if text is None:
+        return list(range(n_splits))
+    try:
+        folds = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"--folds '{text}': expected fold numbers separated by commas, e.g. 0,2") from None
+    bad = [f for f in folds if not 0 <= f < n_splits]
+    if bad or not folds:
+        raise ConfigError(f"--folds '{text}': folds must be in 0..{n_splits - 1} (folds.n_splits={n_splits})")
+    return folds
+
+
+def make_fold_column(frame: pd.DataFrame, cfg: Config) -> np.ndarray:
+    if cfg.folds.column is not None:
+        return frame["fold"].to_numpy(dtype=np.int64)
+    targets = frame[list(cfg.data.target_columns)].to_numpy()
+    return assign_folds(targets, cfg.folds.n_splits, cfg.folds.seed, cfg.folds.n_bins)
+
+
+def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: float, targets: Sequence[str]) -> str:
+    header = ["fold"] + list(targets) + ["MCRMSE"]
+    rows = [[str(fold)] + [f"{r['per_target'][t]:.4f}" for t in targets] + [f"{r['mcrmse']:.4f}"]
+            for fold, r in sorted(fold_reports.items())]
+    rows.append(["OOF"] + [f"{oof_report['per_target'][t]:.4f}" for t in targets] + [f"{oof_report['mcrmse']:.4f}"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    body = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    body.append(f"(predicting the training folds' mean scores: OOF MCRMSE {baseline:.4f})")
+    return "\n".join(body)
+
+
+def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None) -> dict:
+    """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json."""
+    started = time.perf_counter()
+    check_names(cfg)
+    if cfg.data.demo:
+        ensure_demo_files(cfg)
+    frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
+    if cfg.data.test_file is not None:
+        load_test(cfg.data.test_file, cfg.data)  # a bad test file fails now, not after training
+    folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
+
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_json(run_dir / "run.json", {
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "folds": folds_to_run,
+        "foldtune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    })
+    fold_of = make_fold_column(frame, cfg)
+    ids = frame[cfg.data.id_column].tolist()
+    atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: ids, "fold": fold_of}))
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len)
+    targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
+    target_range = (float(targets.min()), float(targets.max()))
+
+    results: dict[int, FoldResult] = {}
+    for fold in folds_to_run:
+        train_idx = np.flatnonzero(fold_of != fold)
+        valid_idx = np.flatnonzero(fold_of == fold)
+        data = FoldData(
+            fold=fold,
+            train=TextDataset([encoded.input_ids[i] for i in train_idx], targets[train_idx]),
+            valid=TextDataset([encoded.input_ids[i] for i in valid_idx], targets[valid_idx]),
+            valid_ids=[ids[i] for i in valid_idx],
+            valid_index=valid_idx,
+            target_columns=cfg.data.target_columns,
+            target_range=target_range,
+        )
+        results[fold] = FoldTrainer(cfg, data, tokenizer, run_dir / f"fold_{fold}").setup().train()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return summarize(cfg, run_dir, frame, fold_of, targets, results, time.perf_counter() - started)
+
+
+def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, targets: np.ndarray,
+              results: dict[int, FoldResult], seconds: float) -> dict:
+    names = list(cfg.data.target_columns)
+    scored = np.concatenate([r.valid_index for r in results.values()])
+    scored.sort()
+    oof = np.full(targets.shape, np.nan, dtype=np.float32)
+    baseline = np.full(targets.shape, np.nan, dtype=np.float32)
+    for fold, result in results.items():
+        oof[result.valid_index] = result.oof
+        baseline[result.valid_index] = targets[fold_of != fold].mean(axis=0)
+    oof_report = score_report(targets[scored], oof[scored], names)
+    baseline_score = score_report(targets[scored], baseline[scored], names)["mcrmse"]
+    fold_reports = {f: {"mcrmse": r.score, "per_target": r.per_target} for f, r in results.items()}
+
+    oof_frame = pd.DataFrame(oof[scored], columns=names)
+    oof_frame.insert(0, "fold", fold_of[scored])
+    oof_frame.insert(0, cfg.data.id_column, frame[cfg.data.id_column].to_numpy()[scored])
+    atomic_write_csv(run_dir / "oof.csv", oof_frame)
+    scores = {
+        "oof": oof_report,
+        "folds": {str(f): {**rep, "best_step": results[f].best_step, "seconds": round(results[f].seconds, 1)}
+                  for f, rep in fold_reports.items()},
+        "mean_predictor_mcrmse": baseline_score,
+        "n_rows": int(len(scored)),
+        "seconds": round(seconds, 1),
+    }
+    atomic_write_json(run_dir / "scores.json", scores)
+    table = format_table(fold_reports, oof_report, baseline_score, names)
+    log.info("run %s finished in %.0f s\n%s", run_dir, seconds, table)
+    return scores

@@ -1,0 +1,255 @@
+"""FoldTrainer: fit one fold, keep its best checkpoint, write its OOF predictions.
+
+Read it top to bottom: `setup()` builds everything from the config through small
+`_setup_*` methods, `train()` is the loop, `evaluate()` scores the validation rows and
+`_keep_if_best()` saves the checkpoint that the fold's OOF predictions come from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from foldtune import __version__
+from foldtune.checkpoint import save_checkpoint
+from foldtune.config import Config
+from foldtune.data.collate import DynamicPadding, length_sorted_batches
+from foldtune.data.dataset import TextDataset
+from foldtune.files import atomic_write_csv
+from foldtune.losses import build_loss
+from foldtune.metrics import score_report
+from foldtune.models.regressor import TextRegressor
+from foldtune.optim.factory import build_optimizer
+from foldtune.optim.schedulers import build_scheduler
+from foldtune.training.precision import resolve_device, resolve_precision
+
+log = logging.getLogger("foldtune")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class FoldData:
+    """One fold's rows, already tokenized; valid_index are their rows in the train file."""
+
+    fold: int
+    train: TextDataset
+    valid: TextDataset
+    valid_ids: list[str]
+    valid_index: np.ndarray
+    target_columns: tuple[str, ...]
+    target_range: tuple[float, float]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    score: float
+    per_target: dict[str, float]
+    best_step: int
+    oof: np.ndarray
+    valid_index: np.ndarray
+    checkpoint: Path
+    seconds: float
+
+
+class FoldTrainer:
+    def __init__(self, cfg: Config, data: FoldData, tokenizer, fold_dir: str | Path):
+        self.cfg = cfg
+        self.data = data
+        self.tokenizer = tokenizer
+        self.fold_dir = Path(fold_dir)
+        self.best_dir = self.fold_dir / "best"
+
+    # --- setup ---------------------------------------------------------------------
+
+    def setup(self) -> "FoldTrainer":
+        self.fold_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_logging()
+        self.device = resolve_device(self.cfg.training.device)
+        seed_everything(self.cfg.training.seed)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self.precision = resolve_precision(self.cfg.training.precision, self.device)
+        self.loss_fn = build_loss(self.cfg.training.loss)
+        self.step = 0
+        self.best_score = math.inf
+        self.best_step = -1
+        self.best_oof: np.ndarray | None = None
+        self.best_per_target: dict[str, float] = {}
+        self.metrics_rows: list[dict] = []
+        return self
+
+    def _setup_logging(self) -> None:
+        self._log_handler = logging.FileHandler(self.fold_dir / "train.log", mode="a", encoding="utf-8")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._log_handler)
+
+    def _setup_model(self) -> None:
+        mcfg = self.cfg.model
+        means = self.data.train.targets.mean(dim=0).numpy() if mcfg.init_head_bias else None
+        self.model = TextRegressor.from_pretrained(mcfg.name, mcfg.pooling, len(self.data.target_columns), means)
+        self.model.to(self.device)
+
+    def _setup_data(self) -> None:
+        tcfg = self.cfg.training
+        collate = DynamicPadding(self.tokenizer.pad_token_id)
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.data.train, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
+            generator=torch.Generator().manual_seed(tcfg.seed), num_workers=tcfg.num_workers, pin_memory=pin,
+        )
+        self.valid_batches = length_sorted_batches(self.data.valid.lengths, tcfg.eval_batch_size)
+        self.valid_loader = DataLoader(self.data.valid, batch_sampler=self.valid_batches, collate_fn=collate,
+                                       num_workers=tcfg.num_workers, pin_memory=pin)
+
+    def _setup_optimizer(self) -> None:
+        tcfg = self.cfg.training
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / tcfg.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * tcfg.epochs
+        self.warmup_steps = int(round(tcfg.warmup_ratio * self.total_steps))
+        self.optimizer = build_optimizer(self.model, tcfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, tcfg.scheduler, self.total_steps, self.warmup_steps)
+
+    # --- training ------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train(self) -> FoldResult:
+        tcfg = self.cfg.training
+        fold = self.data.fold
+        log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s",
+                 fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
+                 self.device, self.precision.name)
+        started = time.perf_counter()
+        accum = tcfg.gradient_accumulation_steps
+        n_batches = len(self.train_loader)
+        # The loss stays on the device and is read every log_steps: a read is a host sync.
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count = 0
+        bar = tqdm(total=self.total_steps, desc=f"fold {fold}", unit="step", dynamic_ncols=True, disable=None)
+        try:
+            for epoch in range(tcfg.epochs):
+                self.model.train()
+                for i, batch in enumerate(self.train_loader):
+                    batch = self._to_device(batch)
+                    with self.precision.autocast():
+                        preds = self.model(batch["input_ids"], batch["attention_mask"])
+                    loss = self.loss_fn(preds, batch["labels"])
+                    # The last group of an epoch may be short: scale by its real size.
+                    group_size = min(accum, n_batches - (i // accum) * accum)
+                    self.precision.scaler.scale(loss / group_size).backward()
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                    if (i + 1) % accum and i + 1 != n_batches:
+                        continue
+                    self._optimizer_step()
+                    bar.update(1)
+                    if self.step % tcfg.log_steps == 0:
+                        bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}", best=f"{self.best_score:.4f}")
+                    at_epoch_end = i + 1 == n_batches
+                    if tcfg.eval_steps and self.step % tcfg.eval_steps == 0 and not at_epoch_end:
+                        train_loss = loss_sum.item() / loss_count
+                        loss_sum.zero_()
+                        loss_count = 0
+                        self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, train_loss)
+                train_loss = loss_sum.item() / max(loss_count, 1)
+                loss_sum.zero_()
+                loss_count = 0
+                self._evaluate_and_keep_best(epoch + 1.0, train_loss)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - started
+        self._write_oof()
+        log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
+        log.removeHandler(self._log_handler)
+        self._log_handler.close()
+        return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
+                          self.data.valid_index, self.best_dir, seconds)
+
+    def _optimizer_step(self) -> None:
+        scaler = self.precision.scaler
+        if self.cfg.training.max_grad_norm is not None:
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    # --- evaluation and the best checkpoint ------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, loader: DataLoader, batches: list[list[int]], n_rows: int) -> np.ndarray:
+        """Predictions in row order from length-sorted batches."""
+        was_training = self.model.training
+        self.model.eval()
+        out = np.empty((n_rows, len(self.data.target_columns)), dtype=np.float32)
+        for rows, batch in zip(batches, loader):
+            batch = self._to_device(batch)
+            with self.precision.autocast():
+                preds = self.model(batch["input_ids"], batch["attention_mask"])
+            out[rows] = preds.float().cpu().numpy()
+        self.model.train(was_training)
+        return out
+
+    def evaluate(self) -> tuple[dict, np.ndarray]:
+        preds = self.predict(self.valid_loader, self.valid_batches, len(self.data.valid))
+        report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
+        return report, preds
+
+    def _evaluate_and_keep_best(self, epoch: float, train_loss: float) -> None:
+        report, preds = self.evaluate()
+        score = report["mcrmse"]
+        improved = score < self.best_score
+        if improved:
+            self.best_score, self.best_step = score, self.step
+            self.best_per_target = report["per_target"]
+            self.best_oof = preds
+            self.save_checkpoint()
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = {"step": self.step, "epoch": round(epoch, 4), "lr": lr, "train_loss": train_loss, "val_mcrmse": score}
+        row.update({f"val_{name}": value for name, value in report["per_target"].items()})
+        row["best"] = improved
+        self.metrics_rows.append(row)
+        atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
+        log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s", self.data.fold, self.step,
+                 epoch, train_loss, score, " (best, saved)" if improved else "")
+
+    def save_checkpoint(self) -> Path:
+        meta = {
+            "fold": self.data.fold,
+            "step": self.step,
+            "val_mcrmse": self.best_score,
+            "val_per_target": self.best_per_target,
+            "target_columns": list(self.data.target_columns),
+            "target_range": list(self.data.target_range),
+            "pooling": self.cfg.model.pooling,
+            "backbone": self.cfg.model.name,
+            "max_len": self.cfg.data.max_len,
+            "foldtune_version": __version__,
+        }
+        return save_checkpoint(self.best_dir, self.model, self.tokenizer, self.cfg, meta)
+
+    def _write_oof(self) -> None:
+        frame = pd.DataFrame(self.best_oof, columns=list(self.data.target_columns))
+        frame.insert(0, "fold", self.data.fold)
+        frame.insert(0, self.cfg.data.id_column, self.data.valid_ids)
+        atomic_write_csv(self.fold_dir / "oof.csv", frame)

@@ -1,0 +1,85 @@
+"""Shared fixtures: offline mode, tiny models built locally, the real essays when present."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may reach a model hub during the tests: set before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ELLIPSE = REPO.parent / "shared" / "data" / "ellipse"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _demo_vocab() -> list[str]:
+    from foldtune.data.demo import make_demo
+
+    train, test = make_demo(n_train=120, n_test=30, seed=0)
+    words = set()
+    for text in list(train.full_text) + list(test.full_text):
+        words.update(re.findall(r"[a-z']+", text.lower()))
+    return sorted(words)
+
+
+def build_deberta_tokenizer(vocab_words: list[str]):
+    """A real DebertaV2Tokenizer (unigram, as deberta-v3 uses) over a small local vocabulary."""
+    from transformers import DebertaV2Tokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"))
+    vocab = [(s, 0.0) for s in specials] + [("▁", -8.0)]
+    vocab += [(f"▁{w}", -5.0) for w in vocab_words] + [(c, -10.0) for c in chars]
+    return DebertaV2Tokenizer(vocab=vocab, do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta(tmp_path_factory) -> Path:
+    """A randomly initialised two-layer DeBERTa-v3-style model with its tokenizer, saved locally."""
+    from transformers import AutoModel, DebertaV2Config
+
+    folder = tmp_path_factory.mktemp("tiny-deberta")
+    tokenizer = build_deberta_tokenizer(_demo_vocab())
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, type_vocab_size=0, position_biased_input=False,
+        relative_attention=True, position_buckets=64, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        norm_rel_ebd="layer_norm", share_att_key=True, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised two-layer BERT with MiniLM's (uncased WordPiece) tokenizer."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from foldtune.models.regressor import resolve_backbone
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("all-MiniLM-L6-v2"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
