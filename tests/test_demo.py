@@ -58,8 +58,9 @@ def test_texts_are_reasonable_essays(demo):
     texts = pd.concat([train["full_text"], test["full_text"]])
     assert texts.is_unique
     words = texts.str.split().str.len()
-    assert words.min() >= 50 and words.max() <= 200
-    assert 90 <= words.median() <= 150
+    # short enough to train three folds on a 2-core CPU in minutes, long enough to read as essays
+    assert words.min() >= 40 and words.max() <= 160
+    assert 75 <= words.median() <= 110
     assert texts.str.contains("\n\n").mean() > 0.9
 
 

@@ -56,15 +56,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
         cfg = load_config(args.config, overrides)
-        from foldtune.training.cross_validation import new_run_dir, parse_folds_arg, run_cross_validation
+        from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg,
+                                                        run_cross_validation)
 
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
+        frame = load_inputs(cfg)
         run_dir = new_run_dir(cfg, Path(args.config).stem)
         handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.info("run folder: %s", run_dir)
-        run_cross_validation(cfg, run_dir, folds)
+        run_cross_validation(cfg, run_dir, folds, frame)
     except (ConfigError, DataError, CheckpointError) as err:
         return _fail(err)
     return 0

@@ -17,6 +17,12 @@ from typing import Any, Iterator
 import pandas as pd
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -77,8 +83,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        mode = _default_file_mode()
         for child in tmp.iterdir():
             if child.is_file():
+                # Some writers (safetensors) create owner-only files; give them the usual mode.
+                os.chmod(child, mode)
                 with open(child, "rb+") as fh:
                     os.fsync(fh.fileno())
         if path.exists():

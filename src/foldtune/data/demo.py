@@ -25,12 +25,13 @@ so the first k rows of a seed do not depend on how many rows were asked for.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from foldtune.files import atomic_write_csv
 
 TARGETS = ("cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions")
 
@@ -220,7 +221,7 @@ def _essay(levels: dict, rng: np.random.Generator) -> str:
     thesis = _fill(_pick(rng, THESIS), topic, dial, rng)
     intro = [_fill("{@opinion}, ", topic, dial, rng) + thesis]
     # Length is drawn independently of the scores, so no target can be read off word count.
-    body, budget, n_words = [], int(rng.integers(30, 120)), len(thesis.split())
+    body, budget, n_words = [], int(rng.integers(20, 80)), len(thesis.split())
     while n_words < budget:
         body.append(_sentence(topic, dial, rng))
         if dial["repeat"]():
@@ -274,28 +275,12 @@ def make_demo(n_train: int = 600, n_test: int = 150, seed: int = 0) -> tuple[pd.
     return train, test
 
 
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    # Write next to the target and rename: a crash never leaves a half-written CSV in place.
-    # (Not tempfile.mkstemp: its 0600 mode would survive the rename; open() honours the umask.)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            frame.to_csv(fh, index=False, lineterminator="\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_demo(directory, n_train: int = 600, n_test: int = 150, seed: int = 0) -> tuple[Path, Path]:
     """Write directory/train.csv and directory/test.csv; return their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     train, test = make_demo(n_train, n_test, seed)
     paths = directory / "train.csv", directory / "test.csv"
-    _atomic_csv(train, paths[0])
-    _atomic_csv(test, paths[1])
+    atomic_write_csv(paths[0], train)
+    atomic_write_csv(paths[1], test)
     return paths

@@ -66,8 +66,8 @@ def ensure_demo_files(cfg: Config) -> None:
 def new_run_dir(cfg: Config, config_name: str) -> Path:
     name = cfg.output.name or f"{config_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name")
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -105,15 +105,28 @@ def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: floa
     return "\n".join(body)
 
 
-def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None) -> dict:
-    """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json."""
-    started = time.perf_counter()
+def load_inputs(cfg: Config) -> pd.DataFrame:
+    """Check the config's names and both data files; return the training rows.
+
+    Everything a user can get wrong in the inputs fails here, before a run folder is
+    made or a model is loaded.
+    """
     check_names(cfg)
     if cfg.data.demo:
         ensure_demo_files(cfg)
     frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
     if cfg.data.test_file is not None:
         load_test(cfg.data.test_file, cfg.data)  # a bad test file fails now, not after training
+    return frame
+
+
+def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None,
+                         frame: pd.DataFrame | None = None) -> dict:
+    """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json."""
+    started = time.perf_counter()
+    if frame is None:
+        frame = load_inputs(cfg)
+    run_dir = Path(run_dir)
     folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
 
     save_config(cfg, run_dir / "config.yaml")
