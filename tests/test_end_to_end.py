@@ -36,14 +36,19 @@ def trained_run(tiny_deberta, tmp_path_factory):
         f"folds:\n  n_splits: 2\nmodel:\n  name: {tiny_deberta}\n"
         "training:\n  epochs: 1\n  batch_size: 8\n  eval_batch_size: 16\n  lr: 1.0e-4\n  eval_steps: 2\n"
     )
-    result = _run([str(REPO / "train.py"), "--config", "tiny.yaml", "--name", "tiny", "training.warmup_ratio=0.2"],
-                  work)
+    # options and overrides interleaved, as users type them
+    result = _run([str(REPO / "train.py"), "training.warmup_ratio=0.2", "--config", "tiny.yaml", "--name", "tiny",
+                   "training.seed=3"], work)
     assert result.returncode == 0, result.stderr
     return work, work / "runs" / "tiny", train, test, result
 
 
 def test_train_writes_checkpoints_folds_oof_and_scores(trained_run):
     work, run, train, _, result = trained_run
+    from foldtune.config import load_config
+
+    resolved = load_config(run / "config.yaml")
+    assert (resolved.training.warmup_ratio, resolved.training.seed, resolved.data.max_len) == (0.2, 3, 64)
     for fold in (0, 1):
         best = run / f"fold_{fold}" / "best"
         assert {"model.safetensors", "config.json", "tokenizer.json", "foldtune.yaml", "foldtune.json"} <= {

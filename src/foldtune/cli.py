@@ -50,7 +50,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
     parser.add_argument("--name", default=None, help="run folder name under output.dir (default: config-time)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    # Options may come before, between or after the overrides.
+    args = parser.parse_intermixed_args(argv)
 
     setup_console_logging()
     try:
