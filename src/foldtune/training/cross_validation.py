@@ -99,7 +99,9 @@ def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: floa
             for fold, r in sorted(fold_reports.items())]
     rows.append(["OOF"] + [f"{oof_report['per_target'][t]:.4f}" for t in targets] + [f"{oof_report['mcrmse']:.4f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
     body = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     body.append(f"(predicting the training folds' mean scores: OOF MCRMSE {baseline:.4f})")
     return "\n".join(body)

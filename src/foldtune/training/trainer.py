@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from foldtune import __version__
 from foldtune.checkpoint import save_checkpoint
 from foldtune.config import Config
-from foldtune.data.collate import DynamicPadding, length_sorted_batches
+from foldtune.data.collate import DynamicPadding
 from foldtune.data.dataset import TextDataset
 from foldtune.files import atomic_write_csv
+from foldtune.inference import predict
 from foldtune.losses import build_loss
 from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
@@ -114,9 +115,6 @@ class FoldTrainer:
             self.data.train, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
             generator=torch.Generator().manual_seed(tcfg.seed), num_workers=tcfg.num_workers, pin_memory=pin,
         )
-        self.valid_batches = length_sorted_batches(self.data.valid.lengths, tcfg.eval_batch_size)
-        self.valid_loader = DataLoader(self.data.valid, batch_sampler=self.valid_batches, collate_fn=collate,
-                                       num_workers=tcfg.num_workers, pin_memory=pin)
 
     def _setup_optimizer(self) -> None:
         tcfg = self.cfg.training
@@ -173,13 +171,13 @@ class FoldTrainer:
                 loss_sum.zero_()
                 loss_count = 0
                 self._evaluate_and_keep_best(epoch + 1.0, train_loss)
+            seconds = time.perf_counter() - started
+            self._write_oof()
+            log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
         finally:
             bar.close()
-        seconds = time.perf_counter() - started
-        self._write_oof()
-        log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
-        log.removeHandler(self._log_handler)
-        self._log_handler.close()
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
                           self.data.valid_index, self.best_dir, seconds)
 
@@ -196,22 +194,10 @@ class FoldTrainer:
 
     # --- evaluation and the best checkpoint ------------------------------------------
 
-    @torch.inference_mode()
-    def predict(self, loader: DataLoader, batches: list[list[int]], n_rows: int) -> np.ndarray:
-        """Predictions in row order from length-sorted batches."""
-        was_training = self.model.training
-        self.model.eval()
-        out = np.empty((n_rows, len(self.data.target_columns)), dtype=np.float32)
-        for rows, batch in zip(batches, loader):
-            batch = self._to_device(batch)
-            with self.precision.autocast():
-                preds = self.model(batch["input_ids"], batch["attention_mask"])
-            out[rows] = preds.float().cpu().numpy()
-        self.model.train(was_training)
-        return out
-
     def evaluate(self) -> tuple[dict, np.ndarray]:
-        preds = self.predict(self.valid_loader, self.valid_batches, len(self.data.valid))
+        preds = predict(self.model, self.data.valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id,
+                        self.device, self.precision)
+        self.model.train()
         report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
         return report, preds
 
