@@ -1,0 +1,43 @@
+"""Fold selection and user-given folds through run_cross_validation, on a tiny DeBERTa."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from foldtune.config import ConfigError, load_config
+from foldtune.data.demo import make_demo
+from foldtune.training.cross_validation import parse_folds_arg, run_cross_validation
+
+
+def test_parse_folds_arg():
+    assert parse_folds_arg(None, 3) == [0, 1, 2]
+    assert parse_folds_arg("2,0", 5) == [0, 2]
+    with pytest.raises(ConfigError, match=r"--folds '0,5': folds must be in 0..4"):
+        parse_folds_arg("0,5", 5)
+    with pytest.raises(ConfigError, match="expected fold numbers separated by commas"):
+        parse_folds_arg("first", 5)
+
+
+def test_user_fold_column_and_a_subset_of_folds(tiny_deberta, tmp_path):
+    train, _ = make_demo(n_train=30, n_test=0, seed=5)
+    train["kfold"] = np.arange(30) % 3
+    train.to_csv(tmp_path / "train.csv", index=False)
+    cfg = load_config(None, [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
+                             "folds.n_splits=3", "folds.column=kfold", f"model.name={tiny_deberta}",
+                             "training.epochs=1", "training.batch_size=10"])
+    run = tmp_path / "run"
+    scores = run_cross_validation(cfg, run, folds_to_run=[0, 2])
+
+    assert pd.read_csv(run / "folds.csv")["fold"].tolist() == train["kfold"].tolist()
+    assert sorted(p.name for p in run.glob("fold_*")) == ["fold_0", "fold_2"]
+    oof = pd.read_csv(run / "oof.csv")
+    expected_ids = train.loc[train["kfold"] != 1, "text_id"].tolist()
+    assert oof["text_id"].tolist() == expected_ids            # training-file order, folds 0 and 2 only
+    assert set(oof["fold"]) == {0, 2}
+    assert scores["n_rows"] == 20 and set(scores["folds"]) == {"0", "2"}
+    assert json.loads((run / "scores.json").read_text())["oof"]["mcrmse"] == pytest.approx(scores["oof"]["mcrmse"])
+    assert json.loads((run / "run.json").read_text())["folds"] == [0, 2]
