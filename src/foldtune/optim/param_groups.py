@@ -1,8 +1,19 @@
-"""Parameter groups: which weights decay, and which learn at the head's rate."""
+"""Parameter groups: which weights decay, and at which learning rate each part learns.
+
+Without layer-wise decay the backbone is one part at `lr` and the head (with the
+pooling) another at `head_lr`. With `layerwise_lr_decay` d < 1 every encoder layer is
+a part of its own: the top layer learns at `lr`, each layer below at d times the one
+above it, and the embeddings (every backbone parameter outside the layers) one step
+below the first layer. Each part is split in two groups: matrices with weight decay,
+biases and normalisation weights without.
+"""
 
 from __future__ import annotations
 
 from torch import nn
+
+from foldtune.config import TrainingConfig
+from foldtune.models.surgery import encoder_layers, layer_of_parameters
 
 
 def is_no_decay(module: nn.Module, param_name: str) -> bool:
@@ -10,21 +21,42 @@ def is_no_decay(module: nn.Module, param_name: str) -> bool:
     return param_name == "bias" or isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
-def decay_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Four groups: backbone and head (pooling included), each with and without weight decay."""
+def _part_lrs(model: nn.Module, cfg: TrainingConfig) -> tuple[dict[str, str], dict[str, float]]:
+    """Parameter name -> part, and part -> learning rate, in the order groups are listed."""
+    head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
+    part_of: dict[str, str] = {}
+    lrs: dict[str, float] = {}
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and cfg.layerwise_lr_decay < 1.0:
+        n_layers = len(encoder_layers(backbone))
+        lrs["embeddings"] = cfg.lr * cfg.layerwise_lr_decay ** n_layers
+        for i in range(n_layers):
+            lrs[f"layer_{i}"] = cfg.lr * cfg.layerwise_lr_decay ** (n_layers - 1 - i)
+        for name, layer in layer_of_parameters(backbone).items():
+            part_of[f"backbone.{name}"] = "embeddings" if layer < 0 else f"layer_{layer}"
+    else:
+        lrs["backbone"] = cfg.lr
+        part_of.update({f"backbone.{name}": "backbone" for name, _ in (backbone.named_parameters() if backbone else [])})
+    lrs["head"] = head_lr
+    return part_of, lrs
+
+
+def parameter_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
+    """Optimizer groups with a `name`, `lr` and `weight_decay` each; frozen weights left out."""
+    part_of, lrs = _part_lrs(model, cfg)
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            part = "backbone" if module_name == "backbone" or module_name.startswith("backbone.") else "head"
-            buckets.setdefault((part, is_no_decay(module, param_name)), []).append(param)
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            key = (part_of.get(full, "head"), is_no_decay(module, param_name))
+            buckets.setdefault(key, []).append(param)
     groups = []
-    for (part, no_decay), params in sorted(buckets.items()):
-        groups.append({
-            "name": f"{part}{'_no_decay' if no_decay else ''}",
-            "params": params,
-            "lr": lr if part == "backbone" else head_lr,
-            "weight_decay": 0.0 if no_decay else weight_decay,
-        })
+    for part, lr in lrs.items():
+        for no_decay in (False, True):
+            params = buckets.get((part, no_decay))
+            if params:
+                groups.append({"name": f"{part}{'_no_decay' if no_decay else ''}", "params": params, "lr": lr,
+                               "weight_decay": 0.0 if no_decay else cfg.weight_decay})
     return groups

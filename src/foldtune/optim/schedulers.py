@@ -37,6 +37,11 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int) -> floa
     return decay((step - warmup_steps) / span)
 
 
+def warmup_steps(total_steps: int, ratio: float, steps: int = 0) -> int:
+    """Warmup length: `steps` when given (> 0), else `ratio` of the total, rounded."""
+    return min(steps, total_steps) if steps > 0 else int(round(ratio * total_steps))
+
+
 def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, warmup_steps: int) -> LambdaLR:
     SCHEDULES.get(name)
     return LambdaLR(optimizer, lambda step: lr_factor(name, step, total_steps, warmup_steps))

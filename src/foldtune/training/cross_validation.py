@@ -32,7 +32,7 @@ from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
 from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
-from foldtune.optim.factory import OPTIMIZERS
+from foldtune.optim.factory import check_optimizer
 from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer
 
@@ -43,8 +43,12 @@ def check_names(cfg: Config) -> None:
     """Every name the config picks from a registry exists (fails before any loading)."""
     POOLINGS.get(cfg.model.pooling)
     LOSSES.get(cfg.training.loss)
-    OPTIMIZERS.get(cfg.training.optimizer)
-    resolve_precision(cfg.training.precision, resolve_device(cfg.training.device))
+    device = resolve_device(cfg.training.device)
+    check_optimizer(cfg.training, device)
+    resolve_precision(cfg.training.precision, device)
+    if cfg.training.target_weights is not None and len(cfg.training.target_weights) != len(cfg.data.target_columns):
+        raise ConfigError(f"training.target_weights has {len(cfg.training.target_weights)} values for "
+                          f"{len(cfg.data.target_columns)} targets ({', '.join(cfg.data.target_columns)})")
 
 
 def ensure_demo_files(cfg: Config) -> None:
@@ -145,7 +149,8 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: ids, "fold": fold_of}))
 
     tokenizer = load_tokenizer(cfg.model.name)
-    encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len)
+    encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
+                           cfg.data.head_fraction)
     targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
     target_range = (float(targets.min()), float(targets.max()))
 

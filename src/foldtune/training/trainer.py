@@ -31,7 +31,9 @@ from foldtune.losses import build_loss
 from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
-from foldtune.optim.schedulers import build_scheduler
+from foldtune.optim.schedulers import build_scheduler, warmup_steps
+from foldtune.training.averaging import build_averaging
+from foldtune.training.awp import build_awp
 from foldtune.training.precision import resolve_device, resolve_precision
 
 log = logging.getLogger("foldtune")
@@ -87,7 +89,9 @@ class FoldTrainer:
         self._setup_data()
         self._setup_optimizer()
         self.precision = resolve_precision(self.cfg.training.precision, self.device)
-        self.loss_fn = build_loss(self.cfg.training.loss)
+        self.loss_fn = build_loss(self.cfg.training, len(self.data.target_columns)).to(self.device)
+        self.awp = build_awp(self.model, self.optimizer, self.cfg.awp)
+        self.averaging = build_averaging(self.model, self.optimizer, self.cfg.averaging, self.steps_per_epoch)
         self.step = 0
         self.best_score = math.inf
         self.best_step = -1
@@ -104,7 +108,7 @@ class FoldTrainer:
     def _setup_model(self) -> None:
         mcfg = self.cfg.model
         means = self.data.train.targets.mean(dim=0).numpy() if mcfg.init_head_bias else None
-        self.model = TextRegressor.from_pretrained(mcfg.name, mcfg.pooling, len(self.data.target_columns), means)
+        self.model = TextRegressor.from_pretrained(mcfg, len(self.data.target_columns), means)
         self.model.to(self.device)
 
     def _setup_data(self) -> None:
@@ -120,7 +124,7 @@ class FoldTrainer:
         tcfg = self.cfg.training
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tcfg.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * tcfg.epochs
-        self.warmup_steps = int(round(tcfg.warmup_ratio * self.total_steps))
+        self.warmup_steps = warmup_steps(self.total_steps, tcfg.warmup_ratio, tcfg.warmup_steps)
         self.optimizer = build_optimizer(self.model, tcfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, tcfg.scheduler, self.total_steps, self.warmup_steps)
 
@@ -147,13 +151,10 @@ class FoldTrainer:
                 self.model.train()
                 for i, batch in enumerate(self.train_loader):
                     batch = self._to_device(batch)
-                    with self.precision.autocast():
-                        preds = self.model(batch["input_ids"], batch["attention_mask"])
-                    loss = self.loss_fn(preds, batch["labels"])
                     # The last group of an epoch may be short: scale by its real size.
                     group_size = min(accum, n_batches - (i // accum) * accum)
-                    self.precision.scaler.scale(loss / group_size).backward()
-                    loss_sum += loss.detach()
+                    loss_sum += self._forward_backward(batch, group_size)
+                    self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
                     loss_count += 1
                     if (i + 1) % accum and i + 1 != n_batches:
                         continue
@@ -181,6 +182,14 @@ class FoldTrainer:
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
                           self.data.valid_index, self.best_dir, seconds)
 
+    def _forward_backward(self, batch: dict, group_size: int) -> torch.Tensor:
+        """Loss of one micro-batch, its gradient added to the parameters' .grad."""
+        with self.precision.autocast():
+            preds = self.model(batch["input_ids"], batch["attention_mask"])
+        loss = self.loss_fn(preds, batch["labels"])
+        self.precision.scaler.scale(loss / group_size).backward()
+        return loss.detach()
+
     def _optimizer_step(self) -> None:
         scaler = self.precision.scaler
         if self.cfg.training.max_grad_norm is not None:
@@ -189,42 +198,55 @@ class FoldTrainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         self.step += 1
+        # Steps the schedule (or SWALR once SWA has begun) and updates the average.
+        self.averaging.after_optimizer_step(self.step, self.scheduler)
 
     # --- evaluation and the best checkpoint ------------------------------------------
 
-    def evaluate(self) -> tuple[dict, np.ndarray]:
-        preds = predict(self.model, self.data.valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id,
+    def evaluate(self, model: torch.nn.Module | None = None) -> tuple[dict, np.ndarray]:
+        """Score `model` (default: the one being trained) on the fold's validation rows."""
+        model = self.model if model is None else model
+        preds = predict(model, self.data.valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id,
                         self.device, self.precision)
         self.model.train()
         report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
         return report, preds
 
     def _evaluate_and_keep_best(self, epoch: float, train_loss: float) -> None:
-        report, preds = self.evaluate()
-        score = report["mcrmse"]
-        improved = score < self.best_score
+        candidates = [("trained", self.model, *self.evaluate())]
+        averaged = self.averaging.averaged
+        if averaged is not None:
+            candidates.append(("averaged", averaged, *self.evaluate(averaged)))
+        kind, model, report, preds = min(candidates, key=lambda c: c[2]["mcrmse"])
+        improved = report["mcrmse"] < self.best_score
         if improved:
-            self.best_score, self.best_step = score, self.step
+            self.best_score, self.best_step = report["mcrmse"], self.step
             self.best_per_target = report["per_target"]
             self.best_oof = preds
-            self.save_checkpoint()
-        lr = self.optimizer.param_groups[0]["lr"]
-        row = {"step": self.step, "epoch": round(epoch, 4), "lr": lr, "train_loss": train_loss, "val_mcrmse": score}
-        row.update({f"val_{name}": value for name, value in report["per_target"].items()})
-        row["best"] = improved
+            self.save_checkpoint(model, averaged=kind == "averaged")
+        trained = candidates[0][2]
+        # The backbone's top learning rate: training.lr as the schedule has it now.
+        lr = max((g["lr"] for g in self.optimizer.param_groups if not g["name"].startswith("head")), default=0.0)
+        row = {"step": self.step, "epoch": round(epoch, 4), "lr": lr, "train_loss": train_loss,
+               "val_mcrmse": trained["mcrmse"]}
+        row.update({f"val_{name}": value for name, value in trained["per_target"].items()})
+        if self.cfg.averaging.method != "none":
+            row["averaged_val_mcrmse"] = candidates[1][2]["mcrmse"] if averaged is not None else float("nan")
+        row["best"] = kind if improved else ""
         self.metrics_rows.append(row)
         atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
-        log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s", self.data.fold, self.step,
-                 epoch, train_loss, score, " (best, saved)" if improved else "")
+        extra = f", averaged {candidates[1][2]['mcrmse']:.4f}" if averaged is not None else ""
+        log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.data.fold, self.step,
+                 epoch, train_loss, trained["mcrmse"], extra, f" (best: {kind}, saved)" if improved else "")
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> Path:
         meta = {
             "fold": self.data.fold,
             "step": self.step,
             "val_mcrmse": self.best_score,
             "val_per_target": self.best_per_target,
+            "averaged_weights": averaged,
             "target_columns": list(self.data.target_columns),
             "target_range": list(self.data.target_range),
             "pooling": self.cfg.model.pooling,
@@ -232,7 +254,7 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
-        return save_checkpoint(self.best_dir, self.model, self.tokenizer, self.cfg, meta)
+        return save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, meta)
 
     def _write_oof(self) -> None:
         frame = pd.DataFrame(self.best_oof, columns=list(self.data.target_columns))

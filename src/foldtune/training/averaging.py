@@ -1,0 +1,69 @@
+"""Weight averaging with `torch.optim.swa_utils`: SWA (an equal average of the weights
+seen from start_epoch on, with SWALR holding the learning rate near swa_lr) or EMA (an
+exponential moving average). The trainer evaluates the average beside the trained model
+and keeps whichever scores better as the fold's checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
+
+from foldtune.config import AveragingConfig
+
+
+class NoAveraging:
+    """Averaging switched off: the schedule runs as configured and nothing is averaged."""
+
+    averaged: nn.Module | None = None
+    n_averaged = 0
+
+    def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
+        scheduler.step()
+
+
+class WeightAveraging:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AveragingConfig,
+                 steps_per_epoch: int):
+        self.model = model
+        self.optimizer = optimizer
+        self.cfg = cfg
+        # Optimizer steps taken before the first averaged one.
+        self.start_step = (cfg.start_epoch - 1) * steps_per_epoch
+        multi_avg_fn = get_ema_multi_avg_fn(cfg.ema_decay) if cfg.method == "ema" else None
+        self._averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn)
+        self._swalr: SWALR | None = None
+
+    @property
+    def n_averaged(self) -> int:
+        return int(self._averaged.n_averaged.item())
+
+    @property
+    def averaged(self) -> nn.Module | None:
+        """The averaged regressor, once it has averaged anything."""
+        return self._averaged.module if self.n_averaged else None
+
+    def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
+        """step: optimizer steps taken so far, this one included."""
+        started = step > self.start_step
+        if self.cfg.method == "swa" and started:
+            if self._swalr is None:
+                # Made at the switch, not before: SWALR sets the learning rates when built.
+                self._swalr = SWALR(self.optimizer, swa_lr=self.cfg.swa_lr, anneal_epochs=self.cfg.anneal_steps,
+                                    anneal_strategy=self.cfg.anneal_strategy)
+            else:
+                self._swalr.step()
+        else:
+            scheduler.step()
+        # The first step of the window is averaged, then every update_every-th.
+        if started and (step - self.start_step - 1) % self.cfg.update_every == 0:
+            self._averaged.update_parameters(self.model)
+
+
+def build_averaging(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AveragingConfig,
+                    steps_per_epoch: int) -> WeightAveraging | NoAveraging:
+    if cfg.method == "none":
+        return NoAveraging()
+    return WeightAveraging(model, optimizer, cfg, steps_per_epoch)

@@ -1,0 +1,92 @@
+"""AWP: restores the weights bitwise, changes the step, waits for its start epoch."""
+
+import pytest
+import torch
+
+from foldtune.config import AWPConfig, ModelConfig, TrainingConfig
+from foldtune.models.regressor import TextRegressor
+from foldtune.optim.factory import build_optimizer
+from foldtune.training.awp import AWP, NoAWP, build_awp
+
+IDS = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 14, 15, 3, 0, 0]])
+MASK = (IDS != 0).long()
+TARGET = torch.tensor([[3.0, 2.0, 4.0], [1.0, 1.5, 2.0]])
+CFG = AWPConfig(enabled=True, adv_lr=1e-2, adv_eps=1e-2, start_epoch=2)
+
+
+def _setup(folder):
+    torch.manual_seed(0)
+    model = TextRegressor.from_pretrained(ModelConfig(name=str(folder), backbone_dropout=0.0), 3).train()
+    opt = build_optimizer(model, TrainingConfig(lr=1e-3, weight_decay=0.0), torch.device("cpu"))
+    return model, opt
+
+
+def _loss_backward(model):
+    loss = torch.nn.functional.mse_loss(model(IDS, MASK), TARGET)
+    loss.backward()
+    return loss
+
+
+def test_attack_perturbs_within_eps_and_restore_is_bitwise(tiny_bert):
+    model, opt = _setup(tiny_bert)
+    _loss_backward(model)
+    awp = AWP(model, opt, CFG)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backup = awp.attack()
+    moved = 0
+    for name, param in model.named_parameters():
+        bound = CFG.adv_eps * originals[name].abs()
+        if "weight" in name:
+            assert torch.all((param <= originals[name] + bound) & (param >= originals[name] - bound)), name
+            moved += not torch.equal(param, originals[name])
+        else:
+            assert torch.equal(param, originals[name]), name     # only names containing 'weight'
+    assert moved >= 10
+    awp.restore(backup)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, originals[name]), name
+
+
+def test_a_step_with_awp_differs_from_one_without(tiny_bert):
+    results = []
+    for enabled in (False, True):
+        model, opt = _setup(tiny_bert)
+        awp = build_awp(model, opt, AWPConfig(enabled=enabled, adv_lr=1e-2, adv_eps=1e-2, start_epoch=1))
+        assert isinstance(awp, AWP if enabled else NoAWP)
+        _loss_backward(model)
+        ran = awp.adversarial_step(epoch=0, closure=lambda: _loss_backward(model))
+        assert ran == enabled
+        opt.step()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    plain, adversarial = results
+    assert any(not torch.equal(plain[n], adversarial[n]) for n in plain)
+
+
+def test_nothing_happens_before_the_start_epoch(tiny_bert):
+    model, opt = _setup(tiny_bert)
+    _loss_backward(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    awp = AWP(model, opt, CFG)            # start_epoch 2: the loop's epochs 0 (off) and 1 (on)
+    calls = []
+    assert awp.adversarial_step(epoch=0, closure=lambda: calls.append(1)) is False
+    assert calls == []
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert awp.adversarial_step(epoch=1, closure=lambda: calls.append(1)) is True
+    assert calls == [1]
+
+
+def test_adam_direction_needs_the_optimizer_state(tiny_bert):
+    model, opt = _setup(tiny_bert)
+    awp = AWP(model, opt, AWPConfig(enabled=True, adv_lr=1e-2, adv_eps=1e-2, direction="adam"))
+    _loss_backward(model)
+    assert awp.attack() == {}                   # no first moment before the first step
+    opt.step()
+    backup = awp.attack()
+    assert len(backup) > 0
+    awp.restore(backup)
+
+
+def test_unmatched_parameter_filter_is_an_error(tiny_bert):
+    model, opt = _setup(tiny_bert)
+    with pytest.raises(ValueError, match="awp.params='nothing_like_this' matches no trainable parameter"):
+        AWP(model, opt, AWPConfig(enabled=True, params="nothing_like_this"))
