@@ -38,3 +38,28 @@ def test_mixed_precision_training_on_cuda(precision, tiny_deberta, tmp_path):
     fp32 = predict(model, data, 4, tokenizer.pad_token_id, device, resolve_precision("fp32", device))
     low = predict(model, data, 4, tokenizer.pad_token_id, device, resolve_precision(precision, device))
     np.testing.assert_allclose(low, fp32, atol=0.05)
+
+
+def test_8bit_adamw_trains_on_cuda(tiny_deberta, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    train, _ = make_demo(n_train=40, n_test=0, seed=2)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    cfg = load_config(None, [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=64",
+                             "folds.n_splits=2", f"model.name={tiny_deberta}", "training.epochs=2",
+                             "training.batch_size=8", "training.optimizer=adamw_8bit", "training.lr=1e-3",
+                             "training.layerwise_lr_decay=0.8", "awp.enabled=true", "awp.start_epoch=1"])
+    scores = run_cross_validation(cfg, tmp_path / "run")
+    assert np.isfinite(scores["oof"]["mcrmse"])
+
+    from foldtune.config import ModelConfig, TrainingConfig
+    from foldtune.models.regressor import TextRegressor
+    from foldtune.optim.factory import build_optimizer
+
+    model = TextRegressor.from_pretrained(ModelConfig(name=str(tiny_deberta)), 6).cuda()
+    opt = build_optimizer(model, TrainingConfig(optimizer="adamw_8bit", lr=1e-3), torch.device("cuda"))
+    assert type(opt).__name__ == "AdamW8bit"
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.tensor([[2, 10, 11, 3]], device="cuda")
+    model(ids, torch.ones_like(ids)).pow(2).mean().backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
