@@ -39,11 +39,21 @@ class Pooling(nn.Module):
     def out_features(self) -> int:
         return self.hidden_size
 
-    def _last_layers(self, all_hidden, k: int) -> tuple[torch.Tensor, ...]:
-        if all_hidden is None or len(all_hidden) - 1 < k:
+
+class LastLayersPooling(Pooling):
+    """Base of the poolings that read the last k layers (k = model.pooling_layers)."""
+
+    needs_all_hidden_states = True
+
+    def __init__(self, hidden_size: int, cfg: ModelConfig):
+        super().__init__(hidden_size, cfg)
+        self.k = cfg.pooling_layers
+
+    def last_layers(self, all_hidden) -> tuple[torch.Tensor, ...]:
+        if all_hidden is None or len(all_hidden) - 1 < self.k:
             have = "no" if all_hidden is None else len(all_hidden) - 1
-            raise ConfigError(f"model.pooling_layers={k} needs {k} encoder layers; the backbone gave {have}")
-        return tuple(all_hidden[-k:])
+            raise ConfigError(f"model.pooling_layers={self.k} needs {self.k} encoder layers; the backbone gave {have}")
+        return tuple(h.to(torch.float32) for h in all_hidden[-self.k:])
 
 
 @POOLINGS.register("mean")
@@ -92,38 +102,29 @@ class AttentionPooling(Pooling):
 
 
 @POOLINGS.register("weighted_layers")
-class WeightedLayerPooling(Pooling):
+class WeightedLayerPooling(LastLayersPooling):
     """Mean pooling of a learned softmax-weighted sum of the last k layers."""
-
-    needs_all_hidden_states = True
 
     def __init__(self, hidden_size: int, cfg: ModelConfig):
         super().__init__(hidden_size, cfg)
-        self.k = cfg.pooling_layers
         self.layer_logits = nn.Parameter(torch.zeros(self.k))   # equal weights at the start
 
     def forward(self, hidden, mask, all_hidden=None):
-        layers = torch.stack([h.to(torch.float32) for h in self._last_layers(all_hidden, self.k)])
+        layers = torch.stack(self.last_layers(all_hidden))
         weights = torch.softmax(self.layer_logits.float(), dim=0).view(-1, 1, 1, 1)
         return masked_mean((weights * layers).sum(dim=0), mask)
 
 
 @POOLINGS.register("concat_cls")
-class ConcatCLSPooling(Pooling):
+class ConcatCLSPooling(LastLayersPooling):
     """The first token's state of each of the last k layers, side by side."""
-
-    needs_all_hidden_states = True
-
-    def __init__(self, hidden_size: int, cfg: ModelConfig):
-        super().__init__(hidden_size, cfg)
-        self.k = cfg.pooling_layers
 
     @property
     def out_features(self) -> int:
         return self.hidden_size * self.k
 
     def forward(self, hidden, mask, all_hidden=None):
-        first = [h[:, 0].to(torch.float32) for h in self._last_layers(all_hidden, self.k)]
+        first = [h[:, 0] for h in self.last_layers(all_hidden)]
         return torch.cat(first, dim=-1) * mask[:, :1].to(torch.float32)
 
 
