@@ -25,3 +25,34 @@ def test_length_sorted_batches_cover_every_row_once_longest_first():
     lengths = [5, 9, 1, 9, 3, 7, 2]
     batches = length_sorted_batches(lengths, batch_size=3)
     assert batches == [[1, 3, 5], [0, 4, 6], [2]]
+
+
+def test_pad_to_a_multiple_for_compiled_models():
+    batch = DynamicPadding(pad_token_id=0, pad_to_multiple_of=4)([{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [1]}])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [5, 1]
+
+
+def _bucket_epochs(lengths, batch_size, seed, epochs=2):
+    from foldtune.data.collate import LengthBucketSampler
+
+    sampler = LengthBucketSampler(lengths, batch_size, torch.Generator().manual_seed(seed), pool_batches=5)
+    return [list(sampler) for _ in range(epochs)], sampler
+
+
+def test_bucketed_batches_cover_every_row_once_and_waste_little_padding():
+    import numpy as np
+
+    lengths = np.random.default_rng(0).integers(20, 512, size=403)
+    (first, second), sampler = _bucket_epochs(lengths, batch_size=8, seed=1)
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(403))
+        assert len(epoch) == len(sampler) == 51
+    def padded(batches):
+        return sum(len(b) * lengths[b].max() for b in batches)
+
+    random_batches = [list(range(i, min(i + 8, 403))) for i in range(0, 403, 8)]
+    # rows of a batch have similar lengths: far less padding than batches of random rows
+    assert padded(first) - lengths.sum() < 0.25 * (padded(random_batches) - lengths.sum())
+    assert first != second                                        # a new order every epoch
+    assert _bucket_epochs(lengths, 8, seed=1)[0] == [first, second]   # and the same for the same seed

@@ -58,3 +58,20 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_deberta, tmp_path):
     # same rows in the same order: 4+4 micro-batches add up to the batch of 8
     np.testing.assert_allclose(oofs[0].iloc[:, 2:].to_numpy(), oofs[1].iloc[:, 2:].to_numpy(), atol=1e-5)
     assert not np.allclose(oofs[0].iloc[:, 2:].to_numpy(), 0)
+
+
+def test_folds_in_parallel_processes_give_the_sequential_results(tiny_deberta, tmp_path):
+    train, _ = make_demo(n_train=36, n_test=0, seed=8)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    common = [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
+              "folds.n_splits=3", f"model.name={tiny_deberta}", "training.epochs=2", "training.batch_size=6",
+              "training.bucket_batches=true", "training.eval_steps=2"]
+    sequential = run_cross_validation(load_config(None, common), tmp_path / "seq")
+    parallel = run_cross_validation(load_config(None, common + ["training.parallel_folds=3"]), tmp_path / "par")
+    assert (tmp_path / "par" / "tokens.npz").is_file() and not (tmp_path / "seq" / "tokens.npz").exists()
+    seq_oof, par_oof = pd.read_csv(tmp_path / "seq" / "oof.csv"), pd.read_csv(tmp_path / "par" / "oof.csv")
+    assert seq_oof["text_id"].tolist() == par_oof["text_id"].tolist()
+    np.testing.assert_allclose(seq_oof.iloc[:, 2:].to_numpy(), par_oof.iloc[:, 2:].to_numpy(), rtol=0, atol=1e-6)
+    assert parallel["oof"]["mcrmse"] == pytest.approx(sequential["oof"]["mcrmse"], abs=1e-7)
+    for fold in ("0", "1", "2"):
+        assert parallel["folds"][fold]["best_step"] == sequential["folds"][fold]["best_step"]

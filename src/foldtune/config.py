@@ -146,6 +146,13 @@ class TrainingConfig:
     # Read the loss back from the device every log_steps steps (each read is a sync).
     log_steps: int = 20
     num_workers: int = 0
+    # Speed. bucket_batches: training batches of similar lengths (shuffled buckets), so
+    # little compute goes to padding. compile: torch.compile the model (widths padded to
+    # multiples of 64 so it compiles for few shapes). parallel_folds: train this many
+    # folds at once, one process each, on the same device (small models leave a GPU idle).
+    bucket_batches: bool = False
+    compile: bool = False
+    parallel_folds: int = 1
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_steps"):
@@ -159,6 +166,7 @@ class TrainingConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0,
                  "training.max_grad_norm", "a positive number or null", self.max_grad_norm)
         _require(self.num_workers >= 0, "training.num_workers", "an integer >= 0", self.num_workers)
+        _require(self.parallel_folds >= 1, "training.parallel_folds", "an integer >= 1", self.parallel_folds)
         _require(0 < self.layerwise_lr_decay <= 1, "training.layerwise_lr_decay", "a number in (0, 1]",
                  self.layerwise_lr_decay)
         _require(self.warmup_steps >= 0, "training.warmup_steps", "an integer >= 0", self.warmup_steps)

@@ -44,14 +44,14 @@ def latest_run(runs_dir: str | Path = "runs") -> Path:
 
 @torch.inference_mode()
 def predict(model, dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
-            precision: Precision) -> np.ndarray:
+            precision: Precision, pad_to_multiple_of: int = 1) -> np.ndarray:
     """Predictions in row order, from batches sorted by length (almost no padding).
 
     Leaves the model in eval mode.
     """
     model.eval()
     batches = length_sorted_batches(dataset.lengths, batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DynamicPadding(pad_token_id),
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DynamicPadding(pad_token_id, pad_to_multiple_of),
                         pin_memory=device.type == "cuda")
     out = None
     for rows, batch in zip(batches, loader):

@@ -1,4 +1,5 @@
-"""Batches padded to their own longest row, and length-sorted batches for prediction."""
+"""Batches padded to their own longest row; length-bucketed batches for training and
+length-sorted ones for prediction, so little compute goes to padding."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import torch
 class DynamicPadding:
     """Collate rows of token ids into tensors padded to the longest row of the batch."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
         self.pad_token_id = int(pad_token_id)
+        # > 1: widths rounded up to a multiple, so a compiled model sees few distinct shapes.
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         width = max(len(item["input_ids"]) for item in items)
+        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, item in enumerate(items):
@@ -37,3 +41,33 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
+    """Training batches of rows of similar length, in random order.
+
+    Each epoch shuffles all rows, cuts the shuffled order into pools of
+    `batch_size * pool_batches` rows, sorts each pool by length and cuts it into
+    batches, then shuffles the batches. Every row is seen once an epoch, which rows
+    share a batch still changes from epoch to epoch, and a batch carries little padding.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                 pool_batches: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.pool = batch_size * pool_batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).numpy()
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = order[start:start + self.pool]
+            pool = pool[np.argsort(-self.lengths[pool], kind="stable")]
+            batches += [pool[i:i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]

@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import platform
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,11 +26,11 @@ import torch
 import transformers
 
 from foldtune import __version__
-from foldtune.config import Config, ConfigError, save_config
+from foldtune.config import Config, ConfigError, load_config, save_config
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.folds import assign_folds
 from foldtune.data.validate import load_test, load_train
-from foldtune.files import atomic_write_csv, atomic_write_json
+from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json
 from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
 from foldtune.models.pooling import POOLINGS
@@ -37,6 +40,9 @@ from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer
 
 log = logging.getLogger("foldtune")
+
+RESULT_FILE = "result.json"      # per fold: its scores, written when it finishes
+TOKENS_FILE = "tokens.npz"       # token ids of every row, for fold processes
 
 
 def check_names(cfg: Config) -> None:
@@ -103,6 +109,7 @@ def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: floa
             for fold, r in sorted(fold_reports.items())]
     rows.append(["OOF"] + [f"{oof_report['per_target'][t]:.4f}" for t in targets] + [f"{oof_report['mcrmse']:.4f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
@@ -126,6 +133,102 @@ def load_inputs(cfg: Config) -> pd.DataFrame:
     return frame
 
 
+@dataclass
+class PreparedRun:
+    """What every fold of a run shares: the rows, their folds and their token ids."""
+
+    cfg: Config
+    run_dir: Path
+    frame: pd.DataFrame
+    fold_of: np.ndarray
+    input_ids: list[list[int]]
+    tokenizer: object
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.frame[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
+
+    def fold_data(self, fold: int) -> FoldData:
+        targets = self.targets
+        train_idx = np.flatnonzero(self.fold_of != fold)
+        valid_idx = np.flatnonzero(self.fold_of == fold)
+        ids = self.frame[self.cfg.data.id_column].tolist()
+        return FoldData(
+            fold=fold,
+            train=TextDataset([self.input_ids[i] for i in train_idx], targets[train_idx]),
+            valid=TextDataset([self.input_ids[i] for i in valid_idx], targets[valid_idx]),
+            valid_ids=[ids[i] for i in valid_idx],
+            valid_index=valid_idx,
+            target_columns=self.cfg.data.target_columns,
+            target_range=(float(targets.min()), float(targets.max())),
+        )
+
+    def train_fold(self, fold: int) -> FoldResult:
+        fold_dir = self.run_dir / f"fold_{fold}"
+        result = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir).setup().train()
+        atomic_write_json(fold_dir / RESULT_FILE, {
+            "fold": fold, "mcrmse": result.score, "per_target": result.per_target,
+            "best_step": result.best_step, "seconds": result.seconds,
+        })
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return result
+
+    def load_fold_result(self, fold: int) -> FoldResult:
+        """A fold trained by another process, read back from its folder."""
+        fold_dir = self.run_dir / f"fold_{fold}"
+        summary = json.loads((fold_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        oof = pd.read_csv(fold_dir / "oof.csv")[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
+        return FoldResult(fold, summary["mcrmse"], summary["per_target"], summary["best_step"], oof,
+                          np.flatnonzero(self.fold_of == fold), fold_dir / "best", summary["seconds"])
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "PreparedRun":
+        """Rebuild a run's shared inputs from its folder (config, folds, token ids)."""
+        run_dir = Path(run_dir)
+        cfg = load_config(run_dir / "config.yaml")
+        frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
+        fold_of = pd.read_csv(run_dir / "folds.csv")["fold"].to_numpy(dtype=np.int64)
+        with np.load(run_dir / TOKENS_FILE) as saved:
+            flat, offsets = saved["ids"], saved["offsets"]
+        input_ids = [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        return cls(cfg, run_dir, frame, fold_of, input_ids, load_tokenizer(cfg.model.name))
+
+    def save_tokens(self) -> None:
+        """Token ids for fold processes: the texts are tokenized once per run."""
+        offsets = np.cumsum([0] + [len(ids) for ids in self.input_ids])
+        with atomic_path(self.run_dir / TOKENS_FILE) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=np.concatenate([np.asarray(ids, dtype=np.int64) for ids in self.input_ids]),
+                         offsets=offsets)
+
+
+def train_folds_in_processes(prep: PreparedRun, folds: Sequence[int], parallel: int) -> dict[int, FoldResult]:
+    """Train each fold in its own process, `parallel` at a time, on the same device.
+
+    Each process seeds and trains its fold exactly as the sequential loop does, so the
+    results are the same; they only share the device.
+    """
+    prep.save_tokens()
+    pending, running, failed = list(folds), {}, []
+    while pending or running:
+        while pending and len(running) < parallel:
+            fold = pending.pop(0)
+            log.info("fold %d: started in its own process", fold)
+            running[fold] = subprocess.Popen(
+                [sys.executable, "-m", "foldtune.training.fold_worker", str(prep.run_dir), str(fold)])
+        time.sleep(0.2)
+        for fold, process in list(running.items()):
+            if process.poll() is not None:
+                del running[fold]
+                if process.returncode != 0:
+                    failed.append(fold)
+    if failed:
+        logs = ", ".join(str(prep.run_dir / f"fold_{f}" / "train.log") for f in failed)
+        raise RuntimeError(f"fold(s) {failed} failed in their processes; see {logs}")
+    return {fold: prep.load_fold_result(fold) for fold in folds}
+
+
 def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None,
                          frame: pd.DataFrame | None = None) -> dict:
     """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json."""
@@ -145,33 +248,18 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     })
     fold_of = make_fold_column(frame, cfg)
-    ids = frame[cfg.data.id_column].tolist()
-    atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: ids, "fold": fold_of}))
-
+    atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: frame[cfg.data.id_column],
+                                                          "fold": fold_of}))
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
                            cfg.data.head_fraction)
-    targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
-    target_range = (float(targets.min()), float(targets.max()))
+    prep = PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
 
-    results: dict[int, FoldResult] = {}
-    for fold in folds_to_run:
-        train_idx = np.flatnonzero(fold_of != fold)
-        valid_idx = np.flatnonzero(fold_of == fold)
-        data = FoldData(
-            fold=fold,
-            train=TextDataset([encoded.input_ids[i] for i in train_idx], targets[train_idx]),
-            valid=TextDataset([encoded.input_ids[i] for i in valid_idx], targets[valid_idx]),
-            valid_ids=[ids[i] for i in valid_idx],
-            valid_index=valid_idx,
-            target_columns=cfg.data.target_columns,
-            target_range=target_range,
-        )
-        results[fold] = FoldTrainer(cfg, data, tokenizer, run_dir / f"fold_{fold}").setup().train()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    return summarize(cfg, run_dir, frame, fold_of, targets, results, time.perf_counter() - started)
+    if cfg.training.parallel_folds > 1 and len(folds_to_run) > 1:
+        results = train_folds_in_processes(prep, folds_to_run, cfg.training.parallel_folds)
+    else:
+        results = {fold: prep.train_fold(fold) for fold in folds_to_run}
+    return summarize(cfg, run_dir, frame, fold_of, prep.targets, results, time.perf_counter() - started)
 
 
 def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, targets: np.ndarray,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from foldtune import __version__
 from foldtune.checkpoint import save_checkpoint
 from foldtune.config import Config
-from foldtune.data.collate import DynamicPadding
+from foldtune.data.collate import DynamicPadding, LengthBucketSampler
 from foldtune.data.dataset import TextDataset
 from foldtune.files import atomic_write_csv
 from foldtune.inference import predict
@@ -37,6 +37,9 @@ from foldtune.training.awp import build_awp
 from foldtune.training.precision import resolve_device, resolve_precision
 
 log = logging.getLogger("foldtune")
+
+# With training.compile, batch widths are rounded up to this: few shapes, few compilations.
+COMPILE_PAD_MULTIPLE = 64
 
 
 def seed_everything(seed: int) -> None:
@@ -110,15 +113,22 @@ class FoldTrainer:
         means = self.data.train.targets.mean(dim=0).numpy() if mcfg.init_head_bias else None
         self.model = TextRegressor.from_pretrained(mcfg, len(self.data.target_columns), means)
         self.model.to(self.device)
+        if self.cfg.training.compile:
+            # In place: the module (and its state_dict's names) stays the same object.
+            self.model.compile()
 
     def _setup_data(self) -> None:
         tcfg = self.cfg.training
-        collate = DynamicPadding(self.tokenizer.pad_token_id)
-        pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(
-            self.data.train, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
-            generator=torch.Generator().manual_seed(tcfg.seed), num_workers=tcfg.num_workers, pin_memory=pin,
-        )
+        self.pad_multiple = COMPILE_PAD_MULTIPLE if tcfg.compile else 1
+        collate = DynamicPadding(self.tokenizer.pad_token_id, self.pad_multiple)
+        generator = torch.Generator().manual_seed(tcfg.seed)
+        common = dict(collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=self.device.type == "cuda")
+        if tcfg.bucket_batches:
+            sampler = LengthBucketSampler(self.data.train.lengths, tcfg.batch_size, generator)
+            self.train_loader = DataLoader(self.data.train, batch_sampler=sampler, **common)
+        else:
+            self.train_loader = DataLoader(self.data.train, batch_size=tcfg.batch_size, shuffle=True,
+                                           generator=generator, **common)
 
     def _setup_optimizer(self) -> None:
         tcfg = self.cfg.training
@@ -208,7 +218,7 @@ class FoldTrainer:
         """Score `model` (default: the one being trained) on the fold's validation rows."""
         model = self.model if model is None else model
         preds = predict(model, self.data.valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id,
-                        self.device, self.precision)
+                        self.device, self.precision, self.pad_multiple)
         self.model.train()
         report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
         return report, preds

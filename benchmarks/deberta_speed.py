@@ -1,0 +1,225 @@
+"""DeBERTa-v3-base architecture (random weights) trained through foldtune's own FoldTrainer:
+throughput, model FLOP utilisation, peak memory, and where the time goes.
+
+No weights are needed: the architecture of microsoft/deberta-v3-base is built from its
+config and saved to a temporary folder that `model.name` points at. Rows are random
+token ids with the lengths of the real essays (`--lengths`, one integer per line, e.g.
+the essays' word-piece counts), cut at max_len.
+
+    python benchmarks/deberta_speed.py --lengths lengths.txt --out deberta.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from foldtune.config import ConfigError, load_config  # noqa: E402
+from foldtune.data.dataset import TextDataset  # noqa: E402
+from foldtune.training.trainer import FoldData, FoldTrainer  # noqa: E402
+
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, FLOP/s
+
+DEBERTA_V3_BASE = dict(
+    vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    max_position_embeddings=512, type_vocab_size=0, position_biased_input=False, relative_attention=True,
+    position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+    share_att_key=True, hidden_act="gelu", layer_norm_eps=1e-7, pad_token_id=0,
+)
+
+
+def flops_per_token(length: int, hidden: int = 768, layers: int = 12, span: int = 512) -> float:
+    """Model FLOPs of a forward and backward pass per token of a sequence of `length`.
+
+    Per layer and token, forward: the six weight matrices (Q, K, V, output, two FFN)
+    24 H^2; content-to-content scores and the weighted sum of values 4 L H; the
+    disentangled terms (content-to-position and position-to-content scores against the
+    2k relative embeddings) 2 * 2 * span * H; projecting the span relative embeddings
+    through the query and key matrices, 2 * 2 * span * H^2 per sequence, spread over L.
+    Backward is twice the forward. Recomputation under checkpointing is not counted.
+    """
+    per_layer = 24 * hidden**2 + 4 * length * hidden + 4 * span * hidden + 4 * span * hidden**2 / length
+    return 3 * layers * per_layer
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_backbone(folder: Path, architecture: dict):
+    from transformers import AutoModel, DebertaV2Config, DebertaV2Tokenizer
+
+    AutoModel.from_config(DebertaV2Config(**architecture)).save_pretrained(folder)
+    vocab = [("[PAD]", 0.0), ("[UNK]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("[MASK]", 0.0), ("▁", -1.0)]
+    tokenizer = DebertaV2Tokenizer(vocab=vocab)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def synthetic_fold(lengths: np.ndarray, rng: np.random.Generator) -> FoldData:
+    ids = [[2] + rng.integers(10, 128000, size=n - 2).tolist() + [3] for n in lengths]
+    targets = rng.uniform(1, 5, size=(len(ids), 6)).astype(np.float32)
+    return FoldData(0, TextDataset(ids, targets), TextDataset(ids[:16], targets[:16]), [str(i) for i in range(16)],
+                    np.arange(16), ("a", "b", "c", "d", "e", "f"), (1.0, 5.0))
+
+
+def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, tokenizer, steps: int,
+            profile: bool = False) -> dict:
+    cfg = load_config(REPO / "configs" / "deberta_v3_base.yaml",
+                      [f"model.name={folder}", "data.test_file=null", "awp.start_epoch=1",
+                       "averaging.start_epoch=1", *overrides])
+    rng = np.random.default_rng(0)
+    cut = np.minimum(lengths, cfg.data.max_len)
+    rows = rng.choice(cut, size=cfg.training.batch_size * (steps + 3))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = FoldTrainer(cfg, synthetic_fold(rows, rng), tokenizer, out).setup()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        batches = [trainer._to_device(b) for b in trainer.train_loader]
+        real = padded = 0
+        flops = 0.0
+        started = None
+        for i, batch in enumerate(batches):
+            if i == 3:                                  # three warm-up steps
+                sync()
+                started = time.perf_counter()
+            if i >= 3:
+                width = batch["input_ids"].shape[1]
+                real += int(batch["attention_mask"].sum())
+                padded += batch["input_ids"].numel()
+                flops += batch["input_ids"].numel() * flops_per_token(width)
+            trainer._forward_backward(batch, 1)
+            trainer.awp.adversarial_step(0, lambda: trainer._forward_backward(batch, 1))
+            trainer._optimizer_step()
+        sync()
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        row = {"setting": name, "overrides": overrides, "steps": len(batches) - 3, "seconds": round(seconds, 2),
+               "samples_per_s": round((len(batches) - 3) * cfg.training.batch_size / seconds, 1),
+               "real_tokens_per_s": round(real / seconds), "padded_tokens_per_s": round(padded / seconds),
+               "padding_share": round(1 - real / padded, 3),
+               "model_tflops": round(flops / seconds / 1e12, 1),
+               "mfu": round(flops / seconds / H100_BF16_PEAK, 3),
+               "awp_active": cfg.awp.enabled, "peak_gib": round(peak / 2**30, 2)}
+        if profile and torch.cuda.is_available():
+            row["top_kernels"] = profile_step(trainer, batches[-1])
+            row["attention_forward_share"] = attention_share(trainer, batches[-1])
+        print(json.dumps(row), flush=True)
+        del trainer, batches
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return row
+
+
+def profile_step(trainer, batch) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            trainer._forward_backward(batch, 1)
+            trainer._optimizer_step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events if e.device_time_total > 0 and e.device_type.name == "CUDA")
+    return [{"kernel": e.key[:90], "share": round(e.device_time_total / total, 3)} for e in events[:12]]
+
+
+def attention_share(trainer, batch) -> float:
+    """Share of the forward pass spent inside the disentangled self-attention modules."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
+
+    spans = []
+    hooks = []
+    for module in trainer.model.modules():
+        if isinstance(module, DisentangledSelfAttention):
+            def pre(mod, args, kwargs=None):
+                mod._start = torch.cuda.Event(enable_timing=True)
+                mod._start.record()
+
+            def post(mod, args, out):
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                spans.append((mod._start, end))
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    trainer.model.eval()
+    with torch.no_grad(), trainer.precision.autocast():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        trainer.model(batch["input_ids"], batch["attention_mask"])
+        end.record()
+    torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    trainer.model.train()
+    return round(sum(a.elapsed_time(b) for a, b in spans) / start.elapsed_time(end), 3)
+
+
+SETTINGS = {
+    # throughput at the essays' lengths (cut at 1024), batch 8, bf16
+    "plain": ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
+              "model.gradient_checkpointing=false", "awp.enabled=false", "averaging.method=none",
+              "data.max_len=1024"],
+    "plain+bucket": ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
+                     "model.gradient_checkpointing=false", "awp.enabled=false", "averaging.method=none",
+                     "data.max_len=1024", "training.bucket_batches=true"],
+    "plain+ckpt": ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
+                   "awp.enabled=false", "averaging.method=none", "data.max_len=1024"],
+    "recipe": ["data.max_len=1024"],
+    "recipe+bucket": ["data.max_len=1024", "training.bucket_batches=true"],
+}
+# Memory: every row 1024 tokens long, batch 8.
+MEMORY = {
+    "full fine-tune, no checkpointing": SETTINGS["plain"],
+    "full fine-tune, checkpointing": SETTINGS["plain+ckpt"],
+    "recipe without checkpointing": ["data.max_len=1024", "model.gradient_checkpointing=false"],
+    "recipe (checkpointing, frozen bottom, AWP, SWA)": ["data.max_len=1024"],
+    "recipe + 8-bit AdamW": ["data.max_len=1024", "training.optimizer=adamw_8bit"],
+    "recipe, batch 4 x accumulation 2": ["data.max_len=1024", "training.batch_size=4",
+                                         "training.gradient_accumulation_steps=2"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", required=True, help="token lengths of the real texts, one per line")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", default=None, help="comma-separated setting names")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--architecture", default=None, help="JSON of DebertaV2Config changes (a smoke test)")
+    args = parser.parse_args()
+    architecture = {**DEBERTA_V3_BASE, **json.loads(args.architecture or "{}")}
+    lengths = np.loadtxt(args.lengths, dtype=np.int64)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "deberta-v3-base-random"
+        tokenizer = build_backbone(folder, architecture)
+        for name, overrides in SETTINGS.items():
+            if args.only and name not in args.only.split(","):
+                continue
+            rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps, profile=name == "plain"))
+        full = np.full(len(lengths), 1024)
+        for name, overrides in MEMORY.items():
+            if args.only and "memory" not in args.only.split(","):
+                continue
+            with contextlib.suppress(ImportError, ConfigError):   # no bitsandbytes, or no CUDA
+                rows.append({"memory": True, **measure(name, overrides, full, folder, tokenizer, 6)})
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""foldtune against the Hugging Face Trainer peer: same essays, folds, epochs, lr, batch
+size and max_len, one after the other on the same device, in one table.
+
+foldtune runs first, once per speed setting (each switch added to the one before, so each
+is measured before and after); the peer then trains on the folds file of the first run.
+
+    python benchmarks/speed.py --model /path/to/all-MiniLM-L6-v2 \\
+        --train ../shared/data/ellipse/train.csv [--variants plain,bucket,parallel,compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import run_variant  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Cumulative: each setting keeps the switches of the ones before it.
+SPEED_SWITCHES = {
+    "plain": [],
+    "bucket": ["training.bucket_batches=true"],
+    "parallel": ["training.parallel_folds=5"],
+    "compile": ["training.compile=true"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/ellipse_minilm.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--variants", default="plain,bucket,parallel,compile")
+    parser.add_argument("--runs-dir", default="runs/speed")
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--out", default=None, help="write every row as JSON here")
+    args = parser.parse_args()
+
+    from foldtune.config import load_config
+
+    cfg = load_config(args.config)
+    t = cfg.training
+    common = [f"model.name={args.model}", f"data.train_file={args.train}", "data.test_file=null"]
+    rows, switches = [], []
+    options = SimpleNamespace(config=args.config, runs_dir=args.runs_dir, prefix="speed_")
+    for name in args.variants.split(","):
+        switches = switches + SPEED_SWITCHES[name]
+        row = run_variant(name, switches, options, common)
+        scores = json.loads((Path(args.runs_dir) / f"speed_{name}" / "scores.json").read_text())
+        row["fold_seconds"] = [f["seconds"] for f in scores["folds"].values()]
+        rows.append(row)
+
+    if not args.skip_peer:
+        folds_file = Path(args.runs_dir) / f"speed_{args.variants.split(',')[0]}" / "folds.csv"
+        started = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "peer_hf_trainer.py"), "--train", args.train,
+             "--folds", str(folds_file), "--model", args.model, "--epochs", str(t.epochs), "--lr", str(t.lr),
+             "--batch-size", str(t.batch_size), "--max-len", str(cfg.data.max_len)],
+            capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            print(result.stderr[-3000:], file=sys.stderr)
+            return 1
+        peer = json.loads(result.stdout.strip().splitlines()[-1])["peer"]
+        rows.append({"variant": "peer (HF Trainer)", "overrides": "", "seconds": round(seconds, 1),
+                     "oof": peer["oof_mcrmse"], "fold_seconds": [f["seconds"] for f in peer["folds"]]})
+
+    import pandas as pd
+
+    n_rows = len(pd.read_csv(args.train))
+    samples = n_rows * (cfg.folds.n_splits - 1) * t.epochs      # training rows seen over all folds
+    peer_seconds = rows[-1]["seconds"] if not args.skip_peer else None
+    print(f"\n| run | switches | OOF MCRMSE | wall s | per fold s | train samples/s | vs peer |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ratio = f"{peer_seconds / r['seconds']:.2f}x" if peer_seconds else ""
+        folds = ", ".join(f"{s:.0f}" for s in r.get("fold_seconds", []))
+        oof = f"{r['oof']:.4f}" if "oof" in r else "failed"
+        print(f"| {r['variant']} | `{r['overrides'] or '-'}` | {oof} | {r['seconds']:.1f} | {folds} | "
+              f"{samples / r['seconds']:.0f} | {ratio} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
