@@ -85,6 +85,7 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
     rows = rng.choice(cut, size=cfg.training.batch_size * (steps + 3))
     with tempfile.TemporaryDirectory() as out:
         trainer = FoldTrainer(cfg, synthetic_fold(rows, rng), tokenizer, out).setup()
+        trainer.model.train()           # as FoldTrainer.train() does: dropout and checkpointing act
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         batches = [trainer._to_device(b) for b in trainer.train_loader]
@@ -126,7 +127,7 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
 def profile_step(trainer, batch) -> list:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(3):
             trainer._forward_backward(batch, 1)
             trainer._optimizer_step()
