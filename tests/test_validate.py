@@ -96,3 +96,14 @@ def test_test_file_needs_only_id_and_text(tmp_path):
     assert frame.to_dict("list") == {"text_id": ["X", "Y"], "full_text": ["hello", "world"]}
     with pytest.raises(DataError, match="missing text column 'full_text'; did you mean 'fulltext'"):
         load_test(_write(tmp_path, "text_id,fulltext\nX,hello\n", "test.csv"), DATA)
+
+
+def test_targets_outside_the_declared_range(tmp_path):
+    data = DataConfig(target_columns=("cohesion", "syntax"), target_range=(1.0, 5.0))
+    text = "text_id,full_text,cohesion,syntax\nA,x,3.0,5.5\nB,y,0.5,2.0\nC,z,5.0,1.0\n"
+    with pytest.raises(DataError) as err:
+        load_train(_write(tmp_path, text), data, FOLDS)
+    assert err.value.problems == [
+        "column 'cohesion': row 2 (id B): expected a value in [1, 5] (data.target_range), found 0.5",
+        "column 'syntax': row 1 (id A): expected a value in [1, 5] (data.target_range), found 5.5",
+    ]

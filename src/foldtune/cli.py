@@ -38,38 +38,65 @@ def _fail(err: Exception) -> int:
     return 2
 
 
+def _log_to_run_folder(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.info("run folder: %s", run_dir)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError, load_config
     from foldtune.data.validate import DataError
+    from foldtune.training.state import StateError
+    from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
-        epilog="example: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+        epilog="examples: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
+               "          python train.py --resume runs/ellipse_minilm-20261125-101500",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
     parser.add_argument("--name", default=None, help="run folder name under output.dir (default: config-time)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue a stopped run: finished folds are kept, the interrupted one continues")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: continue even if the config or the train file changed")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     # Options may come before, between or after the overrides.
     args = parser.parse_intermixed_args(argv)
 
     setup_console_logging()
+    install_signal_handlers()
+    run_dir = None
     try:
-        overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
-        cfg = load_config(args.config, overrides)
-        from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg,
+        from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
                                                         run_cross_validation)
 
+        if args.resume:
+            if args.config or args.name:
+                raise ConfigError("--resume continues a run with its own saved config: "
+                                  "--config and --name do not apply (overrides must match it, or --force)")
+            run_dir = Path(args.resume)
+            _log_to_run_folder(run_dir)
+            resume_run(run_dir, args.overrides, args.folds, args.force)
+            return 0
+        config = args.config or str(DEFAULT_CONFIG)
+        overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
+        cfg = load_config(config, overrides)
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         frame = load_inputs(cfg)
-        run_dir = new_run_dir(cfg, Path(args.config).stem)
-        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.info("run folder: %s", run_dir)
+        run_dir = new_run_dir(cfg, Path(config).stem)
+        _log_to_run_folder(run_dir)
         run_cross_validation(cfg, run_dir, folds, frame)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, StateError) as err:
         return _fail(err)
+    except TrainingInterrupted as stop:
+        print(f"{stop}: the training state is saved. Continue with: python train.py --resume {run_dir}",
+              file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

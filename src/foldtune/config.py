@@ -39,6 +39,9 @@ class DataConfig:
     id_column: str = "text_id"
     text_column: str = "full_text"
     target_columns: tuple[str, ...] = COMPETITION_TARGETS
+    # [low, high] every target must lie in (checked before training; predictions are
+    # clipped to it); null: no check, predictions clipped to the range seen in training.
+    target_range: tuple[float, float] | None = None
     max_len: int = 512
     # head: keep the start of a long text; head_tail: keep its start and its end (the
     # conclusion of an essay says much of its quality), head_fraction of max_len first.
@@ -50,6 +53,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.max_len >= 8, "data.max_len", "an integer >= 8", self.max_len)
         _require(0 < self.head_fraction < 1, "data.head_fraction", "a number in (0, 1)", self.head_fraction)
+        _require(self.target_range is None or self.target_range[0] < self.target_range[1], "data.target_range",
+                 "null or [low, high] with low < high", self.target_range)
         _require(len(self.target_columns) >= 1, "data.target_columns", "at least one column", self.target_columns)
         _require(len(set(self.target_columns)) == len(self.target_columns),
                  "data.target_columns", "distinct column names", self.target_columns)
@@ -146,6 +151,12 @@ class TrainingConfig:
     # Read the loss back from the device every log_steps steps (each read is a sync).
     log_steps: int = 20
     num_workers: int = 0
+    # Resume: save the training state every save_state_steps optimizer steps (0: only at
+    # epoch ends and on a stop signal) and keep the newest keep_states of them.
+    save_state_steps: int = 200
+    keep_states: int = 2
+    # Also make torch choose deterministic algorithms (slower on GPU; CPU runs repeat anyway).
+    deterministic: bool = False
     # Speed. bucket_batches: training batches of similar lengths (shuffled buckets), so
     # little compute goes to padding. compile: torch.compile the model (widths padded to
     # multiples of 64 so it compiles for few shapes). parallel_folds: train this many
@@ -167,6 +178,8 @@ class TrainingConfig:
                  "training.max_grad_norm", "a positive number or null", self.max_grad_norm)
         _require(self.num_workers >= 0, "training.num_workers", "an integer >= 0", self.num_workers)
         _require(self.parallel_folds >= 1, "training.parallel_folds", "an integer >= 1", self.parallel_folds)
+        _require(self.save_state_steps >= 0, "training.save_state_steps", "an integer >= 0", self.save_state_steps)
+        _require(self.keep_states >= 1, "training.keep_states", "an integer >= 1", self.keep_states)
         _require(0 < self.layerwise_lr_decay <= 1, "training.layerwise_lr_decay", "a number in (0, 1]",
                  self.layerwise_lr_decay)
         _require(self.warmup_steps >= 0, "training.warmup_steps", "an integer >= 0", self.warmup_steps)
@@ -386,6 +399,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except ConfigError as err:
         source = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{err}{source}") from None
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every key whose value differs."""
+    a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+    return [(key, a[key], b[key]) for key in a if a[key] != b[key]]
 
 
 def dump_config(cfg: Config) -> str:

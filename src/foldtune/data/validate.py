@@ -108,6 +108,13 @@ def _parse_targets(frame: pd.DataFrame, data: DataConfig) -> tuple[pd.DataFrame,
         if infinite.any():
             problems.append(f"column '{column}': {_rows(frame, infinite, data.id_column)}: "
                             "expected a finite number, found infinity")
+        if data.target_range is not None:
+            low, high = data.target_range
+            outside = np.isfinite(numbers.to_numpy()) & ((numbers < low) | (numbers > high)).to_numpy()
+            if outside.any():
+                first = numbers.iloc[np.flatnonzero(outside)[0]]
+                problems.append(f"column '{column}': {_rows(frame, outside, data.id_column)}: "
+                                f"expected a value in [{low:g}, {high:g}] (data.target_range), found {first:g}")
         finite = numbers[np.isfinite(numbers.to_numpy())]
         if len(finite) == len(frame) and finite.nunique() == 1:
             problems.append(f"column '{column}': every row holds {finite.iloc[0]:g}: "

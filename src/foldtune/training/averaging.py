@@ -23,6 +23,12 @@ class NoAveraging:
     def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
         scheduler.step()
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class WeightAveraging:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AveragingConfig,
@@ -45,14 +51,31 @@ class WeightAveraging:
         """The averaged regressor, once it has averaged anything."""
         return self._averaged.module if self.n_averaged else None
 
+    def _start_swalr(self) -> None:
+        # Made at the switch, not before: SWALR sets the learning rates when built.
+        self._swalr = SWALR(self.optimizer, swa_lr=self.cfg.swa_lr, anneal_epochs=self.cfg.anneal_steps,
+                            anneal_strategy=self.cfg.anneal_strategy)
+
+    def state_dict(self) -> dict:
+        state = {"averaged": self._averaged.state_dict()}
+        if self._swalr is not None:
+            # its annealing function is code, rebuilt from the config on load
+            state["swalr"] = {k: v for k, v in self._swalr.state_dict().items() if k != "anneal_func"}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load before the optimizer's state: rebuilding SWALR touches the learning rates."""
+        self._averaged.load_state_dict(state["averaged"])
+        if "swalr" in state:
+            self._start_swalr()
+            self._swalr.load_state_dict(state["swalr"])
+
     def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
         """step: optimizer steps taken so far, this one included."""
         started = step > self.start_step
         if self.cfg.method == "swa" and started:
             if self._swalr is None:
-                # Made at the switch, not before: SWALR sets the learning rates when built.
-                self._swalr = SWALR(self.optimizer, swa_lr=self.cfg.swa_lr, anneal_epochs=self.cfg.anneal_steps,
-                                    anneal_strategy=self.cfg.anneal_strategy)
+                self._start_swalr()
             else:
                 self._swalr.step()
         else:

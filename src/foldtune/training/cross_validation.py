@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import platform
@@ -24,9 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 
 from foldtune import __version__
-from foldtune.config import Config, ConfigError, load_config, save_config
+from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, read_meta
+from foldtune.config import Config, ConfigError, config_diff, load_config, save_config
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.folds import assign_folds
 from foldtune.data.validate import load_test, load_train
@@ -37,6 +40,8 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.training.state import load_state, remove_states, state_files
+from foldtune.training.stopping import TrainingInterrupted, stop_requested
 from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer
 
 log = logging.getLogger("foldtune")
@@ -164,15 +169,50 @@ class PreparedRun:
         )
 
     def train_fold(self, fold: int) -> FoldResult:
+        """Train the fold, continuing from its newest training state if it has one."""
         fold_dir = self.run_dir / f"fold_{fold}"
-        result = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir).setup().train()
+        states = state_files(fold_dir)
+        state = load_state(states[-1]) if states else None
+        if state is not None:
+            log.info("fold %d: continuing from %s", fold, states[-1])
+        result = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir).setup().train(state)
         atomic_write_json(fold_dir / RESULT_FILE, {
             "fold": fold, "mcrmse": result.score, "per_target": result.per_target,
             "best_step": result.best_step, "seconds": result.seconds,
         })
+        remove_states(fold_dir)                     # finished: the best checkpoint is what stays
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return result
+
+    def unfinished_reason(self, fold: int) -> str | None:
+        """None if the fold's files show a finished fold; else what is missing or wrong."""
+        fold_dir = self.run_dir / f"fold_{fold}"
+        try:
+            summary = json.loads((fold_dir / RESULT_FILE).read_text(encoding="utf-8"))
+            float(summary["mcrmse"]), int(summary["best_step"])
+        except FileNotFoundError:
+            return f"no {RESULT_FILE}"
+        except (ValueError, KeyError, TypeError) as err:
+            return f"{RESULT_FILE} unreadable ({err})"
+        try:
+            oof = pd.read_csv(fold_dir / "oof.csv")
+        except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            return f"oof.csv missing or unreadable ({err})"
+        expected = self.frame[self.cfg.data.id_column].to_numpy()[self.fold_of == fold].tolist()
+        id_column, targets = self.cfg.data.id_column, list(self.cfg.data.target_columns)
+        if id_column not in oof or oof[id_column].astype(str).tolist() != expected:
+            return "oof.csv does not hold exactly the fold's rows"
+        if not set(targets) <= set(oof.columns) or not np.isfinite(oof[targets].to_numpy(dtype=float)).all():
+            return "oof.csv lacks finite predictions for every target"
+        try:
+            read_meta(fold_dir / "best")
+            with safe_open(str(fold_dir / "best" / WEIGHTS_FILE), framework="pt") as weights:
+                if not list(weights.keys()):
+                    return "best/model.safetensors holds no tensors"
+        except (CheckpointError, OSError, SafetensorError) as err:
+            return f"best checkpoint unreadable ({err})"
+        return None
 
     def load_fold_result(self, fold: int) -> FoldResult:
         """A fold trained by another process, read back from its folder."""
@@ -207,11 +247,20 @@ def train_folds_in_processes(prep: PreparedRun, folds: Sequence[int], parallel: 
     """Train each fold in its own process, `parallel` at a time, on the same device.
 
     Each process seeds and trains its fold exactly as the sequential loop does, so the
-    results are the same; they only share the device.
+    results are the same; they only share the device. A stop signal is passed on to
+    the running processes, which save their states and exit.
     """
     prep.save_tokens()
     pending, running, failed = list(folds), {}, []
+    forwarded = None
     while pending or running:
+        stop = stop_requested()
+        if stop is not None:
+            pending.clear()
+            if forwarded is None:
+                for process in running.values():
+                    process.send_signal(stop)
+                forwarded = stop
         while pending and len(running) < parallel:
             fold = pending.pop(0)
             log.info("fold %d: started in its own process", fold)
@@ -221,28 +270,32 @@ def train_folds_in_processes(prep: PreparedRun, folds: Sequence[int], parallel: 
         for fold, process in list(running.items()):
             if process.poll() is not None:
                 del running[fold]
-                if process.returncode != 0:
+                if process.returncode != 0 and forwarded is None:
                     failed.append(fold)
+    if forwarded is not None:
+        raise TrainingInterrupted(forwarded)
     if failed:
         logs = ", ".join(str(prep.run_dir / f"fold_{f}" / "train.log") for f in failed)
         raise RuntimeError(f"fold(s) {failed} failed in their processes; see {logs}")
     return {fold: prep.load_fold_result(fold) for fold in folds}
 
 
-def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None,
-                         frame: pd.DataFrame | None = None) -> dict:
-    """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json."""
-    started = time.perf_counter()
-    if frame is None:
-        frame = load_inputs(cfg)
-    run_dir = Path(run_dir)
-    folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
+
+def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int]) -> np.ndarray:
+    """Write what a new run records before training: config, provenance, folds."""
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_json(run_dir / "run.json", {
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "command": sys.argv,
-        "folds": folds_to_run,
+        "folds": list(folds_to_run),
+        "train_file_sha256": file_sha256(cfg.data.train_file),
         "foldtune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -250,20 +303,84 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     fold_of = make_fold_column(frame, cfg)
     atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: frame[cfg.data.id_column],
                                                           "fold": fold_of}))
+    return fold_of
+
+
+def saved_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> np.ndarray:
+    """The fold of each row as the run recorded it; the rows must be the same."""
+    saved = pd.read_csv(run_dir / "folds.csv", dtype={cfg.data.id_column: str})
+    if saved[cfg.data.id_column].tolist() != frame[cfg.data.id_column].tolist():
+        raise ConfigError(f"{cfg.data.train_file} does not hold the rows of {run_dir / 'folds.csv'}: "
+                          "the run cannot continue on other data")
+    return saved["fold"].to_numpy(dtype=np.int64)
+
+
+def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None,
+                         frame: pd.DataFrame | None = None, resume: bool = False) -> dict:
+    """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json.
+
+    With resume, the run folder's folds are reused, finished folds (checked by their
+    files) are read back instead of trained, and an interrupted fold continues from its
+    newest training state.
+    """
+    if frame is None:
+        frame = load_inputs(cfg)
+    run_dir = Path(run_dir)
+    folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
+    fold_of = saved_folds(cfg, run_dir, frame) if resume else start_run(cfg, run_dir, frame, folds_to_run)
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
                            cfg.data.head_fraction)
     prep = PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
 
-    if cfg.training.parallel_folds > 1 and len(folds_to_run) > 1:
-        results = train_folds_in_processes(prep, folds_to_run, cfg.training.parallel_folds)
+    results: dict[int, FoldResult] = {}
+    to_train = []
+    for fold in folds_to_run:
+        reason = prep.unfinished_reason(fold) if resume else "new run"
+        if reason is None:
+            log.info("fold %d: finished before, its files check out: skipped", fold)
+            results[fold] = prep.load_fold_result(fold)
+        else:
+            if resume:
+                log.info("fold %d: to train (%s)", fold, reason)
+            to_train.append(fold)
+    if cfg.training.parallel_folds > 1 and len(to_train) > 1:
+        results.update(train_folds_in_processes(prep, to_train, cfg.training.parallel_folds))
     else:
-        results = {fold: prep.train_fold(fold) for fold in folds_to_run}
-    return summarize(cfg, run_dir, frame, fold_of, prep.targets, results, time.perf_counter() - started)
+        results.update({fold: prep.train_fold(fold) for fold in to_train})
+    return summarize(cfg, run_dir, frame, fold_of, prep.targets, dict(sorted(results.items())))
+
+
+def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: str | None = None,
+               force: bool = False) -> dict:
+    """Continue a stopped run: its saved config (overrides must not change it, unless
+    force), the same data, the folds it was asked to train."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml): nothing to resume")
+    saved = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    changes = config_diff(saved, cfg)
+    if changes and not force:
+        lines = "; ".join(f"{key}: {old!r} (saved) -> {new!r}" for key, old, new in changes)
+        raise ConfigError(f"the config differs from the one {run_dir} was trained with: {lines}. "
+                          "Resuming would mix two configs in one run; pass --force to do it anyway")
+    frame = load_inputs(cfg)
+    run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    recorded = run_info.get("train_file_sha256")
+    if recorded and recorded != file_sha256(cfg.data.train_file) and not force:
+        raise ConfigError(f"{cfg.data.train_file} has changed since {run_dir} started (its SHA-256 differs); "
+                          "pass --force to continue on the new file")
+    if changes:
+        log.warning("resuming %s with a changed config (--force): %s", run_dir,
+                    ", ".join(key for key, _, _ in changes))
+        save_config(cfg, run_dir / "config.yaml")
+    folds = parse_folds_arg(folds_arg, cfg.folds.n_splits) if folds_arg else run_info["folds"]
+    return run_cross_validation(cfg, run_dir, folds, frame, resume=True)
 
 
 def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, targets: np.ndarray,
-              results: dict[int, FoldResult], seconds: float) -> dict:
+              results: dict[int, FoldResult]) -> dict:
     names = list(cfg.data.target_columns)
     scored = np.concatenate([r.valid_index for r in results.values()])
     scored.sort()
@@ -275,6 +392,9 @@ def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarr
     oof_report = score_report(targets[scored], oof[scored], names)
     baseline_score = score_report(targets[scored], baseline[scored], names)["mcrmse"]
     fold_reports = {f: {"mcrmse": r.score, "per_target": r.per_target} for f, r in results.items()}
+    # training time of the folds (their own clocks, resumed sessions included): the same
+    # however often the run is resumed afterwards
+    seconds = sum(r.seconds for r in results.values())
 
     oof_frame = pd.DataFrame(oof[scored], columns=names)
     oof_frame.insert(0, "fold", fold_of[scored])
@@ -290,5 +410,5 @@ def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarr
     }
     atomic_write_json(run_dir / "scores.json", scores)
     table = format_table(fold_reports, oof_report, baseline_score, names)
-    log.info("run %s finished in %.0f s\n%s", run_dir, seconds, table)
+    log.info("run %s: %d fold(s), %.0f s of training\n%s", run_dir, len(results), seconds, table)
     return scores

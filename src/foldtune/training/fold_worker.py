@@ -10,6 +10,7 @@ import sys
 
 from foldtune.cli import setup_console_logging
 from foldtune.training.cross_validation import PreparedRun
+from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
 
 def main(argv: list[str]) -> int:
@@ -17,7 +18,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m foldtune.training.fold_worker RUN_DIR FOLD", file=sys.stderr)
         return 2
     setup_console_logging()
-    PreparedRun.load(argv[0]).train_fold(int(argv[1]))
+    install_signal_handlers()
+    try:
+        PreparedRun.load(argv[0]).train_fold(int(argv[1]))
+    except TrainingInterrupted as stop:
+        return stop.exit_code
     return 0
 
 

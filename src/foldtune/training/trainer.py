@@ -1,14 +1,17 @@
 """FoldTrainer: fit one fold, keep its best checkpoint, write its OOF predictions.
 
 Read it top to bottom: `setup()` builds everything from the config through small
-`_setup_*` methods, `train()` is the loop, `evaluate()` scores the validation rows and
-`_keep_if_best()` saves the checkpoint that the fold's OOF predictions come from.
+`_setup_*` methods, `train()` is the loop (from the start, or from a saved training
+state), `evaluate()` scores the validation rows, `_evaluate_and_keep_best()` saves the
+checkpoint that the fold's OOF predictions come from, and `state_dict()` is what
+`training/state.py` writes so that a stopped fold continues exactly where it was.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ from foldtune.optim.schedulers import build_scheduler, warmup_steps
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
 from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.training.state import capture_rng, restore_rng, save_state
+from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
 
@@ -42,10 +47,16 @@ log = logging.getLogger("foldtune")
 COMPILE_PAD_MULTIPLE = 64
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """One seed for every generator; optionally torch's deterministic algorithms too."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 @dataclass
@@ -87,7 +98,7 @@ class FoldTrainer:
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         self._setup_logging()
         self.device = resolve_device(self.cfg.training.device)
-        seed_everything(self.cfg.training.seed)
+        seed_everything(self.cfg.training.seed, self.cfg.training.deterministic)
         self._setup_model()
         self._setup_data()
         self._setup_optimizer()
@@ -101,6 +112,10 @@ class FoldTrainer:
         self.best_oof: np.ndarray | None = None
         self.best_per_target: dict[str, float] = {}
         self.metrics_rows: list[dict] = []
+        # The loss stays on the device and is read every log_steps: a read is a host sync.
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.seconds_before = 0.0           # training time of earlier sessions of this fold
         return self
 
     def _setup_logging(self) -> None:
@@ -121,14 +136,18 @@ class FoldTrainer:
         tcfg = self.cfg.training
         self.pad_multiple = COMPILE_PAD_MULTIPLE if tcfg.compile else 1
         collate = DynamicPadding(self.tokenizer.pad_token_id, self.pad_multiple)
-        generator = torch.Generator().manual_seed(tcfg.seed)
-        common = dict(collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=self.device.type == "cuda")
+        # The data order's own generator: saved with the state, so a resumed epoch
+        # replays the same order and skips the batches already seen.
+        self.generator = generator = torch.Generator().manual_seed(tcfg.seed)
+        # The loader draws its workers' base seed from `generator` too, not from torch's
+        # global generator, whose state (dropout) must not depend on where an epoch began.
+        common = dict(collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=self.device.type == "cuda",
+                      generator=generator)
         if tcfg.bucket_batches:
             sampler = LengthBucketSampler(self.data.train.lengths, tcfg.batch_size, generator)
             self.train_loader = DataLoader(self.data.train, batch_sampler=sampler, **common)
         else:
-            self.train_loader = DataLoader(self.data.train, batch_size=tcfg.batch_size, shuffle=True,
-                                           generator=generator, **common)
+            self.train_loader = DataLoader(self.data.train, batch_size=tcfg.batch_size, shuffle=True, **common)
 
     def _setup_optimizer(self) -> None:
         tcfg = self.cfg.training
@@ -143,46 +162,56 @@ class FoldTrainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train(self) -> FoldResult:
+    def train(self, state: dict | None = None) -> FoldResult:
+        """Train the fold, from the start or from a training state; return its result."""
         tcfg = self.cfg.training
         fold = self.data.fold
-        log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s",
+        start_epoch, position = self.load_state_dict(state) if state else (0, 0)
+        log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s",
                  fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
-                 self.device, self.precision.name)
+                 self.device, self.precision.name, f"; resumed at step {self.step}" if state else "")
         started = time.perf_counter()
         accum = tcfg.gradient_accumulation_steps
         n_batches = len(self.train_loader)
-        # The loss stays on the device and is read every log_steps: a read is a host sync.
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count = 0
-        bar = tqdm(total=self.total_steps, desc=f"fold {fold}", unit="step", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fold {fold}", unit="step", dynamic_ncols=True,
+                   disable=None)
         try:
-            for epoch in range(tcfg.epochs):
+            for epoch in range(start_epoch, tcfg.epochs):
+                epoch_start_order = self.generator.get_state()
                 self.model.train()
                 for i, batch in enumerate(self.train_loader):
+                    if i < position:            # seen before the stop: same order, skipped
+                        continue
                     batch = self._to_device(batch)
                     # The last group of an epoch may be short: scale by its real size.
                     group_size = min(accum, n_batches - (i // accum) * accum)
-                    loss_sum += self._forward_backward(batch, group_size)
+                    self.loss_sum += self._forward_backward(batch, group_size)
                     self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
-                    loss_count += 1
+                    self.loss_count += 1
                     if (i + 1) % accum and i + 1 != n_batches:
                         continue
                     self._optimizer_step()
                     bar.update(1)
                     if self.step % tcfg.log_steps == 0:
-                        bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}", best=f"{self.best_score:.4f}")
-                    at_epoch_end = i + 1 == n_batches
-                    if tcfg.eval_steps and self.step % tcfg.eval_steps == 0 and not at_epoch_end:
-                        train_loss = loss_sum.item() / loss_count
-                        loss_sum.zero_()
-                        loss_count = 0
-                        self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, train_loss)
-                train_loss = loss_sum.item() / max(loss_count, 1)
-                loss_sum.zero_()
-                loss_count = 0
-                self._evaluate_and_keep_best(epoch + 1.0, train_loss)
-            seconds = time.perf_counter() - started
+                        bar.set_postfix(loss=f"{self.loss_sum.item() / self.loss_count:.4f}",
+                                        best=f"{self.best_score:.4f}")
+                    if i + 1 == n_batches:
+                        break                   # the epoch end evaluates and saves below
+                    if tcfg.eval_steps and self.step % tcfg.eval_steps == 0:
+                        self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, self._take_train_loss())
+                    stop = stop_requested()
+                    if stop or (tcfg.save_state_steps and self.step % tcfg.save_state_steps == 0):
+                        self._save_state(epoch, i + 1, epoch_start_order, started)
+                    if stop:
+                        raise TrainingInterrupted(stop)
+                position = 0
+                self._evaluate_and_keep_best(epoch + 1.0, self._take_train_loss())
+                # the next epoch's order is drawn from the generator as it is now
+                self._save_state(epoch + 1, 0, self.generator.get_state(), started)
+                stop = stop_requested()
+                if stop:
+                    raise TrainingInterrupted(stop)
+            seconds = self.seconds_before + time.perf_counter() - started
             self._write_oof()
             log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
         finally:
@@ -191,6 +220,13 @@ class FoldTrainer:
             self._log_handler.close()
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
                           self.data.valid_index, self.best_dir, seconds)
+
+    def _take_train_loss(self) -> float:
+        """Mean training loss since the last evaluation (and reset the running sum)."""
+        loss = self.loss_sum.item() / max(self.loss_count, 1)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return loss
 
     def _forward_backward(self, batch: dict, group_size: int) -> torch.Tensor:
         """Loss of one micro-batch, its gradient added to the parameters' .grad."""
@@ -211,6 +247,46 @@ class FoldTrainer:
         self.step += 1
         # Steps the schedule (or SWALR once SWA has begun) and updates the average.
         self.averaging.after_optimizer_step(self.step, self.scheduler)
+
+    # --- training state -------------------------------------------------------------
+
+    def state_dict(self, epoch: int, position: int, epoch_start_order: torch.Tensor, seconds: float) -> dict:
+        """Everything needed to continue at micro-batch `position` of `epoch` (0-based)."""
+        return {
+            "fold": self.data.fold, "epoch": epoch, "position": position, "step": self.step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
+            "averaging": self.averaging.state_dict(), "rng": capture_rng(), "data_order": epoch_start_order,
+            "best": {"score": self.best_score, "step": self.best_step, "per_target": self.best_per_target,
+                     "oof": None if self.best_oof is None else torch.from_numpy(self.best_oof)},
+            "metrics_rows": self.metrics_rows, "loss_sum": self.loss_sum.item(), "loss_count": self.loss_count,
+            "seconds": seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> tuple[int, int]:
+        """Restore a saved state; return the epoch and micro-batch to continue from."""
+        self.model.load_state_dict(state["model"])
+        self.averaging.load_state_dict(state["averaging"])       # before the optimizer: see averaging.py
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.generator.set_state(state["data_order"])
+        best = state["best"]
+        self.best_score, self.best_step, self.best_per_target = best["score"], best["step"], best["per_target"]
+        self.best_oof = None if best["oof"] is None else best["oof"].cpu().numpy()
+        self.metrics_rows = list(state["metrics_rows"])
+        self.loss_sum.fill_(state["loss_sum"])
+        self.loss_count = state["loss_count"]
+        self.step = state["step"]
+        self.seconds_before = state["seconds"]
+        return state["epoch"], state["position"]
+
+    def _save_state(self, epoch: int, position: int, epoch_start_order: torch.Tensor, started: float) -> None:
+        seconds = self.seconds_before + time.perf_counter() - started
+        path = save_state(self.fold_dir, self.state_dict(epoch, position, epoch_start_order, seconds),
+                          keep=self.cfg.training.keep_states)
+        log.info("fold %d: training state saved at step %d (%s)", self.data.fold, self.step, path.name)
 
     # --- evaluation and the best checkpoint ------------------------------------------
 

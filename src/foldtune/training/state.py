@@ -1,0 +1,87 @@
+"""Training states: everything a fold needs to continue exactly where it stopped.
+
+A state is one `torch.save` file of tensors and plain Python values, loaded back with
+`weights_only=True` (no code runs on load): model, optimizer, schedule, grad scaler,
+weight average, random generators, data order and position, step and best score. They
+are written atomically to `fold_k/state/state-<step>.pt` every `save_state_steps` steps,
+at each epoch end and on a stop signal; the newest `keep_states` are kept, and all of
+them are removed once the fold has finished (its best checkpoint stays).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from foldtune.files import atomic_path
+
+log = logging.getLogger("foldtune")
+
+STATE_DIR = "state"
+FORMAT = 1
+
+
+class StateError(RuntimeError):
+    """A training state that cannot be read; the message names the file and what to do."""
+
+
+def capture_rng() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    random.setstate(_as_tuples(rng["python"]))
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate wants tuples where a round trip may give lists
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def state_files(fold_dir: str | Path) -> list[Path]:
+    """The fold's saved states, oldest first."""
+    folder = Path(fold_dir) / STATE_DIR
+    return sorted(folder.glob("state-*.pt")) if folder.is_dir() else []
+
+
+def save_state(fold_dir: str | Path, state: dict, keep: int) -> Path:
+    path = Path(fold_dir) / STATE_DIR / f"state-{state['step']:07d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+    for old in state_files(fold_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated zip, a pickle weights_only refuses, a disk error
+        older = [p.name for p in state_files(path.parent.parent) if p != path]
+        what = (f"delete it to resume from the previous state ({older[-1]})" if older
+                else "delete it to train this fold again from the start")
+        raise StateError(f"training state {path} cannot be read ({type(err).__name__}: {err}); {what}") from None
+    if state.get("format") != FORMAT:
+        raise StateError(f"training state {path} has format {state.get('format')!r}, this foldtune reads {FORMAT}")
+    return state
+
+
+def remove_states(fold_dir: str | Path) -> None:
+    shutil.rmtree(Path(fold_dir) / STATE_DIR, ignore_errors=True)
