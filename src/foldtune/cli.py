@@ -114,6 +114,8 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's training.eval_batch_size")
     parser.add_argument("--no-clip", action="store_true", help="do not clip predictions to the training targets' range")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--allow-missing-folds", action="store_true",
+                        help="average the folds that have a readable checkpoint, with a warning for the others")
     args = parser.parse_args(argv)
 
     setup_console_logging()
@@ -122,7 +124,8 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
 
         run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
         log.info("run folder: %s", run_dir)
-        out = run_inference(run_dir, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device)
+        out = run_inference(run_dir, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device,
+                            allow_missing_folds=args.allow_missing_folds)
     except (ConfigError, DataError, CheckpointError, ValueError) as err:
         return _fail(err)
     print(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from foldtune.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_meta
+from foldtune.checkpoint import CONFIG_FILE, META_FILE, CheckpointError, load_checkpoint, read_meta
 from foldtune.config import load_config
 from foldtune.data.collate import DynamicPadding, length_sorted_batches
 from foldtune.data.dataset import TextDataset, encode_texts
@@ -22,15 +24,41 @@ from foldtune.training.precision import Precision, resolve_device, resolve_preci
 log = logging.getLogger("foldtune")
 
 
-def fold_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The best checkpoint folder of every fold of a run, in fold order."""
+def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False) -> list[Path]:
+    """The best checkpoint folder of every fold the run trains, in fold order.
+
+    A fold the run was asked to train (run.json) without a finished checkpoint stops
+    inference, naming it; with allow_missing it is left out with a warning.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
-    folders = sorted(run_dir.glob("fold_*/best"), key=lambda p: int(p.parent.name.split("_")[1]))
+    run_file = run_dir / "run.json"
+    if run_file.is_file():
+        expected = json.loads(run_file.read_text(encoding="utf-8"))["folds"]
+    else:
+        expected = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/best"))
+    folders = [run_dir / f"fold_{f}" / "best" for f in expected]
+    missing = [f for f, folder in zip(expected, folders) if not (folder / META_FILE).is_file()]
+    if missing and not allow_missing:
+        raise CheckpointError(f"fold(s) {missing} of {run_dir} have no finished checkpoint (fold_k/best): finish "
+                              f"them with `python train.py --resume {run_dir}`, or pass --allow-missing-folds to "
+                              "average the others")
+    for fold in missing:
+        log.warning("fold %d of %s has no checkpoint: left out of the average", fold, run_dir)
+    folders = [folder for f, folder in zip(expected, folders) if f not in missing]
     if not folders:
         raise CheckpointError(f"{run_dir} holds no fold checkpoint (fold_*/best): has the run trained a fold?")
     return folders
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """SHA-256 of the tokenizer files a checkpoint folder holds."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "spm")) or path.suffix == ".model":
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:
@@ -66,14 +94,27 @@ def predict(model, dataset: TextDataset, batch_size: int, pad_token_id: int, dev
 
 
 def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "auto",
-                precision: str = "auto") -> tuple[np.ndarray, dict]:
+                precision: str = "auto", allow_missing_folds: bool = False) -> tuple[np.ndarray, dict]:
     """The fold-averaged predictions of a run for `texts`, and the first fold's metadata."""
-    folders = fold_checkpoints(run_dir)
-    metas = [read_meta(f) for f in folders]
+    folders, metas = [], []
+    for folder in fold_checkpoints(run_dir, allow_missing_folds):
+        try:
+            metas.append(read_meta(folder))
+            folders.append(folder)
+        except CheckpointError as err:
+            if not allow_missing_folds:
+                raise
+            log.warning("%s: left out of the average", err)
+    if not folders:
+        raise CheckpointError(f"no readable fold checkpoint in {run_dir}")
     targets = metas[0]["target_columns"]
+    fingerprint = tokenizer_fingerprint(folders[0])
     for folder, meta in zip(folders, metas):
         if meta["target_columns"] != targets:
             raise CheckpointError(f"{folder} predicts {meta['target_columns']}, {folders[0]} predicts {targets}: "
+                                  "folds of different runs cannot be averaged")
+        if tokenizer_fingerprint(folder) != fingerprint:
+            raise CheckpointError(f"{folder} was trained with another tokenizer than {folders[0]}: "
                                   "folds of different runs cannot be averaged")
     device_ = resolve_device(device)
     precision_ = resolve_precision(precision, device_)
@@ -82,22 +123,37 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     dataset = TextDataset(encode_texts(tokenizer, list(texts), data.max_len, data.truncation,
                                        data.head_fraction).input_ids)
     total = np.zeros((len(texts), len(targets)), dtype=np.float64)
+    used = 0
     for folder in folders:
-        model, _ = load_checkpoint(folder, device_)
+        try:
+            model, _ = load_checkpoint(folder, device_)
+        except CheckpointError as err:
+            if not allow_missing_folds:
+                raise
+            log.warning("%s: left out of the average", err)
+            continue
         total += predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_)
+        used += 1
         log.info("predicted %d texts with %s", len(texts), folder)
         del model
-    return (total / len(folders)).astype(np.float32), metas[0]
+    if used == 0:
+        raise CheckpointError(f"no readable fold checkpoint in {run_dir}")
+    return (total / used).astype(np.float32), {**metas[0], "n_folds": used}
 
 
 def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, target_columns: Sequence[str],
                      id_column: str) -> pd.DataFrame:
-    """Check the submission (one row per id, finite values) and write it atomically."""
+    """Check the submission (one row per id, the id and target header, finite values)
+    and write it atomically; a failed check writes nothing."""
     if len(ids) != len(preds) or len(set(ids)) != len(ids):
         raise ValueError(f"submission needs one row per id: {len(ids)} ids ({len(set(ids))} distinct), "
                          f"{len(preds)} prediction rows")
+    if preds.ndim != 2 or preds.shape[1] != len(target_columns):
+        raise ValueError(f"submission needs {len(target_columns)} target columns "
+                         f"({', '.join(target_columns)}), the predictions have shape {preds.shape}")
     if not np.isfinite(preds).all():
-        raise ValueError("predictions contain NaN or infinite values; the submission was not written")
+        bad = int((~np.isfinite(preds)).any(axis=1).sum())
+        raise ValueError(f"predictions of {bad} row(s) are NaN or infinite; the submission was not written")
     frame = pd.DataFrame(preds, columns=list(target_columns))
     frame.insert(0, id_column, list(ids))
     atomic_write_csv(path, frame)
@@ -105,7 +161,8 @@ def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, ta
 
 
 def run_inference(run_dir: str | Path, test_file: str | Path | None, out: str | Path | None,
-                  batch_size: int | None = None, clip: bool = True, device: str = "auto") -> Path:
+                  batch_size: int | None = None, clip: bool = True, device: str = "auto",
+                  allow_missing_folds: bool = False) -> Path:
     """The whole of `infer.py`: read the test file, predict with every fold, write the CSV."""
     from foldtune.data.validate import load_test
 
@@ -116,12 +173,14 @@ def run_inference(run_dir: str | Path, test_file: str | Path | None, out: str | 
         raise ValueError(f"no test file given and {run_dir}/config.yaml names none: pass --test FILE")
     test = load_test(test_file, cfg.data)
     preds, meta = predict_run(run_dir, test[cfg.data.text_column].tolist(),
-                              batch_size or cfg.training.eval_batch_size, device)
+                              batch_size or cfg.training.eval_batch_size, device,
+                              allow_missing_folds=allow_missing_folds)
+    # the declared range if the config has one, else the range the training targets spanned
+    low, high = cfg.data.target_range or meta["target_range"]
     if clip:
-        low, high = meta["target_range"]
         preds = np.clip(preds, low, high)
     out = Path(out) if out else run_dir / "submission.csv"
     write_submission(out, test[cfg.data.id_column].tolist(), preds, meta["target_columns"], cfg.data.id_column)
-    log.info("wrote %s: %d rows, %d folds averaged%s", out, len(test), len(fold_checkpoints(run_dir)),
-             f", clipped to [{meta['target_range'][0]:g}, {meta['target_range'][1]:g}]" if clip else "")
+    log.info("wrote %s: %d rows, %d fold(s) averaged%s", out, len(test), meta["n_folds"],
+             f", clipped to [{low:g}, {high:g}]" if clip else "")
     return out
