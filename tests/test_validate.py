@@ -107,3 +107,11 @@ def test_targets_outside_the_declared_range(tmp_path):
         "column 'cohesion': row 2 (id B): expected a value in [1, 5] (data.target_range), found 0.5",
         "column 'syntax': row 1 (id A): expected a value in [1, 5] (data.target_range), found 5.5",
     ]
+
+
+def test_nan_cells_are_not_numbers(tmp_path):
+    text = "text_id,full_text,cohesion,syntax\nA,x,NaN,2.0\nB,y,3.0,nan\nC,z,2.0,1.0\n"
+    with pytest.raises(DataError) as err:
+        load_train(_write(tmp_path, text), DATA, FOLDS)
+    assert err.value.problems == ["column 'cohesion': row 1 (id A): expected a number, found 'NaN'",
+                                  "column 'syntax': row 2 (id B): expected a number, found 'nan'"]
