@@ -153,7 +153,7 @@ class TrainingConfig:
     num_workers: int = 0
     # Resume: save the training state every save_state_steps optimizer steps (0: only at
     # epoch ends and on a stop signal) and keep the newest keep_states of them.
-    save_state_steps: int = 200
+    save_state_steps: int = 500
     keep_states: int = 2
     # Also make torch choose deterministic algorithms (slower on GPU; CPU runs repeat anyway).
     deterministic: bool = False
