@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Cumulative: each setting keeps the switches of the ones before it.
 SPEED_SWITCHES = {
     "plain": [],
+    "graphs": ["training.cuda_graphs=true"],
     "bucket": ["training.bucket_batches=true"],
     "parallel": ["training.parallel_folds=5"],
     "compile": ["training.compile=true"],
@@ -53,8 +54,10 @@ def main() -> int:
     for name in args.variants.split(","):
         switches = switches + SPEED_SWITCHES[name]
         row = run_variant(name, switches, options, common)
-        scores = json.loads((Path(args.runs_dir) / f"speed_{name}" / "scores.json").read_text())
-        row["fold_seconds"] = [f["seconds"] for f in scores["folds"].values()]
+        scores_file = Path(args.runs_dir) / f"speed_{name}" / "scores.json"
+        if scores_file.is_file():
+            scores = json.loads(scores_file.read_text())
+            row["fold_seconds"] = [f["seconds"] for f in scores["folds"].values()]
         rows.append(row)
 
     if not args.skip_peer:

@@ -110,6 +110,7 @@ def test_states_rotate_and_the_best_checkpoint_stays(train_csv, tiny_deberta, tm
 
     def saving(self, *args):
         original(self, *args)
+        self.writer.wait()          # states are written in the background: look once it is done
         seen.append(sorted(p.name for p in state_files(self.fold_dir)))
         assert (self.fold_dir / "best" / "model.safetensors").is_file()
 

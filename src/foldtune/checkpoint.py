@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory
 from foldtune.models.regressor import TextRegressor, load_backbone_config
+from foldtune.training.state import cpu_copy
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "foldtune.json"
@@ -32,14 +35,41 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(folder: str | Path, model: TextRegressor, tokenizer, cfg: Config, meta: dict) -> Path:
     """Write the folder whole: a crash mid-save leaves the previous checkpoint in place."""
+    return checkpoint_job(folder, model, tokenizer, cfg, meta)()
+
+
+class _CopiedWeights:
+    """A model's weights as they are now, on the CPU; save_model only calls state_dict()."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._state = cpu_copy(model.state_dict())
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Config,
+                   meta: dict) -> Callable[[], Path]:
+    """Copy the weights now; return the function that writes the checkpoint folder.
+
+    The writing may then run in another thread while the model goes on training.
+    """
     folder = Path(folder)
-    with atomic_directory(folder) as tmp:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        model.backbone.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return folder
+    weights = _CopiedWeights(model)
+    backbone_config = copy.deepcopy(model.backbone.config)
+    config_text = dump_config(cfg)
+    meta_text = json.dumps(meta, indent=2) + "\n"
+
+    def write() -> Path:
+        with atomic_directory(folder) as tmp:
+            save_model(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            backbone_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            (tmp / META_FILE).write_text(meta_text, encoding="utf-8")
+        return folder
+
+    return write
 
 
 def read_meta(folder: str | Path) -> dict:

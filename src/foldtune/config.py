@@ -161,9 +161,13 @@ class TrainingConfig:
     # little compute goes to padding. compile: torch.compile the model (widths padded to
     # multiples of 64 so it compiles for few shapes). parallel_folds: train this many
     # folds at once, one process each, on the same device (small models leave a GPU idle).
+    # cuda_graphs: capture each training step (forward, backward, optimizer) as a CUDA graph
+    # per batch shape and replay it: one launch a step (CUDA, adamw, bf16 or fp32; not with
+    # AWP, accumulation, gradient checkpointing or compile).
     bucket_batches: bool = False
     compile: bool = False
     parallel_folds: int = 1
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_steps"):
@@ -251,6 +255,27 @@ class Config:
     awp: AWPConfig = field(default_factory=AWPConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.training.cuda_graphs:
+            _check_cuda_graphs(self)
+
+
+def _check_cuda_graphs(cfg: "Config") -> None:
+    """The switches a replayed step cannot have, named with the key to change."""
+    t = cfg.training
+    conflicts = [
+        ("awp.enabled: true", cfg.awp.enabled),
+        ("training.gradient_accumulation_steps > 1", t.gradient_accumulation_steps > 1),
+        ("model.gradient_checkpointing: true", cfg.model.gradient_checkpointing),
+        ("training.compile: true", t.compile),
+        (f"training.optimizer: {t.optimizer} (only adamw replays on the device)", t.optimizer != "adamw"),
+        ("training.precision: fp16 (its grad scaler checks on the host; use bf16)", t.precision == "fp16"),
+    ]
+    found = [what for what, present in conflicts if present]
+    if found:
+        raise ConfigError("training.cuda_graphs: true cannot be combined with " + "; ".join(found)
+                          + ": switch those off or set training.cuda_graphs: false")
 
 
 # --- building a Config from plain data -------------------------------------------------

@@ -11,8 +11,9 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -97,3 +98,36 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+class BackgroundWriter:
+    """Runs write jobs in a thread, one at a time, so that training does not wait for the disk.
+
+    A job gets copies of what it writes (tensors already on the CPU), so training may go
+    on changing the originals. submit() first waits for the job before it, so jobs end
+    in the order they were given; call wait() before anything reads what they write.
+    An error raised by a job is raised again in the caller by the next submit() or wait().
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="foldtune-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BaseException as err:  # raised again in the training thread
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err

@@ -56,7 +56,13 @@ def check_names(cfg: Config) -> None:
     LOSSES.get(cfg.training.loss)
     device = resolve_device(cfg.training.device)
     check_optimizer(cfg.training, device)
-    resolve_precision(cfg.training.precision, device)
+    precision = resolve_precision(cfg.training.precision, device)
+    if cfg.training.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"training.cuda_graphs: true needs a CUDA device; this run is on {device.type}: "
+                          "set training.cuda_graphs: false")
+    if cfg.training.cuda_graphs and precision.name == "fp16":
+        raise ConfigError("training.cuda_graphs: true cannot train in fp16 (its grad scaler checks on the host): "
+                          "this GPU has no bf16, so set training.precision: fp32 or training.cuda_graphs: false")
     if cfg.training.target_weights is not None and len(cfg.training.target_weights) != len(cfg.data.target_columns):
         raise ConfigError(f"training.target_weights has {len(cfg.training.target_weights)} values for "
                           f"{len(cfg.data.target_columns)} targets ({', '.join(cfg.data.target_columns)})")

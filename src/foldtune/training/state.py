@@ -85,3 +85,27 @@ def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict:
 
 def remove_states(fold_dir: str | Path) -> None:
     shutil.rmtree(Path(fold_dir) / STATE_DIR, ignore_errors=True)
+
+
+def cpu_copy(obj):
+    """obj with every tensor copied to the CPU (views of one tensor stay one tensor).
+
+    What a background write is given: training may change the originals meanwhile.
+    """
+    memo: dict[tuple, torch.Tensor] = {}
+
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+            if key not in memo:
+                memo[key] = value.detach().to("cpu", copy=True)
+            return memo[key]
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(copy(v) for v in value)
+        return value
+
+    return copy(obj)

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from foldtune import __version__
-from foldtune.checkpoint import save_checkpoint
+from foldtune.checkpoint import checkpoint_job
 from foldtune.config import Config
 from foldtune.data.collate import DynamicPadding, LengthBucketSampler
 from foldtune.data.dataset import TextDataset
-from foldtune.files import atomic_write_csv
+from foldtune.files import BackgroundWriter, atomic_write_csv
 from foldtune.inference import predict
 from foldtune.losses import build_loss
 from foldtune.metrics import score_report
@@ -37,14 +37,16 @@ from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
+from foldtune.training.graphs import GraphedSteps
 from foldtune.training.precision import resolve_device, resolve_precision
-from foldtune.training.state import capture_rng, restore_rng, save_state
+from foldtune.training.state import capture_rng, cpu_copy, restore_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
 
-# With training.compile, batch widths are rounded up to this: few shapes, few compilations.
-COMPILE_PAD_MULTIPLE = 64
+# With training.compile or cuda_graphs, batch widths are rounded up to this: few shapes,
+# few compilations or captures.
+STATIC_PAD_MULTIPLE = 64
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -116,6 +118,11 @@ class FoldTrainer:
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.seconds_before = 0.0           # training time of earlier sessions of this fold
+        tcfg = self.cfg.training
+        self.graphs = (GraphedSteps(self.model, self.loss_fn, self.optimizer, self.precision, tcfg.max_grad_norm,
+                                    self.loss_sum, tcfg.batch_size) if tcfg.cuda_graphs else None)
+        # Checkpoints and training states are written in a thread while training goes on.
+        self.writer = BackgroundWriter()
         return self
 
     def _setup_logging(self) -> None:
@@ -134,7 +141,7 @@ class FoldTrainer:
 
     def _setup_data(self) -> None:
         tcfg = self.cfg.training
-        self.pad_multiple = COMPILE_PAD_MULTIPLE if tcfg.compile else 1
+        self.pad_multiple = STATIC_PAD_MULTIPLE if tcfg.compile or tcfg.cuda_graphs else 1
         collate = DynamicPadding(self.tokenizer.pad_token_id, self.pad_multiple)
         # The data order's own generator: saved with the state, so a resumed epoch
         # replays the same order and skips the batches already seen.
@@ -167,6 +174,8 @@ class FoldTrainer:
         tcfg = self.cfg.training
         fold = self.data.fold
         start_epoch, position = self.load_state_dict(state) if state else (0, 0)
+        if self.graphs is not None:
+            self.graphs.prepare()
         log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s",
                  fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
                  self.device, self.precision.name, f"; resumed at step {self.step}" if state else "")
@@ -182,15 +191,19 @@ class FoldTrainer:
                 for i, batch in enumerate(self.train_loader):
                     if i < position:            # seen before the stop: same order, skipped
                         continue
-                    batch = self._to_device(batch)
-                    # The last group of an epoch may be short: scale by its real size.
-                    group_size = min(accum, n_batches - (i // accum) * accum)
-                    self.loss_sum += self._forward_backward(batch, group_size)
-                    self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
-                    self.loss_count += 1
-                    if (i + 1) % accum and i + 1 != n_batches:
-                        continue
-                    self._optimizer_step()
+                    if self.graphs is not None and self.graphs.run(batch):
+                        self.loss_count += 1
+                        self._count_step()
+                    else:
+                        batch = self._to_device(batch)
+                        # The last group of an epoch may be short: scale by its real size.
+                        group_size = min(accum, n_batches - (i // accum) * accum)
+                        self.loss_sum += self._forward_backward(batch, group_size)
+                        self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
+                        self.loss_count += 1
+                        if (i + 1) % accum and i + 1 != n_batches:
+                            continue
+                        self._optimizer_step()
                     bar.update(1)
                     if self.step % tcfg.log_steps == 0:
                         bar.set_postfix(loss=f"{self.loss_sum.item() / self.loss_count:.4f}",
@@ -211,11 +224,13 @@ class FoldTrainer:
                 stop = stop_requested()
                 if stop:
                     raise TrainingInterrupted(stop)
+            self.writer.wait()
             seconds = self.seconds_before + time.perf_counter() - started
             self._write_oof()
             log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
         finally:
             bar.close()
+            self.writer.wait()                  # a stop too: its state must be on disk
             log.removeHandler(self._log_handler)
             self._log_handler.close()
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
@@ -230,6 +245,9 @@ class FoldTrainer:
 
     def _forward_backward(self, batch: dict, group_size: int) -> torch.Tensor:
         """Loss of one micro-batch, its gradient added to the parameters' .grad."""
+        if self.graphs is not None:
+            # A graph's gradient buffers stay attached after its capture: start afresh.
+            self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             preds = self.model(batch["input_ids"], batch["attention_mask"])
         loss = self.loss_fn(preds, batch["labels"])
@@ -244,6 +262,9 @@ class FoldTrainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._count_step()
+
+    def _count_step(self) -> None:
         self.step += 1
         # Steps the schedule (or SWALR once SWA has begun) and updates the average.
         self.averaging.after_optimizer_step(self.step, self.scheduler)
@@ -268,6 +289,9 @@ class FoldTrainer:
         self.model.load_state_dict(state["model"])
         self.averaging.load_state_dict(state["averaging"])       # before the optimizer: see averaging.py
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:   # a state of a graphed run holds tensor rates
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = float(group["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
@@ -284,9 +308,14 @@ class FoldTrainer:
 
     def _save_state(self, epoch: int, position: int, epoch_start_order: torch.Tensor, started: float) -> None:
         seconds = self.seconds_before + time.perf_counter() - started
-        path = save_state(self.fold_dir, self.state_dict(epoch, position, epoch_start_order, seconds),
-                          keep=self.cfg.training.keep_states)
-        log.info("fold %d: training state saved at step %d (%s)", self.data.fold, self.step, path.name)
+        state = cpu_copy(self.state_dict(epoch, position, epoch_start_order, seconds))
+        fold_dir, keep, fold = self.fold_dir, self.cfg.training.keep_states, self.data.fold
+
+        def write() -> None:
+            path = save_state(fold_dir, state, keep=keep)
+            log.info("fold %d: training state saved at step %d (%s)", fold, state["step"], path.name)
+
+        self.writer.submit(write)
 
     # --- evaluation and the best checkpoint ------------------------------------------
 
@@ -313,7 +342,8 @@ class FoldTrainer:
             self.save_checkpoint(model, averaged=kind == "averaged")
         trained = candidates[0][2]
         # The backbone's top learning rate: training.lr as the schedule has it now.
-        lr = max((g["lr"] for g in self.optimizer.param_groups if not g["name"].startswith("head")), default=0.0)
+        lr = max((float(g["lr"]) for g in self.optimizer.param_groups if not g["name"].startswith("head")),
+                 default=0.0)
         row = {"step": self.step, "epoch": round(epoch, 4), "lr": lr, "train_loss": train_loss,
                "val_mcrmse": trained["mcrmse"]}
         row.update({f"val_{name}": value for name, value in trained["per_target"].items()})
@@ -326,7 +356,8 @@ class FoldTrainer:
         log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.data.fold, self.step,
                  epoch, train_loss, trained["mcrmse"], extra, f" (best: {kind}, saved)" if improved else "")
 
-    def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> Path:
+    def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> None:
+        """Copy the weights now and write the best checkpoint folder in the background."""
         meta = {
             "fold": self.data.fold,
             "step": self.step,
@@ -340,7 +371,7 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
-        return save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, meta)
+        self.writer.submit(checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta))
 
     def _write_oof(self) -> None:
         frame = pd.DataFrame(self.best_oof, columns=list(self.data.target_columns))

@@ -1,0 +1,93 @@
+"""Background writes of checkpoints and states, and the checks around CUDA-graph steps
+(the replays themselves are tested on a GPU in test_gpu.py)."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from foldtune.checkpoint import checkpoint_job, load_checkpoint
+from foldtune.config import Config, ConfigError, ModelConfig, load_config
+from foldtune.files import BackgroundWriter
+from foldtune.models.regressor import TextRegressor
+from foldtune.training.cross_validation import check_names
+from foldtune.training.state import cpu_copy
+
+
+def test_background_jobs_end_in_order_and_their_errors_reach_the_caller():
+    writer = BackgroundWriter()
+    done, release = [], threading.Event()
+    writer.submit(lambda: (release.wait(5), done.append(1)))
+    assert done == []                       # the caller went on while the first job waits
+    release.set()
+    writer.submit(lambda: done.append(2))   # waits for job 1 first
+    writer.wait()
+    assert done == [1, 2]
+
+    def failing():
+        raise OSError("No space left on device")
+
+    writer.submit(failing)
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    writer.wait()                           # raised once, then clear
+    writer.submit(failing)
+    with pytest.raises(OSError, match="No space left"):
+        writer.submit(lambda: done.append(3))   # the next submit raises it, and its job does not start
+    writer.wait()
+    assert done == [1, 2]
+
+
+def test_cpu_copy_is_independent_and_keeps_views_of_one_tensor_one():
+    weight = torch.arange(6.0)
+    state = {"a": weight, "tied": weight.detach(), "nested": [weight[:3], (7, "x")], "step": 5}
+    copied = cpu_copy(state)
+    weight.add_(100)
+    assert copied["a"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert copied["a"] is copied["tied"]              # one tensor in, one tensor out
+    assert copied["nested"][0].tolist() == [0.0, 1.0, 2.0]
+    assert copied["nested"][1] == (7, "x") and copied["step"] == 5
+
+
+def test_a_checkpoint_job_writes_the_weights_as_they_were_when_it_was_made(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = TextRegressor.from_pretrained(ModelConfig(name=str(tiny_bert)), 2)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    job = checkpoint_job(tmp_path / "best", model, tokenizer, Config(),
+                         {"pooling": "mean", "target_columns": ["a", "b"]})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)                     # training goes on before the write
+    job()
+    saved = load_file(str(tmp_path / "best" / "model.safetensors"))
+    assert set(saved) == set(before)
+    for name, value in saved.items():
+        assert torch.equal(value, before[name]), name
+    loaded, meta = load_checkpoint(tmp_path / "best")
+    assert meta["target_columns"] == ["a", "b"]
+    assert torch.equal(loaded.state_dict()["backbone.embeddings.word_embeddings.weight"],
+                       before["backbone.embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("override, named", [
+    ("awp.enabled=true", "awp.enabled: true"),
+    ("training.gradient_accumulation_steps=2", "training.gradient_accumulation_steps > 1"),
+    ("model.gradient_checkpointing=true", "model.gradient_checkpointing: true"),
+    ("training.compile=true", "training.compile: true"),
+    ("training.optimizer=madgrad", "training.optimizer: madgrad"),
+    ("training.precision=fp16", "training.precision: fp16"),
+])
+def test_cuda_graphs_refuse_what_a_replay_cannot_do(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.cuda_graphs=true", override])
+    assert str(err.value).startswith(f"training.cuda_graphs: true cannot be combined with {named}")
+    load_config(None, [override])               # alone, each of them is a valid config
+
+
+def test_cuda_graphs_on_a_cpu_run_fail_before_training():
+    cfg = load_config(None, ["training.cuda_graphs=true", "training.device=cpu"])
+    with pytest.raises(ConfigError, match="training.cuda_graphs: true needs a CUDA device; this run is on cpu"):
+        check_names(cfg)
