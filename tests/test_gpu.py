@@ -77,7 +77,7 @@ def _graph_cfg(tmp_path, backbone, *extra):
                               "model.backbone_dropout=0.0", *extra])
 
 
-@pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_deberta"])
+@pytest.mark.parametrize("backbone", ["tiny_deberta", "tiny_deberta_4"])
 def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path):
     path = request.getfixturevalue(backbone)
     eager = run_cross_validation(_graph_cfg(tmp_path, path), tmp_path / "eager")
@@ -96,7 +96,7 @@ def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path):
     np.testing.assert_allclose(lb, la, rtol=1e-4)
 
 
-def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_bert, tmp_path, monkeypatch):
+def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_deberta, tmp_path, monkeypatch):
     import signal
 
     from foldtune.training import stopping
@@ -104,7 +104,7 @@ def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_bert, tmp_pat
     from foldtune.training.stopping import TrainingInterrupted
     from foldtune.training.trainer import FoldTrainer
 
-    cfg = _graph_cfg(tmp_path, tiny_bert, "training.cuda_graphs=true", "training.save_state_steps=2",
+    cfg = _graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", "training.save_state_steps=2",
                      "model.backbone_dropout=null", "model.head_dropout=0.1")
     straight = run_cross_validation(cfg, tmp_path / "straight")
     original = FoldTrainer._count_step
