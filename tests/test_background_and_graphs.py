@@ -91,3 +91,23 @@ def test_cuda_graphs_on_a_cpu_run_fail_before_training():
     cfg = load_config(None, ["training.cuda_graphs=true", "training.device=cpu"])
     with pytest.raises(ConfigError, match="training.cuda_graphs: true needs a CUDA device; this run is on cpu"):
         check_names(cfg)
+
+
+def test_deberta_relative_positions_are_built_once_per_length_and_unchanged(tiny_deberta):
+    from foldtune.training.graphs import cache_relative_positions
+
+    model = TextRegressor.from_pretrained(ModelConfig(name=str(tiny_deberta)), 2).eval()
+    ids = torch.randint(5, 100, (2, 24))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = model(ids, mask)
+    encoder = model.backbone.encoder
+    calls = []
+    original = encoder.get_rel_pos
+    encoder.get_rel_pos = lambda *a, **k: (calls.append(a[0].shape[-2]), original(*a, **k))[1]
+    cache_relative_positions(model)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(ids, mask), before)
+        model(ids[:, :16], mask[:, :16])
+    assert calls == [24, 16]            # one build per length, the cached tensor after that

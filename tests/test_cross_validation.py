@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,3 +77,25 @@ def test_folds_in_parallel_processes_give_the_sequential_results(tiny_deberta, t
     assert parallel["oof"]["mcrmse"] == pytest.approx(sequential["oof"]["mcrmse"], abs=1e-7)
     for fold in ("0", "1", "2"):
         assert parallel["folds"][fold]["best_step"] == sequential["folds"][fold]["best_step"]
+
+
+def test_folds_in_parallel_threads_without_dropout_give_the_sequential_results(tiny_deberta, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="foldtune")
+    train, _ = make_demo(n_train=36, n_test=0, seed=8)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    common = [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
+              "folds.n_splits=3", f"model.name={tiny_deberta}", "training.epochs=2", "training.batch_size=6",
+              "training.eval_steps=2", "model.backbone_dropout=0.0"]
+    sequential = run_cross_validation(load_config(None, common), tmp_path / "seq")
+    threads = run_cross_validation(load_config(None, common + ["training.parallel_folds=3",
+                                                               "training.parallel_mode=threads"]), tmp_path / "thr")
+    seq_oof, thr_oof = pd.read_csv(tmp_path / "seq" / "oof.csv"), pd.read_csv(tmp_path / "thr" / "oof.csv")
+    assert seq_oof["text_id"].tolist() == thr_oof["text_id"].tolist()
+    np.testing.assert_allclose(seq_oof.iloc[:, 2:].to_numpy(), thr_oof.iloc[:, 2:].to_numpy(), rtol=0, atol=1e-6)
+    for fold in ("0", "1", "2"):
+        assert threads["folds"][fold]["best_step"] == sequential["folds"][fold]["best_step"]
+        # each fold's log holds its own lines only, its background writes included
+        log = (tmp_path / "thr" / f"fold_{fold}" / "train.log").read_text()
+        others = {"0", "1", "2"} - {fold}
+        assert f"fold {fold}: training state saved" in log
+        assert not any(f"fold {other}" in log for other in others)

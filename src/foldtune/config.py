@@ -160,13 +160,17 @@ class TrainingConfig:
     # Speed. bucket_batches: training batches of similar lengths (shuffled buckets), so
     # little compute goes to padding. compile: torch.compile the model (widths padded to
     # multiples of 64 so it compiles for few shapes). parallel_folds: train this many
-    # folds at once, one process each, on the same device (small models leave a GPU idle).
+    # folds at once on the same device (small models leave a GPU idle): parallel_mode
+    # processes (one each; results as a sequential run's) or threads (one process, a CUDA
+    # stream each; with CUDA graphs the kernels of the folds overlap; equal to a sequential
+    # run only without dropout, since the folds share one random generator).
     # cuda_graphs: capture each training step (forward, backward, optimizer) as a CUDA graph
     # per batch shape and replay it: one launch a step (CUDA, adamw, bf16 or fp32; not with
     # AWP, accumulation, gradient checkpointing or compile).
     bucket_batches: bool = False
     compile: bool = False
     parallel_folds: int = 1
+    parallel_mode: Literal["processes", "threads"] = "processes"
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:

@@ -109,13 +109,16 @@ class BackgroundWriter:
     An error raised by a job is raised again in the caller by the next submit() or wait().
     """
 
+    SUFFIX = "-writer"      # its thread's name: the submitting thread's name and this
+
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], object]) -> None:
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,), name="foldtune-writer")
+        self._thread = threading.Thread(target=self._run, args=(job,),
+                                        name=threading.current_thread().name + self.SUFFIX)
         self._thread.start()
 
     def _run(self, job: Callable[[], object]) -> None:

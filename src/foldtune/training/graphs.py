@@ -46,6 +46,7 @@ class GraphedSteps:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.stream = torch.cuda.Stream(self.device)
         self.pool = torch.cuda.graph_pool_handle()   # one memory pool for every shape's graph
+        cache_relative_positions(model)
 
     def prepare(self) -> None:
         """Make the optimizer replayable; call after a training state is loaded, before any step."""
@@ -90,7 +91,8 @@ class GraphedSteps:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # thread_local: folds trained in other threads may go on launching work meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             loss = self._loss(static)
             loss.backward()
             if self.max_grad_norm is not None:
@@ -103,3 +105,30 @@ class GraphedSteps:
         log.info("captured a CUDA graph for batches of shape %s (%d so far)", tuple(static["input_ids"].shape),
                  len(self.graphs) + 1)
         return graph, static
+
+
+def cache_relative_positions(model: nn.Module) -> None:
+    """Make DeBERTa's relative positions capturable: built once per length, outside captures.
+
+    DeBERTa's encoder (`get_rel_pos`) builds the relative position of every query and key
+    with a host-to-device copy, which a CUDA graph cannot hold. They depend on the
+    sequence lengths alone, so each length's tensor is built at its shape's warm-up and
+    the capture reuses it. Models without `get_rel_pos` are left as they are.
+    """
+    for module in model.modules():
+        original = getattr(module, "get_rel_pos", None)
+        if original is None or getattr(module, "_foldtune_cached_rel_pos", False):
+            continue
+        cache: dict[tuple, torch.Tensor | None] = {}
+
+        def get_rel_pos(hidden_states, query_states=None, relative_pos=None, _original=original, _cache=cache):
+            if relative_pos is not None:
+                return _original(hidden_states, query_states, relative_pos)
+            key = (hidden_states.shape[-2], None if query_states is None else query_states.shape[-2],
+                   hidden_states.device)
+            if key not in _cache:
+                _cache[key] = _original(hidden_states, query_states, None)
+            return _cache[key]
+
+        module.get_rel_pos = get_rel_pos
+        module._foldtune_cached_rel_pos = True

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,10 @@ class FoldTrainer:
 
     def _setup_logging(self) -> None:
         self._log_handler = logging.FileHandler(self.fold_dir / "train.log", mode="a", encoding="utf-8")
+        # Folds trained side by side in threads share the logger: keep this fold's thread
+        # and its writer's lines only.
+        own = threading.current_thread().name
+        self._log_handler.addFilter(lambda record: record.threadName in (own, own + BackgroundWriter.SUFFIX))
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
 
