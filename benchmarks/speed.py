@@ -29,6 +29,7 @@ SPEED_SWITCHES = {
     "graphs": ["training.cuda_graphs=true"],
     "bucket": ["training.bucket_batches=true"],
     "parallel": ["training.parallel_folds=5"],
+    "threads": ["training.parallel_folds=5", "training.parallel_mode=threads"],
     "compile": ["training.compile=true"],
 }
 
