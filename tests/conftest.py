@@ -93,3 +93,33 @@ def tiny_bert(tmp_path_factory) -> Path:
     AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def train_tiny_run(backbone: Path, work: Path, name: str, *overrides: str) -> Path:
+    """A 2-fold, 1-epoch run of `backbone` on demo essays (work/train.csv, test.csv, written
+    once), trained in this process into work/runs/<name>."""
+    from foldtune.config import load_config
+    from foldtune.data.demo import make_demo
+    from foldtune.training.cross_validation import run_cross_validation
+
+    if not (work / "train.csv").exists():
+        train, test = make_demo(n_train=24, n_test=6, seed=5)
+        train.to_csv(work / "train.csv", index=False)
+        test.to_csv(work / "test.csv", index=False)
+    cfg = load_config(None, [f"data.train_file={work / 'train.csv'}", f"data.test_file={work / 'test.csv'}",
+                             "data.max_len=48", "folds.n_splits=2", f"model.name={backbone}", "training.epochs=1",
+                             "training.batch_size=6", "training.eval_steps=1", "training.lr=1.0e-4",
+                             f"output.dir={work / 'runs'}", f"output.name={name}", *overrides])
+    run_dir = work / "runs" / name
+    run_dir.mkdir(parents=True)
+    run_cross_validation(cfg, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_deberta, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(runs folder, run a, run b): two tiny runs on the same data that differ in training.lr only."""
+    work = tmp_path_factory.mktemp("tiny-runs")
+    run_a = train_tiny_run(tiny_deberta, work, "a")
+    run_b = train_tiny_run(tiny_deberta, work, "b", "training.lr=5.0e-4")
+    return work / "runs", run_a, run_b

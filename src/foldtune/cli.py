@@ -106,12 +106,25 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     from foldtune.data.validate import DataError
 
     parser = argparse.ArgumentParser(
-        prog="infer.py", description="Average the fold checkpoints of a run into a submission CSV.")
-    parser.add_argument("--run", default=None, help="run folder (default: the latest under runs/)")
+        prog="infer.py", description="Average the fold checkpoints of one or more runs into a submission CSV.",
+        epilog="example: python infer.py --run runs/A --run runs/B --weights 0.6,0.4 --max-len 1024 --precision fp16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=None,
+                        help="run folder (or exported folder); repeat to average runs (default: the latest under "
+                             "runs/)")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the latest run (default: %(default)s)")
-    parser.add_argument("--test", default=None, help="CSV of texts to score (default: the run's data.test_file)")
-    parser.add_argument("--out", default=None, help="submission CSV (default: <run>/submission.csv)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's training.eval_batch_size")
+    parser.add_argument("--weights", default=None,
+                        help="one weight per --run, e.g. 0.6,0.4 (normalised to sum to one; default: equal)")
+    parser.add_argument("--fold-weights", action="append", default=None, metavar="W0,W1,...",
+                        help="one weight per fold of a run (normalised); with several runs, once per --run in order")
+    parser.add_argument("--test", default=None, help="CSV of texts to score (default: the first run's data.test_file)")
+    parser.add_argument("--out", default=None, help="submission CSV (default: <first run>/submission.csv)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: each run's training.eval_batch_size")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="tokens per text at inference, may exceed training's (default: each run's data.max_len)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="autocast on GPU (auto: bf16 where supported, else fp16); CPU runs fp32 "
+                             "(default: %(default)s)")
     parser.add_argument("--no-clip", action="store_true", help="do not clip predictions to the training targets' range")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--allow-missing-folds", action="store_true",
@@ -120,12 +133,22 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
 
     setup_console_logging()
     try:
-        from foldtune.inference import latest_run, run_inference
+        from foldtune.inference import latest_run, parse_weights, run_inference
 
-        run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
-        log.info("run folder: %s", run_dir)
-        out = run_inference(run_dir, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device,
-                            allow_missing_folds=args.allow_missing_folds)
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+        if args.max_len is not None and args.max_len < 8:
+            raise ValueError(f"--max-len {args.max_len}: expected an integer >= 8")
+        run_dirs = [Path(r) for r in args.run] if args.run else [latest_run(args.runs_dir)]
+        weights = parse_weights(args.weights, "--weights") if args.weights else None
+        fold_weights = [parse_weights(text, "--fold-weights") for text in args.fold_weights or []] or None
+        if fold_weights is not None and len(fold_weights) != len(run_dirs):
+            raise ValueError(f"--fold-weights given {len(fold_weights)} time(s) for {len(run_dirs)} --run(s): "
+                             "give it once per --run, in the same order")
+        log.info("run folder(s): %s", ", ".join(map(str, run_dirs)))
+        out = run_inference(run_dirs, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device,
+                            allow_missing_folds=args.allow_missing_folds, weights=weights, fold_weights=fold_weights,
+                            max_len=args.max_len, precision=args.precision)
     except (ConfigError, DataError, CheckpointError, ValueError) as err:
         return _fail(err)
     print(out)

@@ -19,9 +19,21 @@ from foldtune.config import load_config
 from foldtune.data.collate import DynamicPadding, length_sorted_batches
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv
+from foldtune.models.regressor import load_backbone_config
 from foldtune.training.precision import Precision, resolve_device, resolve_precision
 
 log = logging.getLogger("foldtune")
+
+
+def run_folds(run_dir: str | Path) -> list[int]:
+    """The folds a run was asked to train (run.json), else those with a fold_k/best folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    run_file = run_dir / "run.json"
+    if run_file.is_file():
+        return list(json.loads(run_file.read_text(encoding="utf-8"))["folds"])
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/best"))
 
 
 def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False) -> list[Path]:
@@ -31,13 +43,7 @@ def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False) -> list[P
     inference, naming it; with allow_missing it is left out with a warning.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
-    run_file = run_dir / "run.json"
-    if run_file.is_file():
-        expected = json.loads(run_file.read_text(encoding="utf-8"))["folds"]
-    else:
-        expected = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/best"))
+    expected = run_folds(run_dir)
     folders = [run_dir / f"fold_{f}" / "best" for f in expected]
     missing = [f for f, folder in zip(expected, folders) if not (folder / META_FILE).is_file()]
     if missing and not allow_missing:
@@ -93,9 +99,63 @@ def predict(model, dataset: TextDataset, batch_size: int, pad_token_id: int, dev
     return out
 
 
+def normalized_weights(weights: Sequence[float] | np.ndarray, n: int, what: str) -> np.ndarray:
+    """`weights` as float64 summing to one (per column for a matrix), checked.
+
+    One weight per item (n rows); a matrix has a column per target. `what` names the
+    option in the messages, e.g. "--weights (one per --run)".
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    count = w.shape[0] if w.ndim else 1
+    if w.ndim not in (1, 2) or count != n:
+        raise ValueError(f"{what}: {count} weight(s) given, {n} expected")
+    if not np.isfinite(w).all():
+        raise ValueError(f"{what}: weights must be finite numbers, got {w.tolist()}")
+    if (w < 0).any():
+        raise ValueError(f"{what}: weights must not be negative, got {w.tolist()}")
+    total = w.sum(axis=0)
+    if (total <= 0).any():
+        raise ValueError(f"{what}: weights sum to zero, got {w.tolist()}")
+    return w / total
+
+
+def parse_weights(text: str, option: str) -> list[float]:
+    """'0.6,0.4' -> [0.6, 0.4]; anything else fails naming the option."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} '{text}': expected numbers separated by commas, e.g. 0.6,0.4") from None
+
+
+def inference_precision(name: str, device: torch.device) -> Precision:
+    """fp32, fp16 or bf16 autocast on a GPU; fp32 only on CPU (auto: bf16 where the GPU has it)."""
+    if device.type != "cuda" and name not in ("auto", "fp32"):
+        raise ValueError(f"precision '{name}' needs a CUDA device; on {device.type} inference runs in fp32")
+    return resolve_precision(name, device)
+
+
+def check_max_len(backbone_config, max_len: int) -> None:
+    """A backbone with learned absolute positions cannot read past its position table."""
+    limit = getattr(backbone_config, "max_position_embeddings", None)
+    absolute = getattr(backbone_config, "position_biased_input", True)  # DeBERTa-v3: relative only
+    if absolute and limit is not None and max_len > limit:
+        raise ValueError(f"max_len {max_len} exceeds the {limit} positions of this {backbone_config.model_type} "
+                         "backbone; use a max_len of at most that")
+
+
 def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "auto",
-                precision: str = "auto", allow_missing_folds: bool = False) -> tuple[np.ndarray, dict]:
-    """The fold-averaged predictions of a run for `texts`, and the first fold's metadata."""
+                precision: str = "auto", allow_missing_folds: bool = False, max_len: int | None = None,
+                fold_weights: Sequence[float] | None = None) -> tuple[np.ndarray, dict]:
+    """The fold-averaged predictions of a run for `texts`, and the first fold's metadata.
+
+    max_len: tokens per text at inference (default: the run's data.max_len; longer is
+    allowed, cut the way training cut). fold_weights: one per fold of the run (run.json
+    order), normalised to sum to one over the folds that are used.
+    """
+    expected = run_folds(run_dir)
+    if fold_weights is not None:
+        fold_weights = normalized_weights(fold_weights, len(expected), f"fold weights of {run_dir} (one per fold "
+                                          f"{expected})")
     folders, metas = [], []
     for folder in fold_checkpoints(run_dir, allow_missing_folds):
         try:
@@ -117,14 +177,19 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
             raise CheckpointError(f"{folder} was trained with another tokenizer than {folders[0]}: "
                                   "folds of different runs cannot be averaged")
     device_ = resolve_device(device)
-    precision_ = resolve_precision(precision, device_)
+    precision_ = inference_precision(precision, device_)
     tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
     data = load_config(folders[0] / CONFIG_FILE).data     # cut texts as training did
-    dataset = TextDataset(encode_texts(tokenizer, list(texts), data.max_len, data.truncation,
+    max_len = max_len or data.max_len
+    check_max_len(load_backbone_config(folders[0]), max_len)
+    dataset = TextDataset(encode_texts(tokenizer, list(texts), max_len, data.truncation,
                                        data.head_fraction).input_ids)
+    weight_of = dict(zip(expected, fold_weights if fold_weights is not None else np.ones(len(expected))))
     total = np.zeros((len(texts), len(targets)), dtype=np.float64)
-    used = 0
+    used = 0.0
+    n_used = 0
     for folder in folders:
+        fold = int(folder.parent.name.split("_")[1])
         try:
             model, _ = load_checkpoint(folder, device_)
         except CheckpointError as err:
@@ -132,13 +197,63 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
                 raise
             log.warning("%s: left out of the average", err)
             continue
-        total += predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_)
-        used += 1
+        total += weight_of[fold] * predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_)
+        used += weight_of[fold]
+        n_used += 1
         log.info("predicted %d texts with %s", len(texts), folder)
         del model
-    if used == 0:
+    if n_used == 0:
         raise CheckpointError(f"no readable fold checkpoint in {run_dir}")
-    return (total / used).astype(np.float32), {**metas[0], "n_folds": used}
+    if used <= 0:
+        raise ValueError(f"fold weights of {run_dir}: the folds that could be read all have weight zero")
+    return (total / used).astype(np.float32), {**metas[0], "n_folds": n_used}
+
+
+def run_target_columns(run_dir: str | Path, allow_missing_folds: bool = False) -> list[str]:
+    """The targets a run predicts, read from its first fold checkpoint (nothing loaded)."""
+    return list(read_meta(fold_checkpoints(run_dir, allow_missing_folds)[0])["target_columns"])
+
+
+def predict_runs(run_dirs: Sequence[str | Path], texts: Sequence[str], weights=None,
+                 batch_size: int | None = None, device: str = "auto", precision: str = "auto",
+                 allow_missing_folds: bool = False, max_len: int | None = None,
+                 fold_weights: Sequence[Sequence[float] | None] | None = None) -> tuple[np.ndarray, dict]:
+    """The weighted average of several runs' fold-averaged predictions.
+
+    weights: one per run (default: equal), or a runs x targets matrix of per-target
+    blend weights; each target's weights are normalised to sum to one. Every run must
+    predict the same targets in the same order; each reads the texts with its own
+    tokenizer and truncation. batch_size None: each run's training.eval_batch_size.
+    fold_weights: None, or one entry (None or a weight per fold) per run.
+    """
+    run_dirs = [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise ValueError("no run to predict with")
+    targets = run_target_columns(run_dirs[0], allow_missing_folds)
+    for run_dir in run_dirs[1:]:
+        other = run_target_columns(run_dir, allow_missing_folds)
+        if other != targets:
+            raise ValueError(f"runs with different target columns cannot be averaged: {run_dirs[0]} predicts "
+                             f"{targets}, {run_dir} predicts {other}")
+    weights = normalized_weights(np.ones(len(run_dirs)) if weights is None else weights, len(run_dirs),
+                                 f"run weights (one per run: {len(run_dirs)})")
+    if weights.ndim == 2 and weights.shape[1] != len(targets):
+        raise ValueError(f"per-target run weights need one column per target ({len(targets)}: "
+                         f"{', '.join(targets)}), got {weights.shape[1]}")
+    fold_weights = [None] * len(run_dirs) if fold_weights is None else list(fold_weights)
+    if len(fold_weights) != len(run_dirs):
+        raise ValueError(f"fold weights: {len(fold_weights)} list(s) given for {len(run_dirs)} run(s); "
+                         "give one per run, in the order of the runs")
+    total = np.zeros((len(texts), len(targets)), dtype=np.float64)
+    metas = []
+    for run_dir, weight, folds_w in zip(run_dirs, weights, fold_weights):
+        size = batch_size or load_config(run_dir / "config.yaml").training.eval_batch_size
+        preds, meta = predict_run(run_dir, texts, size, device, precision, allow_missing_folds, max_len, folds_w)
+        total += weight * preds
+        metas.append(meta)
+    lows, highs = zip(*(m["target_range"] for m in metas))
+    return total.astype(np.float32), {**metas[0], "n_folds": sum(m["n_folds"] for m in metas),
+                                      "target_range": [min(lows), max(highs)], "weights": weights.tolist()}
 
 
 def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, target_columns: Sequence[str],
@@ -160,27 +275,35 @@ def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, ta
     return frame
 
 
-def run_inference(run_dir: str | Path, test_file: str | Path | None, out: str | Path | None,
+def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | Path | None, out: str | Path | None,
                   batch_size: int | None = None, clip: bool = True, device: str = "auto",
-                  allow_missing_folds: bool = False) -> Path:
-    """The whole of `infer.py`: read the test file, predict with every fold, write the CSV."""
+                  allow_missing_folds: bool = False, weights=None,
+                  fold_weights: Sequence[Sequence[float] | None] | None = None, max_len: int | None = None,
+                  precision: str = "auto") -> Path:
+    """The whole of `infer.py`: read the test file, predict with every fold of every
+    run, average (with `weights`, see predict_runs), write the CSV.
+
+    The first run's config names the test file (by default), its columns and the
+    default output (<run>/submission.csv).
+    """
     from foldtune.data.validate import load_test
 
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]
+    if not run_dirs:
+        raise ValueError("no run to predict with")
+    cfg = load_config(run_dirs[0] / "config.yaml")
     test_file = test_file or cfg.data.test_file
     if test_file is None:
-        raise ValueError(f"no test file given and {run_dir}/config.yaml names none: pass --test FILE")
+        raise ValueError(f"no test file given and {run_dirs[0]}/config.yaml names none: pass --test FILE")
     test = load_test(test_file, cfg.data)
-    preds, meta = predict_run(run_dir, test[cfg.data.text_column].tolist(),
-                              batch_size or cfg.training.eval_batch_size, device,
-                              allow_missing_folds=allow_missing_folds)
+    preds, meta = predict_runs(run_dirs, test[cfg.data.text_column].tolist(), weights, batch_size, device,
+                               precision, allow_missing_folds, max_len, fold_weights)
     # the declared range if the config has one, else the range the training targets spanned
     low, high = cfg.data.target_range or meta["target_range"]
     if clip:
         preds = np.clip(preds, low, high)
-    out = Path(out) if out else run_dir / "submission.csv"
+    out = Path(out) if out else run_dirs[0] / "submission.csv"
     write_submission(out, test[cfg.data.id_column].tolist(), preds, meta["target_columns"], cfg.data.id_column)
-    log.info("wrote %s: %d rows, %d fold(s) averaged%s", out, len(test), meta["n_folds"],
+    log.info("wrote %s: %d rows, %d run(s), %d fold(s) averaged%s", out, len(test), len(run_dirs), meta["n_folds"],
              f", clipped to [{low:g}, {high:g}]" if clip else "")
     return out

@@ -3,7 +3,7 @@
     runs/<name>/
       config.yaml   the resolved config          folds.csv   id -> fold
       run.json      versions, device, command    oof.csv     id, fold, predictions
-      scores.json   per fold and OOF, per target
+      scores.json   per fold and OOF, per target    report.md   tables, plots/ (foldtune.report)
       fold_<k>/     best/ (checkpoint), oof.csv, metrics.csv, train.log
 """
 
@@ -41,6 +41,7 @@ from foldtune.metrics import score_report
 from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
+from foldtune.report import write_report_or_warn
 from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.state import load_state, remove_states, state_files
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
@@ -401,7 +402,9 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
         results.update(parallel(prep, to_train, cfg.training.parallel_folds))
     else:
         results.update({fold: prep.train_fold(fold) for fold in to_train})
-    return summarize(cfg, run_dir, frame, fold_of, prep.targets, dict(sorted(results.items())))
+    scores = summarize(cfg, run_dir, frame, fold_of, prep.targets, dict(sorted(results.items())))
+    write_report_or_warn(run_dir)     # report.md and plots; a failure there only warns
+    return scores
 
 
 def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: str | None = None,

@@ -1,0 +1,192 @@
+"""A report a person can look at: `runs/X/report.md` and its plots.
+
+    runs/<name>/
+      report.md                  scores per fold and OOF, per target; the plots below
+      plots/learning_curves.png  train loss and validation MCRMSE against the step, a line per fold
+      plots/oof_vs_true.png      OOF prediction against the true score, a panel per target
+
+Written at the end of every run (new or resumed); `python -m foldtune.report RUN_DIR`
+writes it again. Plotting uses matplotlib's object API with the Agg canvas: no
+display, no global backend switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from foldtune.config import load_config
+from foldtune.files import atomic_path, atomic_write_text
+
+log = logging.getLogger("foldtune")
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+CURVES_FILE = "learning_curves.png"
+SCATTER_FILE = "oof_vs_true.png"
+
+
+def scores_table(scores: dict, targets: Sequence[str]) -> str:
+    """Markdown table: a row per fold and the OOF row, a column per target and MCRMSE."""
+    header = ["fold", *targets, "MCRMSE", "best step"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for fold, rep in sorted(scores["folds"].items(), key=lambda kv: int(kv[0])):
+        cells = [fold, *(f"{rep['per_target'][t]:.4f}" for t in targets), f"{rep['mcrmse']:.4f}",
+                 str(rep.get("best_step", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    oof = scores["oof"]
+    cells = ["**OOF**", *(f"{oof['per_target'][t]:.4f}" for t in targets), f"**{oof['mcrmse']:.4f}**", ""]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _save_png(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def plot_learning_curves(run_dir: Path, folds: Sequence[int], path: Path) -> Path:
+    """Train loss and validation MCRMSE against the optimizer step, one line per fold."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, score_ax = fig.subplots(1, 2)
+    for fold in folds:
+        metrics = pd.read_csv(run_dir / f"fold_{fold}" / "metrics.csv")
+        loss_ax.plot(metrics["step"], metrics["train_loss"], marker=".", label=f"fold {fold}")
+        score_ax.plot(metrics["step"], metrics["val_mcrmse"], marker=".", label=f"fold {fold}")
+    loss_ax.set(title="train loss (mean since the previous evaluation)", xlabel="step", ylabel="loss")
+    score_ax.set(title="validation MCRMSE", xlabel="step", ylabel="MCRMSE")
+    for ax in (loss_ax, score_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save_png(fig, path)
+
+
+def plot_oof_vs_true(true: pd.DataFrame, pred: pd.DataFrame, targets: Sequence[str], path: Path) -> Path:
+    """OOF prediction against the true score, one panel per target, with the diagonal."""
+    from matplotlib.figure import Figure
+
+    cols = min(3, len(targets))
+    rows = math.ceil(len(targets) / cols)
+    fig = Figure(figsize=(4 * cols, 3.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, target in zip(axes, targets):
+        y, p = true[target].to_numpy(dtype=float), pred[target].to_numpy(dtype=float)
+        rmse = float(np.sqrt(np.mean((y - p) ** 2)))
+        ax.scatter(y, p, s=8, alpha=0.4)
+        low, high = min(y.min(), p.min()), max(y.max(), p.max())
+        ax.plot([low, high], [low, high], color="grey", linewidth=1)
+        ax.set(title=f"{target} (RMSE {rmse:.4f})", xlabel="true", ylabel="OOF prediction")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(targets):]:
+        ax.set_visible(False)
+    return _save_png(fig, path)
+
+
+def _oof_with_truth(run_dir: Path, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """OOF predictions and the true targets of the same rows, in the same order."""
+    from foldtune.data.validate import read_csv_text
+
+    id_column, targets = cfg.data.id_column, list(cfg.data.target_columns)
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={id_column: str})
+    train = read_csv_text(cfg.data.train_file)
+    train[id_column] = train[id_column].astype(str)
+    merged = oof.merge(train[[id_column, *targets]], on=id_column, suffixes=("", "_true"), validate="one_to_one")
+    if len(merged) != len(oof):
+        raise ValueError(f"{cfg.data.train_file} lacks {len(oof) - len(merged)} of the OOF ids")
+    true = merged[[f"{t}_true" for t in targets]].set_axis(targets, axis=1)
+    return true, merged[targets]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """report.md and its plots for a finished run (scores.json, oof.csv, fold metrics).
+
+    A plot that cannot be drawn (say, the train file has moved) is named in the report
+    and the log; the tables are written regardless.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    scores = json.loads((run_dir / "scores.json").read_text(encoding="utf-8"))
+    run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    targets = list(cfg.data.target_columns)
+    folds = sorted(int(f) for f in scores["folds"])
+
+    lines = [
+        f"# {run_dir.name}",
+        "",
+        f"- started: {run_info.get('started', '?')}; device: {run_info.get('device', '?')}; "
+        f"foldtune {run_info.get('foldtune', '?')}, torch {run_info.get('torch', '?')}, "
+        f"transformers {run_info.get('transformers', '?')}",
+        f"- backbone: `{cfg.model.name}`, pooling {cfg.model.pooling}, max_len {cfg.data.max_len}, "
+        f"{cfg.training.epochs} epoch(s), lr {cfg.training.lr:g}, batch {cfg.training.batch_size}",
+        f"- train file: `{cfg.data.train_file}` ({scores['n_rows']} rows scored out of fold), "
+        f"{cfg.folds.n_splits} folds, {scores['seconds']:.0f} s of training",
+        "",
+        "## Scores (RMSE per target, MCRMSE)",
+        "",
+        scores_table(scores, targets),
+        "",
+        f"OOF MCRMSE **{scores['oof']['mcrmse']:.4f}**; predicting the training folds' mean scores: "
+        f"{scores['mean_predictor_mcrmse']:.4f}.",
+        "",
+        "## Plots",
+        "",
+    ]
+    plots_dir = run_dir / PLOTS_DIR
+    plots = [
+        ("Learning curves", CURVES_FILE, lambda path: plot_learning_curves(run_dir, folds, path)),
+        ("OOF prediction against the true score", SCATTER_FILE,
+         lambda path: plot_oof_vs_true(*_oof_with_truth(run_dir, cfg), targets, path)),
+    ]
+    for title, name, draw in plots:
+        try:
+            draw(plots_dir / name)
+            lines += [f"### {title}", "", f"![{title}]({PLOTS_DIR}/{name})", ""]
+        except Exception as err:  # a plot is a convenience: never lose the report for it
+            log.warning("report of %s: could not draw %s (%s: %s)", run_dir, name, type(err).__name__, err)
+            lines += [f"### {title}", "", f"(not drawn: {type(err).__name__}: {err})", ""]
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def write_report_or_warn(run_dir: str | Path) -> Path | None:
+    """write_report, with any failure logged as a warning: the run's results stay as they are."""
+    try:
+        path = write_report(run_dir)
+    except Exception as err:
+        log.warning("could not write the report of %s (%s: %s); the scores and checkpoints are unaffected. "
+                    "Retry with: python -m foldtune.report %s", run_dir, type(err).__name__, err, run_dir)
+        return None
+    log.info("report: %s", path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m foldtune.report",
+                                     description="Write report.md and its plots for a finished run.")
+    parser.add_argument("run_dir", help="run folder, e.g. runs/ellipse_minilm-20261125-101500")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = write_report(args.run_dir)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {args.run_dir} has no finished run to report on ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
