@@ -108,9 +108,12 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="infer.py", description="Average the fold checkpoints of a run into a submission CSV.")
     parser.add_argument("--run", default=None, help="run folder (default: the latest under runs/)")
+    parser.add_argument("--blend", default=None, metavar="BLEND_JSON",
+                        help="blend the runs of this file (python -m foldtune.ensemble) with its per-target weights")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the latest run (default: %(default)s)")
     parser.add_argument("--test", default=None, help="CSV of texts to score (default: the run's data.test_file)")
-    parser.add_argument("--out", default=None, help="submission CSV (default: <run>/submission.csv)")
+    parser.add_argument("--out", default=None,
+                        help="submission CSV (default: <run>/submission.csv; with --blend, beside the blend file)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's training.eval_batch_size")
     parser.add_argument("--no-clip", action="store_true", help="do not clip predictions to the training targets' range")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
@@ -120,13 +123,21 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
 
     setup_console_logging()
     try:
-        from foldtune.inference import latest_run, run_inference
+        from foldtune.ensemble import EnsembleError
+        from foldtune.inference import latest_run, run_blend_inference, run_inference
 
+        if args.blend:
+            if args.run or args.allow_missing_folds:
+                raise ConfigError("--blend names its runs: --run and --allow-missing-folds do not apply")
+            out = run_blend_inference(args.blend, args.test, args.out, args.batch_size, clip=not args.no_clip,
+                                      device=args.device)
+            print(out)
+            return 0
         run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
         log.info("run folder: %s", run_dir)
         out = run_inference(run_dir, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device,
                             allow_missing_folds=args.allow_missing_folds)
-    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, EnsembleError, ValueError) as err:
         return _fail(err)
     print(out)
     return 0

@@ -328,6 +328,13 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     run_dir = Path(run_dir)
     folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
     fold_of = saved_folds(cfg, run_dir, frame) if resume else start_run(cfg, run_dir, frame, folds_to_run)
+    if cfg.model.type == "tfidf_ridge":
+        # seconds per fold on a CPU: every fold is fitted again, resumed or not
+        from foldtune.models.tfidf_ridge import train_tfidf_folds
+
+        results = train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run)
+        targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
+        return summarize(cfg, run_dir, frame, fold_of, targets, results)
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
                            cfg.data.head_fraction)
