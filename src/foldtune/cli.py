@@ -49,6 +49,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError, load_config
     from foldtune.data.validate import DataError
+    from foldtune.ensemble import EnsembleError
     from foldtune.training.state import StateError
     from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
@@ -86,12 +87,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         config = args.config or str(DEFAULT_CONFIG)
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
         cfg = load_config(config, overrides)
+        if cfg.distill.teacher is not None and args.folds:
+            raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         frame = load_inputs(cfg)
         run_dir = new_run_dir(cfg, Path(config).stem)
         _log_to_run_folder(run_dir)
-        run_cross_validation(cfg, run_dir, folds, frame)
-    except (ConfigError, DataError, CheckpointError, StateError) as err:
+        if cfg.distill.teacher is not None:
+            from foldtune.distill import run_distillation
+
+            run_distillation(cfg, run_dir, frame)
+        else:
+            run_cross_validation(cfg, run_dir, folds, frame)
+    except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
         print(f"{stop}: the training state is saved. Continue with: python train.py --resume {run_dir}",

@@ -288,8 +288,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int]) -> np.ndarray:
-    """Write what a new run records before training: config, provenance, folds."""
+def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int],
+              fold_of: np.ndarray | None = None) -> np.ndarray:
+    """Write what a new run records before training: config, provenance, folds (the
+    config's, unless given)."""
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_json(run_dir / "run.json", {
         "started": dt.datetime.now().isoformat(timespec="seconds"),
@@ -300,7 +302,7 @@ def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Seq
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     })
-    fold_of = make_fold_column(frame, cfg)
+    fold_of = make_fold_column(frame, cfg) if fold_of is None else fold_of
     atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: frame[cfg.data.id_column],
                                                           "fold": fold_of}))
     return fold_of
@@ -366,6 +368,8 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml): nothing to resume")
     saved = load_config(run_dir / "config.yaml")
+    if saved.distill.teacher is not None:
+        raise ConfigError(f"{run_dir} is a distillation run: it cannot be resumed; train it again")
     cfg = load_config(run_dir / "config.yaml", overrides)
     changes = config_diff(saved, cfg)
     if changes and not force:
