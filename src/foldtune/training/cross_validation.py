@@ -340,8 +340,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int]) -> np.ndarray:
-    """Write what a new run records before training: config, provenance, folds."""
+def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int],
+              fold_of: np.ndarray | None = None) -> np.ndarray:
+    """Write what a new run records before training: config, provenance, folds (the
+    config's, unless given)."""
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_json(run_dir / "run.json", {
         "started": dt.datetime.now().isoformat(timespec="seconds"),
@@ -352,7 +354,7 @@ def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Seq
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     })
-    fold_of = make_fold_column(frame, cfg)
+    fold_of = make_fold_column(frame, cfg) if fold_of is None else fold_of
     atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: frame[cfg.data.id_column],
                                                           "fold": fold_of}))
     return fold_of
@@ -380,6 +382,13 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     run_dir = Path(run_dir)
     folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
     fold_of = saved_folds(cfg, run_dir, frame) if resume else start_run(cfg, run_dir, frame, folds_to_run)
+    if cfg.model.type == "tfidf_ridge":
+        # seconds per fold on a CPU: every fold is fitted again, resumed or not
+        from foldtune.models.tfidf_ridge import train_tfidf_folds
+
+        results = train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run)
+        targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
+        return summarize(cfg, run_dir, frame, fold_of, targets, results)
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
                            cfg.data.head_fraction)
@@ -415,6 +424,8 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml): nothing to resume")
     saved = load_config(run_dir / "config.yaml")
+    if saved.distill.teacher is not None:
+        raise ConfigError(f"{run_dir} is a distillation run: it cannot be resumed; train it again")
     cfg = load_config(run_dir / "config.yaml", overrides)
     changes = config_diff(saved, cfg)
     if changes and not force:

@@ -1,0 +1,112 @@
+"""The tfidf_ridge run type: the run layout, OOF equal to a direct scikit-learn fit on the
+same fold rows, infer.py --run, and infer.py --blend over two such runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import FeatureUnion, Pipeline
+
+from foldtune.cli import infer_main, train_main
+from foldtune.data.demo import make_demo
+from foldtune.data.folds import assign_folds
+from foldtune.ensemble import main as ensemble_main
+
+TARGETS = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]
+
+
+def direct_fit(texts, y, alpha, char_range):
+    features = FeatureUnion([
+        ("w", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=1, sublinear_tf=True)),
+        ("c", TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, min_df=1, sublinear_tf=True)),
+    ])
+    return Pipeline([("f", features), ("r", Ridge(alpha=alpha))]).fit(texts, y)
+
+
+@pytest.fixture(scope="module")
+def tfidf_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tfidf")
+    train, test = make_demo(n_train=30, n_test=8, seed=5)
+    train.to_csv(work / "train.csv", index=False)
+    test.to_csv(work / "test.csv", index=False)
+    (work / "tfidf.yaml").write_text(
+        "data:\n  train_file: train.csv\n  test_file: test.csv\nfolds:\n  n_splits: 3\n"
+        "model:\n  type: tfidf_ridge\ntfidf:\n  min_df: 1\n  char_ngram_range: [2, 4]\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        assert train_main(["--config", "tfidf.yaml", "--name", "ridge1"]) == 0
+        assert train_main(["--config", "tfidf.yaml", "--name", "ridge10", "tfidf.alpha=10",
+                           "tfidf.char_ngram_range=[3,3]"]) == 0
+    return work, train, test
+
+
+def test_tfidf_run_writes_the_run_layout_and_exact_oof(tfidf_runs):
+    work, train, _ = tfidf_runs
+    run = work / "runs" / "ridge1"
+    assert {"config.yaml", "run.json", "folds.csv", "oof.csv", "scores.json"} <= {p.name for p in run.iterdir()}
+    folds = pd.read_csv(run / "folds.csv")["fold"].to_numpy()
+    y = train[TARGETS].to_numpy()
+    assert (folds == assign_folds(y, 3, 42)).all()           # the folds machinery of every run
+    oof = pd.read_csv(run / "oof.csv").set_index("text_id").loc[train.text_id]
+    assert (oof["fold"].to_numpy() == folds).all()
+    y = train[TARGETS].to_numpy()
+    for fold in range(3):
+        fold_dir = run / f"fold_{fold}"
+        assert {"model.joblib", "foldtune.json", "foldtune.yaml"} == {p.name for p in (fold_dir / "best").iterdir()}
+        assert json.loads((fold_dir / "best" / "foldtune.json").read_text())["model_type"] == "tfidf_ridge"
+        assert pd.read_csv(fold_dir / "metrics.csv")["step"].tolist() == [1]
+        rows = folds == fold
+        expected = direct_fit(train.full_text[~rows].tolist(), y[~rows], 1.0, (2, 4)).predict(
+            train.full_text[rows].tolist())
+        np.testing.assert_allclose(oof.loc[rows, TARGETS].to_numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(pd.read_csv(fold_dir / "oof.csv")[TARGETS].to_numpy(), expected, atol=1e-5)
+    scores = json.loads((run / "scores.json").read_text())
+    rmse = np.sqrt(((oof[TARGETS].to_numpy() - y) ** 2).mean(axis=0))
+    assert scores["oof"]["mcrmse"] == pytest.approx(rmse.mean(), abs=1e-6)
+
+
+def test_infer_averages_the_folds_pipelines(tfidf_runs, capsys):
+    work, train, test = tfidf_runs
+    run = work / "runs" / "ridge1"
+    assert infer_main(["--run", str(run), "--test", str(work / "test.csv"), "--out", str(work / "sub1.csv"),
+                       "--no-clip"]) == 0
+    sub = pd.read_csv(work / "sub1.csv")
+    assert list(sub.columns) == ["text_id"] + TARGETS and sub.text_id.tolist() == test.text_id.tolist()
+    folds = pd.read_csv(run / "folds.csv")["fold"].to_numpy()
+    y = train[TARGETS].to_numpy()
+    expected = np.mean([direct_fit(train.full_text[folds != k].tolist(), y[folds != k], 1.0, (2, 4)).predict(
+        test.full_text.tolist()) for k in range(3)], axis=0)
+    np.testing.assert_allclose(sub[TARGETS].to_numpy(), expected, atol=1e-5)
+
+
+def test_infer_blend_is_the_weighted_sum_of_the_runs_submissions(tfidf_runs, monkeypatch):
+    work, _, _ = tfidf_runs
+    monkeypatch.chdir(work)                     # the runs name their test file relative to here
+    r1, r10 = work / "runs" / "ridge1", work / "runs" / "ridge10"
+    assert ensemble_main([str(r1), str(r10), "--out", str(work / "blend.json")]) == 0
+    blend = json.loads((work / "blend.json").read_text())
+    for run, out in ((r1, "s1.csv"), (r10, "s10.csv")):
+        assert infer_main(["--run", str(run), "--out", str(work / out)]) == 0
+    # the test file is the first run's; the submission lands beside the blend file
+    assert infer_main(["--blend", str(work / "blend.json")]) == 0
+    s1, s10 = pd.read_csv(work / "s1.csv"), pd.read_csv(work / "s10.csv")
+    blended = pd.read_csv(work / "submission.csv")
+    assert blended.text_id.tolist() == s1.text_id.tolist()
+    for t in TARGETS:
+        w1, w10 = blend["weights"][t]
+        assert w1 + w10 == pytest.approx(1.0)
+        np.testing.assert_allclose(blended[t], w1 * s1[t] + w10 * s10[t], atol=1e-6)
+    # the targets' weights differ (one run for some, the other or a mix for others): a swap of the
+    # members or of the targets inside the blend would show above
+    assert len({tuple(w) for w in blend["weights"].values()}) > 1
+
+
+def test_infer_blend_names_a_missing_blend_file(tfidf_runs, capsys):
+    work, _, _ = tfidf_runs
+    assert infer_main(["--blend", str(work / "nothere.json")]) == 2
+    assert "blend file" in capsys.readouterr().err
