@@ -78,7 +78,8 @@ def _graph_cfg(tmp_path, backbone, *extra):
 
 
 @pytest.mark.parametrize("backbone", ["tiny_deberta", "tiny_deberta_4"])
-def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path):
+def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path, caplog):
+    caplog.set_level("INFO", logger="foldtune")
     path = request.getfixturevalue(backbone)
     eager = run_cross_validation(_graph_cfg(tmp_path, path), tmp_path / "eager")
     graphed = run_cross_validation(_graph_cfg(tmp_path, path, "training.cuda_graphs=true"), tmp_path / "graphed")
@@ -124,3 +125,14 @@ def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_deberta, tmp_
     resumed = resume_run(tmp_path / "stopped")
     # dropout is on: the replays draw the same random numbers after a resume as without a stop
     assert resumed["oof"]["mcrmse"] == pytest.approx(straight["oof"]["mcrmse"], abs=1e-4)
+
+
+def test_graphed_folds_in_threads_give_the_sequential_results(tiny_deberta, tmp_path):
+    sequential = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true"), tmp_path / "s")
+    threads = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true",
+                                              "training.parallel_folds=2", "training.parallel_mode=threads"),
+                                   tmp_path / "t")
+    a = pd.read_csv(tmp_path / "s" / "oof.csv").iloc[:, 2:].to_numpy()
+    b = pd.read_csv(tmp_path / "t" / "oof.csv").iloc[:, 2:].to_numpy()
+    np.testing.assert_allclose(b, a, atol=1e-4)
+    assert threads["oof"]["mcrmse"] == pytest.approx(sequential["oof"]["mcrmse"], abs=1e-5)

@@ -42,6 +42,7 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import write_report_or_warn
+from foldtune.training.graphs import CUDA_TURN
 from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.state import load_state, remove_states, state_files
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
@@ -184,7 +185,7 @@ class PreparedRun:
         state = load_state(states[-1]) if states else None
         if state is not None:
             log.info("fold %d: continuing from %s", fold, states[-1])
-        with _SETUP_LOCK:       # seeding and building a model use the global generators
+        with CUDA_TURN:         # seeding and building a model use the global generators
             trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir).setup()
         result = trainer.train(state)
         atomic_write_json(fold_dir / RESULT_FILE, {
@@ -193,7 +194,8 @@ class PreparedRun:
         })
         remove_states(fold_dir)                     # finished: the best checkpoint is what stays
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            with CUDA_TURN:
+                torch.cuda.empty_cache()
         return result
 
     def unfinished_reason(self, fold: int) -> str | None:
@@ -289,9 +291,6 @@ def train_folds_in_processes(prep: PreparedRun, folds: Sequence[int], parallel: 
         logs = ", ".join(str(prep.run_dir / f"fold_{f}" / "train.log") for f in failed)
         raise RuntimeError(f"fold(s) {failed} failed in their processes; see {logs}")
     return {fold: prep.load_fold_result(fold) for fold in folds}
-
-
-_SETUP_LOCK = threading.Lock()
 
 
 def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: int) -> dict[int, FoldResult]:

@@ -38,7 +38,7 @@ from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
-from foldtune.training.graphs import GraphedSteps
+from foldtune.training.graphs import CUDA_TURN, GraphedSteps
 from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.state import capture_rng, cpu_copy, restore_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
@@ -153,7 +153,7 @@ class FoldTrainer:
         self.generator = generator = torch.Generator().manual_seed(tcfg.seed)
         # The loader draws its workers' base seed from `generator` too, not from torch's
         # global generator, whose state (dropout) must not depend on where an epoch began.
-        common = dict(collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=self.device.type == "cuda",
+        common = dict(collate_fn=collate, num_workers=tcfg.num_workers, pin_memory=False,
                       generator=generator)
         if tcfg.bucket_batches:
             sampler = LengthBucketSampler(self.data.train.lengths, tcfg.batch_size, generator)
@@ -185,8 +185,6 @@ class FoldTrainer:
                  fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
                  self.device, self.precision.name, f"; resumed at step {self.step}" if state else "")
         started = time.perf_counter()
-        accum = tcfg.gradient_accumulation_steps
-        n_batches = len(self.train_loader)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fold {fold}", unit="step", dynamic_ncols=True,
                    disable=None)
         try:
@@ -196,36 +194,14 @@ class FoldTrainer:
                 for i, batch in enumerate(self.train_loader):
                     if i < position:            # seen before the stop: same order, skipped
                         continue
-                    if self.graphs is not None and self.graphs.run(batch):
-                        self.loss_count += 1
-                        self._count_step()
-                    else:
-                        batch = self._to_device(batch)
-                        # The last group of an epoch may be short: scale by its real size.
-                        group_size = min(accum, n_batches - (i // accum) * accum)
-                        self.loss_sum += self._forward_backward(batch, group_size)
-                        self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
-                        self.loss_count += 1
-                        if (i + 1) % accum and i + 1 != n_batches:
-                            continue
-                        self._optimizer_step()
-                    bar.update(1)
-                    if self.step % tcfg.log_steps == 0:
-                        bar.set_postfix(loss=f"{self.loss_sum.item() / self.loss_count:.4f}",
-                                        best=f"{self.best_score:.4f}")
-                    if i + 1 == n_batches:
-                        break                   # the epoch end evaluates and saves below
-                    if tcfg.eval_steps and self.step % tcfg.eval_steps == 0:
-                        self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, self._take_train_loss())
-                    stop = stop_requested()
-                    if stop or (tcfg.save_state_steps and self.step % tcfg.save_state_steps == 0):
-                        self._save_state(epoch, i + 1, epoch_start_order, started)
-                    if stop:
-                        raise TrainingInterrupted(stop)
+                    with CUDA_TURN:
+                        if self._train_on(batch, epoch, i, epoch_start_order, started, bar):
+                            break               # the epoch end evaluates and saves below
                 position = 0
-                self._evaluate_and_keep_best(epoch + 1.0, self._take_train_loss())
-                # the next epoch's order is drawn from the generator as it is now
-                self._save_state(epoch + 1, 0, self.generator.get_state(), started)
+                with CUDA_TURN:
+                    self._evaluate_and_keep_best(epoch + 1.0, self._take_train_loss())
+                    # the next epoch's order is drawn from the generator as it is now
+                    self._save_state(epoch + 1, 0, self.generator.get_state(), started)
                 stop = stop_requested()
                 if stop:
                     raise TrainingInterrupted(stop)
@@ -240,6 +216,44 @@ class FoldTrainer:
             self._log_handler.close()
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
                           self.data.valid_index, self.best_dir, seconds)
+
+    def _train_on(self, batch: dict, epoch: int, i: int, epoch_start_order: torch.Tensor, started: float,
+                  bar: tqdm) -> bool:
+        """Micro-batch i of the epoch: step, and evaluate, save or stop when it is time.
+
+        True at the epoch's last batch, whose evaluation and state the caller does.
+        """
+        tcfg = self.cfg.training
+        accum, n_batches = tcfg.gradient_accumulation_steps, len(self.train_loader)
+        if self.device.type == "cuda":
+            # pinned here rather than by the loader: with folds in threads, at this one's turn
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        if self.graphs is not None and self.graphs.run(batch):
+            self.loss_count += 1
+            self._count_step()
+        else:
+            batch = self._to_device(batch)
+            # The last group of an epoch may be short: scale by its real size.
+            group_size = min(accum, n_batches - (i // accum) * accum)
+            self.loss_sum += self._forward_backward(batch, group_size)
+            self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
+            self.loss_count += 1
+            if (i + 1) % accum and i + 1 != n_batches:
+                return False
+            self._optimizer_step()
+        bar.update(1)
+        if not bar.disable and self.step % tcfg.log_steps == 0:     # a read of the loss waits for the GPU
+            bar.set_postfix(loss=f"{self.loss_sum.item() / self.loss_count:.4f}", best=f"{self.best_score:.4f}")
+        if i + 1 == n_batches:
+            return True
+        if tcfg.eval_steps and self.step % tcfg.eval_steps == 0:
+            self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, self._take_train_loss())
+        stop = stop_requested()
+        if stop or (tcfg.save_state_steps and self.step % tcfg.save_state_steps == 0):
+            self._save_state(epoch, i + 1, epoch_start_order, started)
+        if stop:
+            raise TrainingInterrupted(stop)
+        return False
 
     def _take_train_loss(self) -> float:
         """Mean training loss since the last evaluation (and reset the running sum)."""
