@@ -144,3 +144,25 @@ def test_a_run_without_checkpoints_exports_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"fold\(s\) \[0, 1\]"):
         export_run(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_exported_wheel_installs_offline_and_scores_the_export(exported, tmp_path):
+    """What the notebook does on Kaggle when foldtune is not importable."""
+    work, _ = exported
+    export = work / "kaggle"
+    wheel = export / json.loads((export / "export.json").read_text())["wheel"]
+    site = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                             "--target", str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    where = subprocess.run([sys.executable, "-c", "import foldtune; print(foldtune.__file__)"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip() == str(site / "foldtune" / "__init__.py")     # the wheel's, not the checkout's
+    result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(export), str(work / "test.csv"),
+                             str(tmp_path / "wheel.csv")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = pd.read_csv(work / "infer.csv")
+    got = pd.read_csv(tmp_path / "wheel.csv")
+    np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-6, rtol=0)
