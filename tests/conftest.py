@@ -123,3 +123,36 @@ def tiny_runs(tiny_deberta, tmp_path_factory) -> tuple[Path, Path, Path]:
     run_a = train_tiny_run(tiny_deberta, work, "a")
     run_b = train_tiny_run(tiny_deberta, work, "b", "training.lr=5.0e-4")
     return work / "runs", run_a, run_b
+
+
+def tfidf_ridge_fit(texts, y, alpha, char_range):
+    """The tfidf_ridge member fitted directly with scikit-learn: what a fold model must equal."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    features = FeatureUnion([
+        ("w", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=1, sublinear_tf=True)),
+        ("c", TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, min_df=1, sublinear_tf=True)),
+    ])
+    return Pipeline([("f", features), ("r", Ridge(alpha=alpha))]).fit(texts, y)
+
+
+def train_two_tfidf_runs(work: Path, seed: int, n_test: int, names: tuple[str, str]):
+    """Two tfidf_ridge runs on the same 3 folds of 30 demo essays (alpha 1 / char 2-4 and
+    alpha 10 / char 3-3) under work/runs; returns the train and test frames."""
+    from foldtune.cli import train_main
+    from foldtune.data.demo import make_demo
+
+    train, test = make_demo(n_train=30, n_test=n_test, seed=seed)
+    train.to_csv(work / "train.csv", index=False)
+    test.to_csv(work / "test.csv", index=False)
+    (work / "tfidf.yaml").write_text(
+        "data:\n  train_file: train.csv\n  test_file: test.csv\nfolds:\n  n_splits: 3\n"
+        "model:\n  type: tfidf_ridge\ntfidf:\n  min_df: 1\n  char_ngram_range: [2, 4]\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        assert train_main(["--config", "tfidf.yaml", "--name", names[0]]) == 0
+        assert train_main(["--config", "tfidf.yaml", "--name", names[1], "tfidf.alpha=10",
+                           "tfidf.char_ngram_range=[3,3]"]) == 0
+    return train, test

@@ -9,43 +9,23 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import Ridge
-from sklearn.pipeline import FeatureUnion, Pipeline
+from conftest import tfidf_ridge_fit, train_two_tfidf_runs
 
 from foldtune.cli import infer_main, train_main
 from foldtune.config import load_config
-from foldtune.data.demo import make_demo
 from foldtune.distill import load_teacher, mixed_targets, student_rows
 from foldtune.ensemble import main as ensemble_main
 
 TARGETS = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]
 
 
-def fold_model(texts, y, alpha, char_range):
-    """A member's fold model fitted here directly with scikit-learn."""
-    features = FeatureUnion([
-        ("w", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=1, sublinear_tf=True)),
-        ("c", TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, min_df=1, sublinear_tf=True)),
-    ])
-    return Pipeline([("f", features), ("r", Ridge(alpha=alpha))]).fit(texts, y)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """Two tfidf_ridge runs on the same 3 folds and their blend: a teacher trained in seconds."""
     work = tmp_path_factory.mktemp("distill")
-    train, test = make_demo(n_train=30, n_test=6, seed=7)
-    train.to_csv(work / "train.csv", index=False)
-    test.to_csv(work / "test.csv", index=False)
-    (work / "tfidf.yaml").write_text(
-        "data:\n  train_file: train.csv\n  test_file: test.csv\nfolds:\n  n_splits: 3\n"
-        "model:\n  type: tfidf_ridge\ntfidf:\n  min_df: 1\n  char_ngram_range: [2, 4]\n")
+    train, test = train_two_tfidf_runs(work, seed=7, n_test=6, names=("r1", "r10"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        assert train_main(["--config", "tfidf.yaml", "--name", "r1"]) == 0
-        assert train_main(["--config", "tfidf.yaml", "--name", "r10", "tfidf.alpha=10",
-                           "tfidf.char_ngram_range=[3,3]"]) == 0
         assert ensemble_main(["runs/r1", "runs/r10", "--out", "blend.json"]) == 0
     return work, train, test, json.loads((work / "blend.json").read_text())
 
@@ -61,7 +41,7 @@ def teacher_by_hand(train, blend, texts, holdout):
     folds = pd.read_csv(blend["_work"] / "runs" / "r1" / "folds.csv")["fold"].to_numpy()
     rows = folds != holdout
     y = train[TARGETS].to_numpy()
-    members = [fold_model(train.full_text[rows].tolist(), y[rows], a, c).predict(texts)
+    members = [tfidf_ridge_fit(train.full_text[rows].tolist(), y[rows], a, c).predict(texts)
                for a, c in ((1.0, (2, 4)), (10.0, (3, 3)))]
     w = np.array([blend["fold_weights"][str(holdout)][t] for t in TARGETS])      # (targets, members)
     return sum(w[:, m] * members[m] for m in range(2))

@@ -8,40 +8,19 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import Ridge
-from sklearn.pipeline import FeatureUnion, Pipeline
+from conftest import tfidf_ridge_fit, train_two_tfidf_runs
 
-from foldtune.cli import infer_main, train_main
-from foldtune.data.demo import make_demo
+from foldtune.cli import infer_main
 from foldtune.data.folds import assign_folds
 from foldtune.ensemble import main as ensemble_main
 
 TARGETS = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]
 
 
-def direct_fit(texts, y, alpha, char_range):
-    features = FeatureUnion([
-        ("w", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=1, sublinear_tf=True)),
-        ("c", TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, min_df=1, sublinear_tf=True)),
-    ])
-    return Pipeline([("f", features), ("r", Ridge(alpha=alpha))]).fit(texts, y)
-
-
 @pytest.fixture(scope="module")
 def tfidf_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("tfidf")
-    train, test = make_demo(n_train=30, n_test=8, seed=5)
-    train.to_csv(work / "train.csv", index=False)
-    test.to_csv(work / "test.csv", index=False)
-    (work / "tfidf.yaml").write_text(
-        "data:\n  train_file: train.csv\n  test_file: test.csv\nfolds:\n  n_splits: 3\n"
-        "model:\n  type: tfidf_ridge\ntfidf:\n  min_df: 1\n  char_ngram_range: [2, 4]\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        assert train_main(["--config", "tfidf.yaml", "--name", "ridge1"]) == 0
-        assert train_main(["--config", "tfidf.yaml", "--name", "ridge10", "tfidf.alpha=10",
-                           "tfidf.char_ngram_range=[3,3]"]) == 0
+    train, test = train_two_tfidf_runs(work, seed=5, n_test=8, names=("ridge1", "ridge10"))
     return work, train, test
 
 
@@ -61,7 +40,7 @@ def test_tfidf_run_writes_the_run_layout_and_exact_oof(tfidf_runs):
         assert json.loads((fold_dir / "best" / "foldtune.json").read_text())["model_type"] == "tfidf_ridge"
         assert pd.read_csv(fold_dir / "metrics.csv")["step"].tolist() == [1]
         rows = folds == fold
-        expected = direct_fit(train.full_text[~rows].tolist(), y[~rows], 1.0, (2, 4)).predict(
+        expected = tfidf_ridge_fit(train.full_text[~rows].tolist(), y[~rows], 1.0, (2, 4)).predict(
             train.full_text[rows].tolist())
         np.testing.assert_allclose(oof.loc[rows, TARGETS].to_numpy(), expected, atol=1e-5)
         np.testing.assert_allclose(pd.read_csv(fold_dir / "oof.csv")[TARGETS].to_numpy(), expected, atol=1e-5)
@@ -79,7 +58,7 @@ def test_infer_averages_the_folds_pipelines(tfidf_runs, capsys):
     assert list(sub.columns) == ["text_id"] + TARGETS and sub.text_id.tolist() == test.text_id.tolist()
     folds = pd.read_csv(run / "folds.csv")["fold"].to_numpy()
     y = train[TARGETS].to_numpy()
-    expected = np.mean([direct_fit(train.full_text[folds != k].tolist(), y[folds != k], 1.0, (2, 4)).predict(
+    expected = np.mean([tfidf_ridge_fit(train.full_text[folds != k].tolist(), y[folds != k], 1.0, (2, 4)).predict(
         test.full_text.tolist()) for k in range(3)], axis=0)
     np.testing.assert_allclose(sub[TARGETS].to_numpy(), expected, atol=1e-5)
 
