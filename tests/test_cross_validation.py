@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import logging
 
 import numpy as np
@@ -62,12 +61,16 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_deberta, tmp_path):
     assert not np.allclose(oofs[0].iloc[:, 2:].to_numpy(), 0)
 
 
+def _three_folds(tmp_path, backbone, *extra) -> list[str]:
+    """36 demo essays in 3 folds, 2 epochs of a tiny model: the parallel runs' config."""
+    make_demo(n_train=36, n_test=0, seed=8)[0].to_csv(tmp_path / "train.csv", index=False)
+    return [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
+            "folds.n_splits=3", f"model.name={backbone}", "training.epochs=2", "training.batch_size=6",
+            "training.eval_steps=2", *extra]
+
+
 def test_folds_in_parallel_processes_give_the_sequential_results(tiny_deberta, tmp_path):
-    train, _ = make_demo(n_train=36, n_test=0, seed=8)
-    train.to_csv(tmp_path / "train.csv", index=False)
-    common = [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
-              "folds.n_splits=3", f"model.name={tiny_deberta}", "training.epochs=2", "training.batch_size=6",
-              "training.bucket_batches=true", "training.eval_steps=2"]
+    common = _three_folds(tmp_path, tiny_deberta, "training.bucket_batches=true")
     sequential = run_cross_validation(load_config(None, common), tmp_path / "seq")
     parallel = run_cross_validation(load_config(None, common + ["training.parallel_folds=3"]), tmp_path / "par")
     assert (tmp_path / "par" / "tokens.npz").is_file() and not (tmp_path / "seq" / "tokens.npz").exists()
@@ -81,11 +84,7 @@ def test_folds_in_parallel_processes_give_the_sequential_results(tiny_deberta, t
 
 def test_folds_in_parallel_threads_without_dropout_give_the_sequential_results(tiny_deberta, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="foldtune")
-    train, _ = make_demo(n_train=36, n_test=0, seed=8)
-    train.to_csv(tmp_path / "train.csv", index=False)
-    common = [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=48",
-              "folds.n_splits=3", f"model.name={tiny_deberta}", "training.epochs=2", "training.batch_size=6",
-              "training.eval_steps=2", "model.backbone_dropout=0.0"]
+    common = _three_folds(tmp_path, tiny_deberta, "model.backbone_dropout=0.0")
     sequential = run_cross_validation(load_config(None, common), tmp_path / "seq")
     threads = run_cross_validation(load_config(None, common + ["training.parallel_folds=3",
                                                                "training.parallel_mode=threads"]), tmp_path / "thr")
