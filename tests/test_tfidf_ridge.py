@@ -47,6 +47,9 @@ def test_tfidf_run_writes_the_run_layout_and_exact_oof(tfidf_runs):
     scores = json.loads((run / "scores.json").read_text())
     rmse = np.sqrt(((oof[TARGETS].to_numpy() - y) ** 2).mean(axis=0))
     assert scores["oof"]["mcrmse"] == pytest.approx(rmse.mean(), abs=1e-6)
+    # a ridge run ends with its report too, as every run does
+    assert f"OOF MCRMSE **{scores['oof']['mcrmse']:.4f}**" in (run / "report.md").read_text()
+    assert (run / "plots" / "oof_vs_true.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_infer_averages_the_folds_pipelines(tfidf_runs, capsys):

@@ -305,9 +305,10 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
         log.warning("training.parallel_mode threads: the folds share one random generator, so with dropout "
                     "on their results differ from a sequential run's (parallel_mode processes keeps them equal)")
 
+    device = resolve_device(prep.cfg.training.device)
+
     def train(fold: int) -> FoldResult:
         threading.current_thread().name = f"fold-{fold}"
-        device = resolve_device(prep.cfg.training.device)
         if device.type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):
                 return prep.train_fold(fold)
@@ -386,8 +387,17 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
         from foldtune.models.tfidf_ridge import train_tfidf_folds
 
         results = train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run)
-        targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
-        return summarize(cfg, run_dir, frame, fold_of, targets, results)
+    else:
+        results = _train_transformer_folds(cfg, run_dir, frame, fold_of, folds_to_run, resume)
+    targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
+    scores = summarize(cfg, run_dir, frame, fold_of, targets, dict(sorted(results.items())))
+    write_report_or_warn(run_dir)     # report.md and plots; a failure there only warns
+    return scores
+
+
+def _train_transformer_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
+                             folds_to_run: Sequence[int], resume: bool) -> dict[int, FoldResult]:
+    """Tokenize once, then train (or, resuming, read back) each fold."""
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
                            cfg.data.head_fraction)
@@ -410,9 +420,7 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
         results.update(parallel(prep, to_train, cfg.training.parallel_folds))
     else:
         results.update({fold: prep.train_fold(fold) for fold in to_train})
-    scores = summarize(cfg, run_dir, frame, fold_of, prep.targets, dict(sorted(results.items())))
-    write_report_or_warn(run_dir)     # report.md and plots; a failure there only warns
-    return scores
+    return results
 
 
 def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: str | None = None,
