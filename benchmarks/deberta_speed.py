@@ -92,6 +92,12 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
         real = padded = 0
         flops = 0.0
         started = None
+        widths = {}
+        for batch in batches:           # compile (flex) or tune (cuDNN) once per width, untimed
+            widths.setdefault(batch["input_ids"].shape[1], batch)
+        for batch in widths.values():
+            trainer._forward_backward(batch, 1)
+            trainer._optimizer_step()
         for i, batch in enumerate(batches):
             if i == 3:                                  # three warm-up steps
                 sync()
@@ -181,6 +187,20 @@ SETTINGS = {
     "recipe": ["data.max_len=1024"],
     "recipe+bucket": ["data.max_len=1024", "training.bucket_batches=true"],
 }
+# The fused attention has no attention dropout: each flex row beside its eager twin
+# without dropout, so the difference is the kernel alone.
+FLEX = ["model.attention=flex", "model.backbone_dropout=0.0"]
+SETTINGS.update({
+    "plain+nodrop": SETTINGS["plain"] + ["model.backbone_dropout=0.0"],
+    "plain+flex": SETTINGS["plain"] + FLEX,
+    "plain+flex+bucket": SETTINGS["plain+bucket"] + FLEX,
+    "plain+ckpt+flex": SETTINGS["plain+ckpt"] + FLEX,
+    "recipe+nodrop": SETTINGS["recipe"] + ["model.backbone_dropout=0.0"],
+    "recipe+flex": SETTINGS["recipe"] + FLEX,
+    "recipe+flex+bucket": SETTINGS["recipe+bucket"] + FLEX,
+    "recipe-ckpt+flex": SETTINGS["recipe"] + ["model.gradient_checkpointing=false"] + FLEX,
+    "recipe-ckpt+flex+bucket": SETTINGS["recipe+bucket"] + ["model.gradient_checkpointing=false"] + FLEX,
+})
 # Memory: every row 1024 tokens long, batch 8.
 MEMORY = {
     "full fine-tune, no checkpointing": SETTINGS["plain"],
@@ -190,6 +210,9 @@ MEMORY = {
     "recipe + 8-bit AdamW": ["data.max_len=1024", "training.optimizer=adamw_8bit"],
     "recipe, batch 4 x accumulation 2": ["data.max_len=1024", "training.batch_size=4",
                                          "training.gradient_accumulation_steps=2"],
+    "full fine-tune, no checkpointing, flex": SETTINGS["plain"] + FLEX,
+    "recipe, flex": ["data.max_len=1024"] + FLEX,
+    "recipe without checkpointing, flex": ["data.max_len=1024", "model.gradient_checkpointing=false"] + FLEX,
 }
 
 
@@ -210,10 +233,10 @@ def main() -> int:
         for name, overrides in SETTINGS.items():
             if args.only and name not in args.only.split(","):
                 continue
-            rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps, profile=name == "plain"))
+            rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps, profile=name in ("plain", "plain+flex")))
         full = np.full(len(lengths), 1024)
         for name, overrides in MEMORY.items():
-            if args.only and "memory" not in args.only.split(","):
+            if args.only and "memory" not in args.only.split(",") and name not in args.only.split(","):
                 continue
             with contextlib.suppress(ImportError, ConfigError):   # no bitsandbytes, or no CUDA
                 rows.append({"memory": True, **measure(name, overrides, full, folder, tokenizer, 6)})

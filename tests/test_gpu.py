@@ -136,3 +136,71 @@ def test_graphed_folds_in_threads_give_the_sequential_results(tiny_deberta, tmp_
     b = pd.read_csv(tmp_path / "t" / "oof.csv").iloc[:, 2:].to_numpy()
     np.testing.assert_allclose(b, a, atol=1e-4)
     assert threads["oof"]["mcrmse"] == pytest.approx(sequential["oof"]["mcrmse"], abs=1e-5)
+
+
+def _deberta_pair(share_att_key: bool):
+    """A random DeBERTa-v2 (buckets small enough that 200 tokens reach the log buckets)
+    and its copy with the fused attention."""
+    import copy
+
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from foldtune.models.deberta_attention import use_attention
+
+    config = DebertaV2Config(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=512, type_vocab_size=0,
+                             position_biased_input=False, relative_attention=True, position_buckets=16,
+                             pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=share_att_key,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    eager = DebertaV2Model(config).cuda()
+    fused = copy.deepcopy(eager)
+    assert use_attention(fused, "flex") == 2
+    ids = torch.randint(5, 300, (3, 200), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 150:] = 0
+    mask[2, 37:] = 0
+    return eager, fused, ids, mask
+
+
+def _outputs_and_grads(model, ids, mask, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    real = mask.bool()
+    (hidden[real].sin().sum()).backward()
+    return hidden[real].detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("share_att_key", [True, False])
+def test_fused_disentangled_attention_matches_transformers(share_att_key):
+    eager, fused, ids, mask = _deberta_pair(share_att_key)
+    ref_out, ref_grad = _outputs_and_grads(eager, ids, mask, autocast=False)
+    # fp32: the same function, summed in another order
+    out, grad = _outputs_and_grads(fused, ids, mask, autocast=False)
+    assert (out - ref_out).abs().max() / ref_out.abs().max() < 1e-4
+    assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-4
+    # bf16: the fused kernel's rounding error is of the order of transformers' own
+    bf_ref_out, bf_ref_grad = _outputs_and_grads(eager, ids, mask, autocast=True)
+    bf_out, bf_grad = _outputs_and_grads(fused, ids, mask, autocast=True)
+    eager_err = (bf_ref_out - ref_out).norm() / ref_out.norm()
+    assert (bf_out - ref_out).norm() / ref_out.norm() < 2 * eager_err + 1e-3
+    eager_grad_err = (bf_ref_grad - ref_grad).norm() / ref_grad.norm()
+    assert (bf_grad - ref_grad).norm() / ref_grad.norm() < 2 * eager_grad_err + 1e-3
+
+
+def test_fused_attention_trains_as_transformers_attention_does(tiny_deberta, tmp_path):
+    eager = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta), tmp_path / "eager")
+    fused = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, "model.attention=flex"), tmp_path / "flex")
+    a = pd.read_csv(tmp_path / "eager" / "oof.csv").iloc[:, 2:].to_numpy()
+    b = pd.read_csv(tmp_path / "flex" / "oof.csv").iloc[:, 2:].to_numpy()
+    np.testing.assert_allclose(b, a, atol=1e-3)
+    assert fused["oof"]["mcrmse"] == pytest.approx(eager["oof"]["mcrmse"], abs=1e-4)
+    # the checkpoint holds DeBERTa's own weights: on CPU transformers' attention reproduces its OOF
+    oof = pd.read_csv(tmp_path / "flex" / "oof.csv")
+    train = pd.read_csv(tmp_path / "train.csv").set_index("text_id").loc[oof["text_id"][oof["fold"] == 0]]
+    model, _ = load_checkpoint(tmp_path / "flex" / "fold_0" / "best", torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "flex" / "fold_0" / "best"))
+    dataset = TextDataset(encode_texts(tokenizer, train["full_text"].tolist(), 64).input_ids)
+    cpu = predict(model, dataset, 8, tokenizer.pad_token_id, torch.device("cpu"), resolve_precision("fp32", torch.device("cpu")))
+    np.testing.assert_allclose(cpu, oof[oof["fold"] == 0].iloc[:, 2:].to_numpy(), atol=1e-4)

@@ -105,6 +105,10 @@ class ModelConfig:
     freeze_layers: int = 0
     # Recompute activations in the backward pass: far less memory, about a third more time.
     gradient_checkpointing: bool = False
+    # Attention implementation. flex: DeBERTa-v2/v3's disentangled attention as one fused
+    # FlexAttention kernel (CUDA for training; needs attention dropout 0). eager: as
+    # transformers builds it.
+    attention: Literal["eager", "flex"] = "eager"
 
     def __post_init__(self) -> None:
         _require(self.pooling_layers >= 1, "model.pooling_layers", "an integer >= 1", self.pooling_layers)

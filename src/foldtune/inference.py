@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from foldtune.checkpoint import CONFIG_FILE, META_FILE, CheckpointError, load_checkpoint, read_meta
 from foldtune.config import load_config
-from foldtune.data.collate import DynamicPadding, length_sorted_batches
+from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, length_sorted_batches
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv
 from foldtune.models.regressor import load_backbone_config
@@ -200,7 +200,10 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     device_ = resolve_device(device)
     precision_ = inference_precision(precision, device_)
     tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
-    data = load_config(folders[0] / CONFIG_FILE).data     # cut texts as training did
+    run_cfg = load_config(folders[0] / CONFIG_FILE)
+    data = run_cfg.data                                   # cut texts as training did
+    # A fused attention compiles per width: round widths up as training did.
+    pad_multiple = STATIC_PAD_MULTIPLE if run_cfg.model.attention == "flex" and device_.type == "cuda" else 1
     max_len = max_len or data.max_len
     check_max_len(load_backbone_config(folders[0]), max_len)
     dataset = TextDataset(encode_texts(tokenizer, list(texts), max_len, data.truncation,
@@ -218,7 +221,8 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
                 raise
             log.warning("%s: left out of the average", err)
             continue
-        total += weight_of[fold] * predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_)
+        total += weight_of[fold] * predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_,
+                                             pad_multiple)
         used += weight_of[fold]
         n_used += 1
         log.info("predicted %d texts with %s", len(texts), folder)

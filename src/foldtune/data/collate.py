@@ -8,6 +8,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+# Widths are rounded up to this under training.compile, training.cuda_graphs and
+# model.attention flex: few shapes, few compilations or captures.
+STATIC_PAD_MULTIPLE = 64
+
 
 class DynamicPadding:
     """Collate rows of token ids into tensors padded to the longest row of the batch."""

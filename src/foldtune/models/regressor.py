@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from foldtune.config import ModelConfig
+from foldtune.models.deberta_attention import use_attention
 from foldtune.models.pooling import Pooling, build_pooling
 from foldtune.models.surgery import freeze_bottom, reinit_last_layers, set_dropout
 
@@ -83,6 +84,7 @@ class TextRegressor(nn.Module):
     def _assemble(cls, backbone: nn.Module, cfg: ModelConfig, n_targets: int) -> "TextRegressor":
         backbone = _drop_pooler(backbone)
         set_dropout(backbone, cfg.backbone_dropout)
+        use_attention(backbone, cfg.attention)
         pooling = build_pooling(cfg, backbone.config.hidden_size)
         return cls(backbone, pooling, RegressionHead(pooling.out_features, n_targets, cfg.head_dropout,
                                                      cfg.head_dropout_samples))

@@ -64,6 +64,9 @@ def check_names(cfg: Config) -> None:
     if cfg.training.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"training.cuda_graphs: true needs a CUDA device; this run is on {device.type}: "
                           "set training.cuda_graphs: false")
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ConfigError(f"model.attention: flex trains on CUDA only (FlexAttention has no backward pass on "
+                          f"{device.type}): set model.attention: eager")
     if cfg.training.cuda_graphs and precision.name == "fp16":
         raise ConfigError("training.cuda_graphs: true cannot train in fp16 (its grad scaler checks on the host): "
                           "this GPU has no bf16, so set training.precision: fp32 or training.cuda_graphs: false")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from foldtune import __version__
 from foldtune.checkpoint import checkpoint_job
 from foldtune.config import Config
-from foldtune.data.collate import DynamicPadding, LengthBucketSampler
+from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, LengthBucketSampler
 from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
 from foldtune.inference import predict
@@ -45,9 +45,6 @@ from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
 
-# With training.compile or cuda_graphs, batch widths are rounded up to this: few shapes,
-# few compilations or captures.
-STATIC_PAD_MULTIPLE = 64
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -146,7 +143,8 @@ class FoldTrainer:
 
     def _setup_data(self) -> None:
         tcfg = self.cfg.training
-        self.pad_multiple = STATIC_PAD_MULTIPLE if tcfg.compile or tcfg.cuda_graphs else 1
+        static = tcfg.compile or tcfg.cuda_graphs or self.cfg.model.attention == "flex"
+        self.pad_multiple = STATIC_PAD_MULTIPLE if static else 1
         collate = DynamicPadding(self.tokenizer.pad_token_id, self.pad_multiple)
         # The data order's own generator: saved with the state, so a resumed epoch
         # replays the same order and skips the batches already seen.

@@ -1,0 +1,93 @@
+"""model.attention: flex, DeBERTa's disentangled attention as one FlexAttention call.
+
+The fused kernel and its backward pass exist on CUDA only (tests/test_gpu.py compares
+them with transformers there); on CPU FlexAttention's reference implementation runs the
+same score function, which is what these tests check, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, DebertaV2Config, DebertaV2Model
+
+from foldtune.config import ConfigError, load_config
+from foldtune.models import deberta_attention
+from foldtune.models.deberta_attention import use_attention
+from foldtune.training.cross_validation import check_names
+
+
+def _deberta(share_att_key=True, pos_att_type=("p2c", "c2p"), attention_dropout=0.0):
+    # 8 buckets: distances of 4 and more fall in DeBERTa's log buckets within 40 tokens.
+    config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=512, type_vocab_size=0,
+                             position_biased_input=False, relative_attention=True, position_buckets=8,
+                             pos_att_type=list(pos_att_type), norm_rel_ebd="layer_norm",
+                             share_att_key=share_att_key, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=attention_dropout)
+    torch.manual_seed(0)
+    return DebertaV2Model(config).double().eval()
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (3, 40), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[2, 7:] = 0
+    return ids, mask
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("share_att_key,pos_att_type", [(True, ("p2c", "c2p")), (False, ("p2c", "c2p")),
+                                                        (False, ("c2p",))])
+def test_fused_scores_equal_transformers_on_every_real_token(share_att_key, pos_att_type, monkeypatch):
+    eager = _deberta(share_att_key, pos_att_type)
+    fused = copy.deepcopy(eager)
+    assert use_attention(fused, "flex") == 2
+    monkeypatch.setattr(deberta_attention, "FLEX_ON_CPU", True)
+    ids, mask = _batch()
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = fused(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert a[real].abs().max() > 0.5
+    torch.testing.assert_close(b[real], a[real], atol=1e-10, rtol=0)
+    # padding positions attend to the real tokens instead of uniformly: they differ, and nothing reads them
+    assert not torch.allclose(b[~real], a[~real])
+
+
+def test_off_cuda_the_swapped_modules_run_transformers_forward():
+    eager = _deberta()
+    fused = copy.deepcopy(eager)
+    use_attention(fused, "flex")
+    ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           eager(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_the_switch_keeps_the_checkpoint_format():
+    eager = _deberta()
+    fused = copy.deepcopy(eager)
+    use_attention(fused, "flex")
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    assert use_attention(_deberta(), "eager") == 0
+
+
+def test_flex_refuses_other_backbones_and_attention_dropout():
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32))
+    with pytest.raises(ValueError, match="BertModel has none; use model.attention=eager"):
+        use_attention(bert, "flex")
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob is 0.1; set model.backbone_dropout=0.0"):
+        use_attention(_deberta(attention_dropout=0.1), "flex")
+    with pytest.raises(ValueError, match="must be one of eager, flex"):
+        use_attention(_deberta(), "sdpa")
+
+
+def test_flex_training_on_cpu_is_refused_before_anything_loads():
+    cfg = load_config(None, ["model.attention=flex", "training.device=cpu"])
+    with pytest.raises(ConfigError, match="model.attention: flex trains on CUDA only"):
+        check_names(cfg)
