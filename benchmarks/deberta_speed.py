@@ -174,45 +174,53 @@ def attention_share(trainer, batch) -> float:
     return round(sum(a.elapsed_time(b) for a, b in spans) / start.elapsed_time(end), 3)
 
 
-SETTINGS = {
-    # throughput at the essays' lengths (cut at 1024), batch 8, bf16
-    "plain": ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
-              "model.gradient_checkpointing=false", "awp.enabled=false", "averaging.method=none",
-              "data.max_len=1024"],
-    "plain+bucket": ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
-                     "model.gradient_checkpointing=false", "awp.enabled=false", "averaging.method=none",
-                     "data.max_len=1024", "training.bucket_batches=true"],
-    "plain+ckpt": ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
-                   "awp.enabled=false", "averaging.method=none", "data.max_len=1024"],
-    "recipe": ["data.max_len=1024"],
-    "recipe+bucket": ["data.max_len=1024", "training.bucket_batches=true"],
-}
-# The fused attention has no attention dropout: each flex row beside its eager twin
+PLAIN = ["model.reinit_layers=0", "model.freeze_embeddings=false", "model.freeze_layers=0",
+         "model.gradient_checkpointing=false", "awp.enabled=false", "averaging.method=none", "data.max_len=1024",
+         "model.attention=eager", "model.backbone_dropout=null"]
+# The recipe as it was before the fused attention: transformers' attention, checkpointing.
+RECIPE = ["data.max_len=1024", "model.attention=eager", "model.gradient_checkpointing=true",
+          "model.backbone_dropout=null"]
+# The fused attention has no attention dropout: each flex row sits beside its eager twin
 # without dropout, so the difference is the kernel alone.
 FLEX = ["model.attention=flex", "model.backbone_dropout=0.0"]
-SETTINGS.update({
-    "plain+nodrop": SETTINGS["plain"] + ["model.backbone_dropout=0.0"],
-    "plain+flex": SETTINGS["plain"] + FLEX,
-    "plain+flex+bucket": SETTINGS["plain+bucket"] + FLEX,
-    "plain+ckpt+flex": SETTINGS["plain+ckpt"] + FLEX,
-    "recipe+nodrop": SETTINGS["recipe"] + ["model.backbone_dropout=0.0"],
-    "recipe+flex": SETTINGS["recipe"] + FLEX,
-    "recipe+flex+bucket": SETTINGS["recipe+bucket"] + FLEX,
-    "recipe-ckpt+flex": SETTINGS["recipe"] + ["model.gradient_checkpointing=false"] + FLEX,
-    "recipe-ckpt+flex+bucket": SETTINGS["recipe+bucket"] + ["model.gradient_checkpointing=false"] + FLEX,
-})
-# Memory: every row 1024 tokens long, batch 8.
+NO_DROPOUT = ["model.backbone_dropout=0.0"]
+NO_CKPT = ["model.gradient_checkpointing=false"]
+CKPT = ["model.gradient_checkpointing=true"]
+BUCKET = ["training.bucket_batches=true"]
+SETTINGS = {
+    # throughput at the essays' lengths (cut at 1024), batch 8, bf16
+    "plain": PLAIN,
+    "plain+bucket": PLAIN + BUCKET,
+    "plain+ckpt": PLAIN + CKPT,
+    "recipe": RECIPE,
+    "recipe+bucket": RECIPE + BUCKET,
+    "plain+nodrop": PLAIN + NO_DROPOUT,
+    "plain+flex": PLAIN + FLEX,
+    "plain+flex+bucket": PLAIN + BUCKET + FLEX,
+    "plain+ckpt+flex": PLAIN + CKPT + FLEX,
+    "recipe+nodrop": RECIPE + NO_DROPOUT,
+    "recipe+flex": RECIPE + FLEX,
+    "recipe+flex+bucket": RECIPE + BUCKET + FLEX,
+    "recipe-ckpt+flex": RECIPE + NO_CKPT + FLEX,
+    "recipe-ckpt+flex+bucket": RECIPE + BUCKET + NO_CKPT + FLEX,
+    # configs/deberta_v3_base.yaml as committed (at max_len 1024 here)
+    "committed recipe": ["data.max_len=1024"],
+}
+# Memory: batch 8, every row as long as the width given.
 MEMORY = {
-    "full fine-tune, no checkpointing": SETTINGS["plain"],
-    "full fine-tune, checkpointing": SETTINGS["plain+ckpt"],
-    "recipe without checkpointing": ["data.max_len=1024", "model.gradient_checkpointing=false"],
-    "recipe (checkpointing, frozen bottom, AWP, SWA)": ["data.max_len=1024"],
-    "recipe + 8-bit AdamW": ["data.max_len=1024", "training.optimizer=adamw_8bit"],
-    "recipe, batch 4 x accumulation 2": ["data.max_len=1024", "training.batch_size=4",
-                                         "training.gradient_accumulation_steps=2"],
-    "full fine-tune, no checkpointing, flex": SETTINGS["plain"] + FLEX,
-    "recipe, flex": ["data.max_len=1024"] + FLEX,
-    "recipe without checkpointing, flex": ["data.max_len=1024", "model.gradient_checkpointing=false"] + FLEX,
+    "full fine-tune, no checkpointing": (PLAIN, 1024),
+    "full fine-tune, checkpointing": (PLAIN + CKPT, 1024),
+    "recipe without checkpointing": (RECIPE + NO_CKPT, 1024),
+    "recipe (checkpointing, frozen bottom, AWP, SWA)": (RECIPE, 1024),
+    "recipe + 8-bit AdamW": (RECIPE + ["training.optimizer=adamw_8bit"], 1024),
+    "recipe, batch 4 x accumulation 2": (RECIPE + ["training.batch_size=4",
+                                                   "training.gradient_accumulation_steps=2"], 1024),
+    "full fine-tune, no checkpointing, flex": (PLAIN + FLEX, 1024),
+    "recipe, flex": (RECIPE + FLEX, 1024),
+    "recipe without checkpointing, flex": (RECIPE + NO_CKPT + FLEX, 1024),
+    "committed recipe at its max_len 1536": (["data.max_len=1536"], 1536),
+    "committed recipe at its max_len 1536, batch 4 x accumulation 2": (
+        ["data.max_len=1536", "training.batch_size=4", "training.gradient_accumulation_steps=2"], 1536),
 }
 
 
@@ -234,12 +242,12 @@ def main() -> int:
             if args.only and name not in args.only.split(","):
                 continue
             rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps, profile=name in ("plain", "plain+flex")))
-        full = np.full(len(lengths), 1024)
-        for name, overrides in MEMORY.items():
+        for name, (overrides, width) in MEMORY.items():
             if args.only and "memory" not in args.only.split(",") and name not in args.only.split(","):
                 continue
             with contextlib.suppress(ImportError, ConfigError):   # no bitsandbytes, or no CUDA
-                rows.append({"memory": True, **measure(name, overrides, full, folder, tokenizer, 6)})
+                rows.append({"memory": True, **measure(name, overrides, np.full(len(lengths), width), folder,
+                                                           tokenizer, 6)})
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -77,6 +77,7 @@ def test_a_checkpoint_job_writes_the_weights_as_they_were_when_it_was_made(tiny_
     ("training.gradient_accumulation_steps=2", "training.gradient_accumulation_steps > 1"),
     ("model.gradient_checkpointing=true", "model.gradient_checkpointing: true"),
     ("training.compile=true", "training.compile: true"),
+    ("model.attention=flex", "model.attention: flex"),
     ("training.optimizer=madgrad", "training.optimizer: madgrad"),
     ("training.precision=fp16", "training.precision: fp16"),
 ])

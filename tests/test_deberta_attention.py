@@ -7,6 +7,7 @@ same score function, which is what these tests check, in float64."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,21 @@ def test_flex_refuses_other_backbones_and_attention_dropout():
         use_attention(_deberta(), "sdpa")
 
 
-def test_flex_training_on_cpu_is_refused_before_anything_loads():
-    cfg = load_config(None, ["model.attention=flex", "training.device=cpu"])
-    with pytest.raises(ConfigError, match="model.attention: flex trains on CUDA only"):
+def test_the_recipe_on_cpu_is_refused_before_anything_loads_with_the_fallback_named():
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "deberta_v3_base.yaml"
+    cfg = load_config(recipe, ["training.device=cpu"])
+    assert cfg.model.attention == "flex"
+    with pytest.raises(ConfigError, match="model.attention: flex trains on CUDA only .* set model.attention: eager"):
+        check_names(cfg)
+
+
+def test_flex_on_a_gpu_triton_cannot_compile_for_is_refused_with_the_fallback(monkeypatch):
+    import foldtune.training.cross_validation as cv
+
+    monkeypatch.setattr(cv, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    cfg = load_config(None, ["model.attention=flex", "training.device=cuda"])
+    with pytest.raises(ConfigError, match=r"Tesla P100-PCIE-16GB has \(6, 0\): set model.attention=eager "
+                                          r"model.gradient_checkpointing=true"):
         check_names(cfg)

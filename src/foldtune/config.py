@@ -335,6 +335,7 @@ def _check_cuda_graphs(cfg: "Config") -> None:
         ("training.gradient_accumulation_steps > 1", t.gradient_accumulation_steps > 1),
         ("model.gradient_checkpointing: true", cfg.model.gradient_checkpointing),
         ("training.compile: true", t.compile),
+        ("model.attention: flex (a compiled kernel; untested under capture)", cfg.model.attention == "flex"),
         (f"training.optimizer: {t.optimizer} (only adamw replays on the device)", t.optimizer != "adamw"),
         ("training.precision: fp16 (its grad scaler checks on the host; use bf16)", t.precision == "fp16"),
     ]

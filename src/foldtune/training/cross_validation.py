@@ -59,14 +59,19 @@ def check_names(cfg: Config) -> None:
     POOLINGS.get(cfg.model.pooling)
     LOSSES.get(cfg.training.loss)
     device = resolve_device(cfg.training.device)
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ConfigError(f"model.attention: flex trains on CUDA only (FlexAttention has no backward pass on "
+                          f"{device.type}): set model.attention: eager")
+    if cfg.model.attention == "flex" and torch.cuda.get_device_capability(device) < (7, 0):
+        raise ConfigError(f"model.attention: flex compiles a Triton kernel, which needs a GPU of compute "
+                          f"capability 7.0 or newer; {torch.cuda.get_device_name(device)} has "
+                          f"{torch.cuda.get_device_capability(device)}: set model.attention=eager "
+                          f"model.gradient_checkpointing=true")
     check_optimizer(cfg.training, device)
     precision = resolve_precision(cfg.training.precision, device)
     if cfg.training.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"training.cuda_graphs: true needs a CUDA device; this run is on {device.type}: "
                           "set training.cuda_graphs: false")
-    if cfg.model.attention == "flex" and device.type != "cuda":
-        raise ConfigError(f"model.attention: flex trains on CUDA only (FlexAttention has no backward pass on "
-                          f"{device.type}): set model.attention: eager")
     if cfg.training.cuda_graphs and precision.name == "fp16":
         raise ConfigError("training.cuda_graphs: true cannot train in fp16 (its grad scaler checks on the host): "
                           "this GPU has no bf16, so set training.precision: fp32 or training.cuda_graphs: false")
