@@ -51,12 +51,12 @@ KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
 MAX_WIDTHS = 64
 
 
-def _flex_attention():
+def _flex_attention(device: torch.device):
     # FlexAttention without torch.compile runs a slow reference implementation that
     # materialises the scores (fine for the CPU tests, not for speed).
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
         import torch._dynamo.config as dynamo_config
@@ -135,7 +135,7 @@ def _disentangled_class():
                     return torch.where(keep[b, j], score, -float("inf"))
 
             options = KERNEL_OPTIONS if query.is_cuda else None
-            context = _flex_attention()(query, key, value, score_mod=score_mod, scale=scale, kernel_options=options)
+            context = _flex_attention(query.device)(query, key, value, score_mod=score_mod, scale=scale, kernel_options=options)
             return context.transpose(1, 2).reshape(batch, length, heads * width), None
 
     return DisentangledSelfAttention, FlexDisentangledSelfAttention
