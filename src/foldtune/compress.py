@@ -8,7 +8,8 @@ predicts with it. The source run's OOF and scores are not copied: they describe 
 model before compression (benchmarks/compress.py scores a compressed student).
 
     OUT/
-      config.yaml, run.json, folds.csv   the source run's
+      config.yaml, folds.csv             the source run's
+      run.json                           the source's, listing the folds compressed
       compress.json                      what was done to each fold; parameters and bytes before and after
       fold_<k>/best/                     the compressed checkpoint; its foldtune.json records the
                                          factorised modules ("low_rank") and "compression"
@@ -17,6 +18,7 @@ model before compression (benchmarks/compress.py scores a compressed student).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -29,15 +31,15 @@ from foldtune.files import atomic_directory, atomic_write_json
 from foldtune.inference import fold_checkpoints
 from foldtune.models.compress import compress, parse_layers
 
-log = logging.getLogger("foldtune")
-
-RUN_FILES = ("config.yaml", "run.json", "folds.csv")
+RUN_FILES = ("config.yaml", "folds.csv")
 SUMMARY_FILE = "compress.json"
 
 
 def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | None = None, rank: int | None = None,
-                 rank_fraction: float | None = None, embedding: bool = True, linear: bool = True) -> dict:
-    """Write `out_dir`, a compressed copy of the run (see the module doc); return compress.json."""
+                 rank_fraction: float | None = None, embedding: bool = True, linear: bool = True,
+                 folds: Sequence[int] | None = None) -> dict:
+    """Write `out_dir`, a compressed copy of the run (see the module doc), of every fold
+    or of the folds `folds` only; return compress.json."""
     from transformers import AutoTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -47,7 +49,7 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
         raise ValueError("the compressed run must be written to another folder than the source run")
     if load_config(run_dir / "config.yaml").model.type != "transformer":
         raise ValueError(f"{run_dir} is not a transformer run: only a transformer can be compressed")
-    folders = fold_checkpoints(run_dir)
+    folders = fold_checkpoints(run_dir, only=folds)
     summary = {"source": str(run_dir.resolve()), "keep_layers": keep, "rank": rank, "rank_fraction": rank_fraction,
                "embedding": embedding, "linear": linear, "folds": {}}
     with atomic_directory(out_dir) as tmp:
@@ -67,6 +69,10 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
                            load_config(folder / CONFIG_FILE), meta)()
             done["bytes_after"] = (target / WEIGHTS_FILE).stat().st_size
             summary["folds"][str(meta["fold"])] = done
+        # the copy holds exactly these folds, whatever the source's run.json asked for
+        run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (
+            run_dir / "run.json").is_file() else {}
+        atomic_write_json(tmp / "run.json", {**run_info, "folds": [int(f) for f in summary["folds"]]})
         atomic_write_json(tmp / SUMMARY_FILE, summary)
     return summary
 
