@@ -148,9 +148,12 @@ def _word_embedding_name(backbone: nn.Module) -> str:
 
 
 def encoder_linear_names(backbone: nn.Module) -> list[str]:
-    """The names (relative to the backbone) of every nn.Linear inside its encoder layers."""
+    """The names (relative to the backbone) of every nn.Linear inside its encoder layers,
+    the factors of already factorised layers left out."""
     inside = {id(m) for layer in encoder_layers(backbone) for m in layer.modules()}
-    return [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+    factors = {id(m) for m in backbone.modules() if isinstance(m, LowRankLinear) for m in (m.down, m.up)}
+    return [name for name, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) and id(m) in inside and id(m) not in factors]
 
 
 def _rank_for(shape: tuple[int, int], rank: int | None, rank_fraction: float | None, what: str) -> int:
