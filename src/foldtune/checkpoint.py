@@ -5,7 +5,8 @@
       config.json         the backbone's config (architecture, no download needed)
       tokenizer files     as the tokenizer's save_pretrained writes them
       foldtune.yaml       the run's resolved config
-      foldtune.json       fold, targets, scores, step: what inference needs to know
+      foldtune.json       fold, targets, scores, step: what inference needs to know;
+                          for a compressed model, its factorised modules ("low_rank")
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory
+from foldtune.models.compress import low_rank_structure, restore_low_rank_structure
 from foldtune.models.regressor import TextRegressor, load_backbone_config
 from foldtune.training.state import cpu_copy
 
@@ -58,7 +60,10 @@ def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Con
     weights = _CopiedWeights(model)
     backbone_config = copy.deepcopy(model.backbone.config)
     config_text = dump_config(cfg)
-    meta_text = json.dumps(meta, indent=2) + "\n"
+    # A factorised backbone (models/compress.py) is not what config.json builds: record
+    # its factorised modules so that loading builds them again.
+    structure = low_rank_structure(model.backbone)
+    meta_text = json.dumps({**meta, "low_rank": structure} if structure else meta, indent=2) + "\n"
 
     def write() -> Path:
         with atomic_directory(folder) as tmp:
@@ -94,6 +99,10 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{config_file} is missing; retrain this fold")
     cfg = load_config(config_file)
     model = TextRegressor.from_backbone_config(load_backbone_config(folder), cfg.model, len(meta["target_columns"]))
+    try:
+        restore_low_rank_structure(model.backbone, meta.get("low_rank"))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder / META_FILE}: {err}") from None
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as err:
