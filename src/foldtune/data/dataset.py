@@ -96,6 +96,11 @@ class TextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, rows: Sequence[int]) -> "TextDataset":
+        """The rows `rows`, in that order."""
+        return TextDataset([self.input_ids[i] for i in rows],
+                           None if self.targets is None else self.targets.numpy()[list(rows)])
+
     def __getitem__(self, index: int) -> dict:
         item = {"input_ids": self.input_ids[index]}
         if self.targets is not None:

@@ -38,9 +38,10 @@ from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
+from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import CUDA_TURN, GraphedSteps
 from foldtune.training.precision import resolve_device, resolve_precision
-from foldtune.training.state import capture_rng, cpu_copy, restore_rng, save_state
+from foldtune.training.state import capture_rng, cpu_copy, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
@@ -85,23 +86,28 @@ class FoldResult:
 
 
 class FoldTrainer:
-    def __init__(self, cfg: Config, data: FoldData, tokenizer, fold_dir: str | Path):
+    def __init__(self, cfg: Config, data: FoldData, tokenizer, fold_dir: str | Path,
+                 group: OneProcess | DataParallel = ONE_PROCESS):
         self.cfg = cfg
         self.data = data
         self.tokenizer = tokenizer
         self.fold_dir = Path(fold_dir)
         self.best_dir = self.fold_dir / "best"
+        # The processes that train this fold together (training/distributed.py); only
+        # the main one writes files.
+        self.group = group
 
     # --- setup ---------------------------------------------------------------------
 
     def setup(self) -> "FoldTrainer":
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         self._setup_logging()
-        self.device = resolve_device(self.cfg.training.device)
+        self.device = current_launch().local_device(resolve_device(self.cfg.training.device))
         seed_everything(self.cfg.training.seed, self.cfg.training.deterministic)
         self._setup_model()
         self._setup_data()
         self._setup_optimizer()
+        self.group.reseed_dropout(self.cfg.training.seed)
         self.precision = resolve_precision(self.cfg.training.precision, self.device)
         self.loss_fn = build_loss(self.cfg.training, len(self.data.target_columns)).to(self.device)
         self.awp = build_awp(self.model, self.optimizer, self.cfg.awp)
@@ -124,6 +130,9 @@ class FoldTrainer:
         return self
 
     def _setup_logging(self) -> None:
+        if not self.group.is_main:          # one fold log, written by the main process
+            self._log_handler = logging.NullHandler()
+            return
         self._log_handler = logging.FileHandler(self.fold_dir / "train.log", mode="a", encoding="utf-8")
         # Folds trained side by side in threads share the logger: keep this fold's thread
         # and its writer's lines only.
@@ -140,6 +149,9 @@ class FoldTrainer:
         if self.cfg.training.compile:
             # In place: the module (and its state_dict's names) stays the same object.
             self.model.compile()
+        # What the training steps call: the model itself, or its DistributedDataParallel
+        # wrapper, which averages the gradients over the processes.
+        self.train_model = self.group.wrap(self.model)
 
     def _setup_data(self) -> None:
         tcfg = self.cfg.training
@@ -179,12 +191,13 @@ class FoldTrainer:
         start_epoch, position = self.load_state_dict(state) if state else (0, 0)
         if self.graphs is not None:
             self.graphs.prepare()
-        log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s",
+        log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s%s",
                  fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
-                 self.device, self.precision.name, f"; resumed at step {self.step}" if state else "")
+                 self.device, self.precision.name, self.group.describe(),
+                 f"; resumed at step {self.step}" if state else "")
         started = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fold {fold}", unit="step", dynamic_ncols=True,
-                   disable=None)
+                   disable=None if self.group.is_main else True)
         try:
             for epoch in range(start_epoch, tcfg.epochs):
                 epoch_start_order = self.generator.get_state()
@@ -200,7 +213,7 @@ class FoldTrainer:
                     self._evaluate_and_keep_best(epoch + 1.0, self._take_train_loss())
                     # the next epoch's order is drawn from the generator as it is now
                     self._save_state(epoch + 1, 0, self.generator.get_state(), started)
-                stop = stop_requested()
+                stop = self.group.agree_on_stop(stop_requested())
                 if stop:
                     raise TrainingInterrupted(stop)
             self.writer.wait()
@@ -223,6 +236,8 @@ class FoldTrainer:
         """
         tcfg = self.cfg.training
         accum, n_batches = tcfg.gradient_accumulation_steps, len(self.train_loader)
+        # Data-parallel: this process's rows of the global batch, and their share of it.
+        batch, share = self.group.shard(batch, self.pad_multiple)
         if self.device.type == "cuda":
             # pinned here rather than by the loader: with folds in threads, at this one's turn
             batch = {key: value.pin_memory() for key, value in batch.items()}
@@ -233,10 +248,12 @@ class FoldTrainer:
             batch = self._to_device(batch)
             # The last group of an epoch may be short: scale by its real size.
             group_size = min(accum, n_batches - (i // accum) * accum)
-            self.loss_sum += self._forward_backward(batch, group_size)
-            self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size))
+            last_of_group = (i + 1) % accum == 0 or i + 1 == n_batches
+            with self.group.sync_gradients(self.train_model, last_of_group):
+                self.loss_sum += self._forward_backward(batch, group_size, share)
+                self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size, share))
             self.loss_count += 1
-            if (i + 1) % accum and i + 1 != n_batches:
+            if not last_of_group:
                 return False
             self._optimizer_step()
         bar.update(1)
@@ -246,7 +263,7 @@ class FoldTrainer:
             return True
         if tcfg.eval_steps and self.step % tcfg.eval_steps == 0:
             self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, self._take_train_loss())
-        stop = stop_requested()
+        stop = self.group.agree_on_stop(stop_requested())
         if stop or (tcfg.save_state_steps and self.step % tcfg.save_state_steps == 0):
             self._save_state(epoch, i + 1, epoch_start_order, started)
         if stop:
@@ -255,21 +272,26 @@ class FoldTrainer:
 
     def _take_train_loss(self) -> float:
         """Mean training loss since the last evaluation (and reset the running sum)."""
-        loss = self.loss_sum.item() / max(self.loss_count, 1)
+        loss = self.group.sum(self.loss_sum).item() / max(self.loss_count, 1)
         self.loss_sum.zero_()
         self.loss_count = 0
         return loss
 
-    def _forward_backward(self, batch: dict, group_size: int) -> torch.Tensor:
-        """Loss of one micro-batch, its gradient added to the parameters' .grad."""
+    def _forward_backward(self, batch: dict, group_size: int, share: float = 1.0) -> torch.Tensor:
+        """Loss of one micro-batch, its gradient added to the parameters' .grad.
+
+        share: this process's part of the global batch (1.0 alone). The processes'
+        gradients are averaged, so each weighs its mean loss by share * world_size:
+        together they give the gradient of the global batch's mean loss.
+        """
         if self.graphs is not None:
             # A graph's gradient buffers stay attached after its capture: start afresh.
             self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            preds = self.model(batch["input_ids"], batch["attention_mask"])
+            preds = self.train_model(batch["input_ids"], batch["attention_mask"])
         loss = self.loss_fn(preds, batch["labels"])
-        self.precision.scaler.scale(loss / group_size).backward()
-        return loss.detach()
+        self.precision.scaler.scale(loss * (share * self.group.world_size) / group_size).backward()
+        return loss.detach() * share
 
     def _optimizer_step(self) -> None:
         scaler = self.precision.scaler
@@ -297,7 +319,8 @@ class FoldTrainer:
             "averaging": self.averaging.state_dict(), "rng": capture_rng(), "data_order": epoch_start_order,
             "best": {"score": self.best_score, "step": self.best_step, "per_target": self.best_per_target,
                      "oof": None if self.best_oof is None else torch.from_numpy(self.best_oof)},
-            "metrics_rows": self.metrics_rows, "loss_sum": self.loss_sum.item(), "loss_count": self.loss_count,
+            "metrics_rows": self.metrics_rows, "loss_sum": self.group.sum(self.loss_sum).item(),
+            "loss_count": self.loss_count,
             "seconds": seconds,
         }
 
@@ -311,13 +334,13 @@ class FoldTrainer:
                 group["lr"] = float(group["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        self.group.restore_rng(state, self.cfg.training.seed)
         self.generator.set_state(state["data_order"])
         best = state["best"]
         self.best_score, self.best_step, self.best_per_target = best["score"], best["step"], best["per_target"]
         self.best_oof = None if best["oof"] is None else best["oof"].cpu().numpy()
         self.metrics_rows = list(state["metrics_rows"])
-        self.loss_sum.fill_(state["loss_sum"])
+        self.loss_sum.fill_(state["loss_sum"] if self.group.is_main else 0.0)   # summed over processes
         self.loss_count = state["loss_count"]
         self.step = state["step"]
         self.seconds_before = state["seconds"]
@@ -325,7 +348,13 @@ class FoldTrainer:
 
     def _save_state(self, epoch: int, position: int, epoch_start_order: torch.Tensor, started: float) -> None:
         seconds = self.seconds_before + time.perf_counter() - started
-        state = cpu_copy(self.state_dict(epoch, position, epoch_start_order, seconds))
+        state = self.state_dict(epoch, position, epoch_start_order, seconds)
+        rngs = self.group.gather(state["rng"])      # every process's generators: dropout differs
+        if not self.group.is_main:
+            return
+        if len(rngs) > 1:
+            state["rng_by_rank"] = rngs
+        state = cpu_copy(state)
         fold_dir, keep, fold = self.fold_dir, self.cfg.training.keep_states, self.data.fold
 
         def write() -> None:
@@ -339,8 +368,12 @@ class FoldTrainer:
     def evaluate(self, model: torch.nn.Module | None = None) -> tuple[dict, np.ndarray]:
         """Score `model` (default: the one being trained) on the fold's validation rows."""
         model = self.model if model is None else model
-        preds = predict(model, self.data.valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id,
-                        self.device, self.precision, self.pad_multiple)
+        rows = self.group.rows(len(self.data.valid))     # data-parallel: this process's share
+        valid = self.data.valid if rows is None else self.data.valid.subset(rows)
+        preds = (predict(model, valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id, self.device,
+                         self.precision, self.pad_multiple)
+                 if len(valid) else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
+        preds = self.group.gather_rows(rows, preds, len(self.data.valid))
         self.model.train()
         report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
         return report, preds
@@ -368,13 +401,16 @@ class FoldTrainer:
             row["averaged_val_mcrmse"] = candidates[1][2]["mcrmse"] if averaged is not None else float("nan")
         row["best"] = kind if improved else ""
         self.metrics_rows.append(row)
-        atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
+        if self.group.is_main:
+            atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
         extra = f", averaged {candidates[1][2]['mcrmse']:.4f}" if averaged is not None else ""
         log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.data.fold, self.step,
                  epoch, train_loss, trained["mcrmse"], extra, f" (best: {kind}, saved)" if improved else "")
 
     def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> None:
         """Copy the weights now and write the best checkpoint folder in the background."""
+        if not self.group.is_main:
+            return
         meta = {
             "fold": self.data.fold,
             "step": self.step,
@@ -391,6 +427,8 @@ class FoldTrainer:
         self.writer.submit(checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta))
 
     def _write_oof(self) -> None:
+        if not self.group.is_main:
+            return
         frame = pd.DataFrame(self.best_oof, columns=list(self.data.target_columns))
         frame.insert(0, "fold", self.data.fold)
         frame.insert(0, self.cfg.data.id_column, self.data.valid_ids)
