@@ -56,7 +56,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
         epilog="examples: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
-               "          python train.py --resume runs/ellipse_minilm-20261125-101500",
+               "          python train.py --resume runs/ellipse_minilm-20261125-101500\n"
+               "          accelerate launch --multi_gpu --num_processes 2 train.py --config C.yaml  "
+               "(each fold data-parallel)\n"
+               "          accelerate launch --multi_gpu --num_processes 2 train.py --fold-parallel --config C.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
@@ -65,6 +68,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                         help="continue a stopped run: finished folds are kept, the interrupted one continues")
     parser.add_argument("--force", action="store_true",
                         help="with --resume: continue even if the config or the train file changed")
+    parser.add_argument("--fold-parallel", action="store_true",
+                        help="under accelerate launch: spread the folds over the processes, one fold per process at "
+                             "a time (default: every fold data-parallel over all of them)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     # Options may come before, between or after the overrides.
     args = parser.parse_intermixed_args(argv)
@@ -75,14 +81,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
                                                         run_cross_validation)
+        from foldtune.training.distributed import current_launch, launched_world_size
 
+        if args.fold_parallel and launched_world_size() == 1:
+            log.warning("--fold-parallel in a single process: the folds train one after another; start several "
+                        "with accelerate launch --multi_gpu --num_processes N train.py --fold-parallel ...")
         if args.resume:
             if args.config or args.name:
                 raise ConfigError("--resume continues a run with its own saved config: "
                                   "--config and --name do not apply (overrides must match it, or --force)")
             run_dir = Path(args.resume)
-            _log_to_run_folder(run_dir)
-            resume_run(run_dir, args.overrides, args.folds, args.force)
+            _quiet_other_processes(args.fold_parallel)
+            if current_launch().is_main:
+                _log_to_run_folder(run_dir)
+            resume_run(run_dir, args.overrides, args.folds, args.force, args.fold_parallel)
             return 0
         config = args.config or str(DEFAULT_CONFIG)
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
@@ -90,22 +102,38 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if cfg.distill.teacher is not None and args.folds:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
-        frame = load_inputs(cfg)
-        run_dir = new_run_dir(cfg, Path(config).stem)
-        _log_to_run_folder(run_dir)
+        frame = load_inputs(cfg, args.fold_parallel)
+        launch = current_launch()
+        _quiet_other_processes(args.fold_parallel)
+        # one run folder for all the processes: its name has the main one's clock
+        run_dir = launch.run_on_main(lambda: new_run_dir(cfg, Path(config).stem))
+        if launch.is_main:
+            _log_to_run_folder(run_dir)
         if cfg.distill.teacher is not None:
             from foldtune.distill import run_distillation
 
             run_distillation(cfg, run_dir, frame)
         else:
-            run_cross_validation(cfg, run_dir, folds, frame)
+            run_cross_validation(cfg, run_dir, folds, frame, fold_parallel=args.fold_parallel)
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
         print(f"{stop}: the training state is saved. Continue with: python train.py --resume {run_dir}",
               file=sys.stderr)
         return stop.exit_code
+    finally:
+        from foldtune.training.distributed import close_launch
+
+        close_launch()
     return 0
+
+
+def _quiet_other_processes(fold_parallel: bool) -> None:
+    """Data-parallel, the processes other than the main one repeat its lines: warnings only."""
+    from foldtune.training.distributed import current_launch
+
+    if not fold_parallel and not current_launch().is_main:
+        log.setLevel(logging.WARNING)
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:

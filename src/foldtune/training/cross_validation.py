@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +42,8 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import write_report_or_warn
+from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
+                                           fold_group, folds_of_process, launched_world_size)
 from foldtune.training.graphs import CUDA_TURN
 from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.state import load_state, remove_states, state_files
@@ -141,15 +143,17 @@ def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: floa
     return "\n".join(body)
 
 
-def load_inputs(cfg: Config) -> pd.DataFrame:
+def load_inputs(cfg: Config, fold_parallel: bool = False) -> pd.DataFrame:
     """Check the config's names and both data files; return the training rows.
 
     Everything a user can get wrong in the inputs fails here, before a run folder is
-    made or a model is loaded.
+    made or a model is loaded. Under accelerate launch every process checks the same
+    inputs, so all of them fail together.
     """
     check_names(cfg)
+    check_launch(cfg, launched_world_size(), fold_parallel)
     if cfg.data.demo:
-        ensure_demo_files(cfg)
+        current_launch().run_on_main(lambda: ensure_demo_files(cfg))
     frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
     if cfg.data.test_file is not None:
         load_test(cfg.data.test_file, cfg.data)  # a bad test file fails now, not after training
@@ -166,6 +170,9 @@ class PreparedRun:
     fold_of: np.ndarray
     input_ids: list[list[int]]
     tokenizer: object
+    # The processes that train each fold together: this one alone, or all of a
+    # data-parallel launch (whose main process writes the fold's files).
+    group: OneProcess | DataParallel = field(default=ONE_PROCESS)
 
     @property
     def targets(self) -> np.ndarray:
@@ -194,8 +201,10 @@ class PreparedRun:
         if state is not None:
             log.info("fold %d: continuing from %s", fold, states[-1])
         with CUDA_TURN:         # seeding and building a model use the global generators
-            trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir).setup()
+            trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir, self.group).setup()
         result = trainer.train(state)
+        if not self.group.is_main:
+            return result
         atomic_write_json(fold_dir / RESULT_FILE, {
             "fold": fold, "mcrmse": result.score, "per_target": result.per_target,
             "best_step": result.best_step, "seconds": result.seconds,
@@ -349,11 +358,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int],
-              fold_of: np.ndarray | None = None) -> np.ndarray:
-    """Write what a new run records before training: config, provenance, folds (the
-    config's, unless given)."""
+              fold_of: np.ndarray | None = None, launch: dict | None = None) -> np.ndarray:
+    """Write what a new run records before training: config, provenance (and how it was
+    launched, when several processes train it), folds (the config's, unless given)."""
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_json(run_dir / "run.json", {
+        **(launch or {}),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "command": sys.argv,
         "folds": list(folds_to_run),
@@ -378,19 +388,30 @@ def saved_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> np.ndarray:
 
 
 def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None,
-                         frame: pd.DataFrame | None = None, resume: bool = False) -> dict:
+                         frame: pd.DataFrame | None = None, resume: bool = False,
+                         fold_parallel: bool = False) -> dict | None:
     """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json.
 
     With resume, the run folder's folds are reused, finished folds (checked by their
     files) are read back instead of trained, and an interrupted fold continues from its
-    newest training state.
+    newest training state. Under accelerate launch each fold is trained data-parallel by
+    every process, or (fold_parallel) each process trains its share of the folds; the
+    main process scores the run and the others return None.
     """
     if frame is None:
-        frame = load_inputs(cfg)
+        frame = load_inputs(cfg, fold_parallel)
     run_dir = Path(run_dir)
     folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
-    fold_of = saved_folds(cfg, run_dir, frame) if resume else start_run(cfg, run_dir, frame, folds_to_run)
-    if cfg.model.type == "tfidf_ridge":
+    launch = current_launch()
+    launch_info = ({"processes": launch.world_size, "process_mode": "fold_parallel" if fold_parallel
+                    else "data_parallel"} if launch.world_size > 1 else None)
+    fold_of = launch.run_on_main(lambda: saved_folds(cfg, run_dir, frame) if resume
+                                 else start_run(cfg, run_dir, frame, folds_to_run, launch=launch_info))
+    if launch.world_size > 1:
+        results = _train_launched(cfg, run_dir, frame, fold_of, folds_to_run, resume, fold_parallel, launch)
+        if not launch.is_main:
+            return None
+    elif cfg.model.type == "tfidf_ridge":
         # seconds per fold on a CPU: every fold is fitted again, resumed or not
         from foldtune.models.tfidf_ridge import train_tfidf_folds
 
@@ -403,14 +424,16 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     return scores
 
 
-def _train_transformer_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
-                             folds_to_run: Sequence[int], resume: bool) -> dict[int, FoldResult]:
-    """Tokenize once, then train (or, resuming, read back) each fold."""
+def _tokenized_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray) -> PreparedRun:
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
                            cfg.data.head_fraction)
-    prep = PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
+    return PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
 
+
+def _finished_folds(prep: PreparedRun, folds_to_run: Sequence[int],
+                    resume: bool) -> tuple[dict[int, FoldResult], list[int]]:
+    """(the folds finished before, read back; the folds to train)."""
     results: dict[int, FoldResult] = {}
     to_train = []
     for fold in folds_to_run:
@@ -422,6 +445,14 @@ def _train_transformer_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fo
             if resume:
                 log.info("fold %d: to train (%s)", fold, reason)
             to_train.append(fold)
+    return results, to_train
+
+
+def _train_transformer_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
+                             folds_to_run: Sequence[int], resume: bool) -> dict[int, FoldResult]:
+    """Tokenize once, then train (or, resuming, read back) each fold."""
+    prep = _tokenized_run(cfg, run_dir, frame, fold_of)
+    results, to_train = _finished_folds(prep, folds_to_run, resume)
     if cfg.training.parallel_folds > 1 and len(to_train) > 1:
         parallel = (train_folds_in_threads if cfg.training.parallel_mode == "threads"
                     else train_folds_in_processes)
@@ -431,8 +462,62 @@ def _train_transformer_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fo
     return results
 
 
+def _train_launched(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
+                    folds_to_run: Sequence[int], resume: bool, fold_parallel: bool,
+                    launch: OneProcess) -> dict[int, FoldResult]:
+    """The folds of a run under accelerate launch; the main process gets every result.
+
+    The main process tokenizes and decides which folds to train; the others read the
+    token ids back, as the fold processes of training.parallel_folds do. Data-parallel,
+    every process trains every fold together. Fold-parallel, process r trains every
+    world_size-th fold from r, alone and on its own device, seeded as a sequential run
+    is; the main process then reads the others' folds from their files. Nobody waits
+    in a collective call while folds train, so a long fold meets no timeout.
+    """
+    on_main: dict = {}
+
+    def prepare() -> list[int]:
+        prep = _tokenized_run(cfg, run_dir, frame, fold_of)
+        prep.save_tokens()
+        on_main["prep"] = prep
+        on_main["results"], to_train = _finished_folds(prep, folds_to_run, resume)
+        for fold in to_train:   # a fold is finished when its result is written, so none is left from before
+            (run_dir / f"fold_{fold}" / RESULT_FILE).unlink(missing_ok=True)
+        return to_train
+
+    to_train = launch.run_on_main(prepare)
+    prep = on_main["prep"] if launch.is_main else PreparedRun.load(run_dir)
+    prep.group = fold_group(launch, fold_parallel)
+    if not fold_parallel:
+        trained = {fold: prep.train_fold(fold) for fold in to_train}
+        return {**on_main.get("results", {}), **trained}
+    mine = folds_of_process(to_train, launch)
+    log.info("process %d of %d: fold(s) %s", launch.rank, launch.world_size, mine or "none")
+    for fold in mine:
+        prep.train_fold(fold)
+    if not launch.is_main:
+        return {}
+    _wait_for_folds(prep, [fold for fold in to_train if fold not in mine])
+    return {**on_main["results"], **{fold: prep.load_fold_result(fold) for fold in to_train}}
+
+
+def _wait_for_folds(prep: PreparedRun, folds: Sequence[int]) -> None:
+    """Until the other processes' folds check out by their files. A process that fails
+    ends the launch (the launcher stops the others); a stop signal ends the wait."""
+    waiting = list(folds)
+    if waiting:
+        log.info("waiting for fold(s) %s of the other processes", waiting)
+    while waiting:
+        stop = stop_requested()
+        if stop is not None:
+            raise TrainingInterrupted(stop)
+        waiting = [fold for fold in waiting if prep.unfinished_reason(fold) is not None]
+        if waiting:
+            time.sleep(1.0)
+
+
 def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: str | None = None,
-               force: bool = False) -> dict:
+               force: bool = False, fold_parallel: bool = False) -> dict | None:
     """Continue a stopped run: its saved config (overrides must not change it, unless
     force), the same data, the folds it was asked to train."""
     run_dir = Path(run_dir)
@@ -447,7 +532,7 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
         lines = "; ".join(f"{key}: {old!r} (saved) -> {new!r}" for key, old, new in changes)
         raise ConfigError(f"the config differs from the one {run_dir} was trained with: {lines}. "
                           "Resuming would mix two configs in one run; pass --force to do it anyway")
-    frame = load_inputs(cfg)
+    frame = load_inputs(cfg, fold_parallel)
     run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     recorded = run_info.get("train_file_sha256")
     if recorded and recorded != file_sha256(cfg.data.train_file) and not force:
@@ -456,9 +541,9 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
     if changes:
         log.warning("resuming %s with a changed config (--force): %s", run_dir,
                     ", ".join(key for key, _, _ in changes))
-        save_config(cfg, run_dir / "config.yaml")
+        current_launch().run_on_main(lambda: save_config(cfg, run_dir / "config.yaml"))
     folds = parse_folds_arg(folds_arg, cfg.folds.n_splits) if folds_arg else run_info["folds"]
-    return run_cross_validation(cfg, run_dir, folds, frame, resume=True)
+    return run_cross_validation(cfg, run_dir, folds, frame, resume=True, fold_parallel=fold_parallel)
 
 
 def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, targets: np.ndarray,
