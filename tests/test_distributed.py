@@ -191,6 +191,7 @@ def test_a_stopped_data_parallel_run_resumes_to_the_same_oof(dp_work, tiny_bert,
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0
     assert err.count("stopped by SIGTERM") == 2, err[-3000:]
+    assert f"Continue with: accelerate launch --multi_gpu --num_processes 2 train.py --resume {run}" in err
     assert not (run / "oof.csv").exists()
     state = load_state(sorted(run.glob("fold_0/state/state-*.pt"))[-1])
     assert len(state["rng_by_rank"]) == 2       # each process's generators, to continue its own

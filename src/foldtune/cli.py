@@ -118,8 +118,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
-        print(f"{stop}: the training state is saved. Continue with: python train.py --resume {run_dir}",
-              file=sys.stderr)
+        from foldtune.training.distributed import launched_world_size
+
+        again = (f"accelerate launch --multi_gpu --num_processes {launched_world_size()} train.py"
+                 if launched_world_size() > 1 else "python train.py")
+        print(f"{stop}: the training state is saved. Continue with: {again} --resume {run_dir}"
+              f"{' --fold-parallel' if args.fold_parallel else ''}", file=sys.stderr)
         return stop.exit_code
     finally:
         from foldtune.training.distributed import close_launch
