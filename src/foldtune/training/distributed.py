@@ -1,7 +1,7 @@
 """Several processes, one run: what `accelerate launch` starts, and how they share the work.
 
-    accelerate launch --num_processes N train.py ...                  one fold at a time, data-parallel
-    accelerate launch --num_processes N train.py --fold-parallel ...  the folds spread over the processes
+    accelerate launch --multi_gpu --num_processes N train.py ...                  each fold data-parallel
+    accelerate launch --multi_gpu --num_processes N train.py --fold-parallel ...  the folds spread over them
 
 `current_launch()` is the process's view of the launch: `ONE_PROCESS` (every method a
 no-op, accelerate never imported) when train.py runs alone, else an `AcceleratedLaunch`
@@ -13,7 +13,8 @@ gradients. Each process weighs its loss by its share of the batch, so a short la
 batch, split unevenly, still gives the gradient of the whole batch's mean loss: a
 loss that is a mean over rows (mse, smooth_l1) trains as a single process at the same
 global batch does. Validation rows are split the same way and gathered back in order.
-Only the main process writes files.
+Only the main process writes files; a stop signal seen by any process stops all of them
+at the same step (one small all-reduce a step).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ T = TypeVar("T")
 
 # Variables a launcher sets for every process it starts (torchrun, mpirun), as accelerate reads them.
 _WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-# The main process tokenizes and writes while the others wait in a collective call;
-# a fold-parallel run never waits in one while folds train.
+# The longest a process waits in a collective call: the others wait there while the main
+# process tokenizes or writes, never while folds train (fold-parallel waits by files).
 _WAIT_LIMIT = dt.timedelta(hours=2)
 
 
@@ -55,9 +56,6 @@ class OneProcess:
 
     def run_on_main(self, fn: Callable[[], T]) -> T:
         return fn()
-
-    def wait(self) -> None:
-        pass
 
     def gather(self, value: T) -> list[T]:
         return [value]
@@ -112,8 +110,8 @@ class AcceleratedLaunch(OneProcess):
     def __init__(self, cpu: bool):
         from accelerate import PartialState
 
-        # cpu: gloo over the CPUs (a machine without a GPU, or training.device: cpu);
-        # otherwise NCCL and one GPU per process.
+        # cpu: gloo over the CPUs (no GPU, or ACCELERATE_USE_CPU=1); otherwise NCCL and
+        # one GPU per process.
         self.state = PartialState(cpu=cpu, timeout=_WAIT_LIMIT)
         if self.state.num_processes != launched_world_size():
             raise ConfigError(f"the launcher started {launched_world_size()} processes but accelerate set up "
@@ -138,9 +136,6 @@ class AcceleratedLaunch(OneProcess):
         if not ok:
             raise value
         return value
-
-    def wait(self) -> None:
-        self.state.wait_for_everyone()
 
     def gather(self, value: T) -> list[T]:
         from accelerate.utils import gather_object
@@ -271,7 +266,6 @@ def check_launch(cfg: Config, world_size: int, fold_parallel: bool) -> None:
     if world_size <= 1:
         return
     t = cfg.training
-    how = "with --fold-parallel" if fold_parallel else "data-parallel"
     if cfg.model.type != "transformer":
         raise ConfigError(f"model.type: {cfg.model.type} has no GPU training to spread over {world_size} processes: "
                           "run it as plain python train.py")
@@ -290,11 +284,11 @@ def check_launch(cfg: Config, world_size: int, fold_parallel: bool) -> None:
     if fold_parallel:
         return
     if t.cuda_graphs:
-        raise ConfigError(f"training.cuda_graphs: true cannot train {how} (the gradient all-reduce is not in the "
-                          "captured graph): set training.cuda_graphs: false, or use --fold-parallel")
+        raise ConfigError("training.cuda_graphs: true cannot train data-parallel (the gradient all-reduce is not "
+                          "in the captured graph): set training.cuda_graphs: false, or use --fold-parallel")
     if t.batch_size % world_size:
-        fits = [b for b in (t.batch_size - t.batch_size % world_size, t.batch_size - t.batch_size % world_size
-                            + world_size) if b > 0]
+        below = t.batch_size - t.batch_size % world_size
+        fits = [b for b in (below, below + world_size) if b > 0]
         raise ConfigError(f"training.batch_size: {t.batch_size} is the global batch of a data-parallel run over "
                           f"{world_size} processes, so it must be a multiple of {world_size} (each process takes "
                           f"batch_size / {world_size} rows); set it to {' or '.join(map(str, fits))}")
