@@ -52,11 +52,13 @@ def sdpa_bias(q, k, v, pk, pq, idx, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_bias(q, k, pk, pq, idx, scale), scale=scale)
 
 
-def make_flex(compiled, kernel_options=None, detach=False):
+def make_flex(compiled, kernel_options=None, detach=False, fp32_terms=False):
     def run(q, k, v, pk, pq, idx_row, scale):
         length = q.shape[2]
         c2p = q @ pk.transpose(-1, -2) * scale
         p2c = k @ pq.transpose(-1, -2) * scale
+        if fp32_terms:      # the backward adds into these atomically: fp32 atomics are native
+            c2p, p2c = c2p.float(), p2c.float()
         if detach:
             c2p, p2c = c2p.detach(), p2c.detach()
         offset = length - 1
@@ -134,6 +136,8 @@ def main() -> int:
         "flex, gathered, forward 64x64, backward 64x64": (make_flex(compiled, {
             "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}), idx_row),
         "flex, gathered, forward 128x32": (make_flex(compiled, {"BLOCK_M": 128, "BLOCK_N": 32}), idx_row),
+        "flex, fp32 position terms, forward 64x64": (make_flex(compiled, {"BLOCK_M": 64, "BLOCK_N": 64},
+                                                               fp32_terms=True), idx_row),
         "flex, gathered, no gradient to position terms": (make_flex(compiled, detach=True), idx_row),
         "flex, dense bias read by the kernel": (make_flex_dense(compiled), idx),
         "sdpa (memory-efficient) + dense bias": (sdpa_bias, idx),
