@@ -106,3 +106,11 @@ def test_flex_on_a_gpu_triton_cannot_compile_for_is_refused_with_the_fallback(mo
     with pytest.raises(ConfigError, match=r"Tesla P100-PCIE-16GB has \(6, 0\): set model.attention=eager "
                                           r"model.gradient_checkpointing=true"):
         check_names(cfg)
+
+
+def test_the_fused_kernel_runs_where_triton_compiles_and_transformers_forward_elsewhere(monkeypatch):
+    assert not deberta_attention.fused_on(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))     # P100
+    assert not deberta_attention.fused_on(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))     # T4
+    assert deberta_attention.fused_on(torch.device("cuda", 0))

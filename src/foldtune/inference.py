@@ -20,6 +20,7 @@ from foldtune.config import load_config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, length_sorted_batches
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv
+from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
 from foldtune.training.precision import Precision, resolve_device, resolve_precision
 
@@ -203,7 +204,7 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     run_cfg = load_config(folders[0] / CONFIG_FILE)
     data = run_cfg.data                                   # cut texts as training did
     # A fused attention compiles per width: round widths up as training did.
-    pad_multiple = STATIC_PAD_MULTIPLE if run_cfg.model.attention == "flex" and device_.type == "cuda" else 1
+    pad_multiple = STATIC_PAD_MULTIPLE if run_cfg.model.attention == "flex" and fused_on(device_) else 1
     max_len = max_len or data.max_len
     check_max_len(load_backbone_config(folders[0]), max_len)
     dataset = TextDataset(encode_texts(tokenizer, list(texts), max_len, data.truncation,

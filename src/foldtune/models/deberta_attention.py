@@ -39,6 +39,18 @@ _compiled_flex = None
 # check the fused path's arithmetic on CPU.
 FLEX_ON_CPU = False
 
+# Triton compiles for compute capability 7.0 and newer. Training on an older GPU is
+# refused at start-up; predicting there (a Kaggle P100 scoring a run trained elsewhere)
+# takes transformers' forward instead.
+MIN_CAPABILITY = (7, 0)
+
+
+def fused_on(device: torch.device) -> bool:
+    """Whether the swapped attention runs the fused kernel on this device."""
+    if device.type != "cuda":
+        return FLEX_ON_CPU
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
 # Forward tiles of 64 queries x 64 keys: at 1,024 tokens the forward kernel takes 1.2 ms
 # a layer instead of 2.7 ms with FlexAttention's default tiles (benchmarks/
 # attention_kernels.py on an H100, and max-autotune picks the same); the backward keeps
@@ -86,7 +98,7 @@ def _disentangled_class():
             if output_attentions:
                 raise ValueError("model.attention=flex does not return attention maps; "
                                  "use model.attention=eager to read them")
-            if not (hidden_states.is_cuda or FLEX_ON_CPU):
+            if not fused_on(hidden_states.device):
                 return super().forward(hidden_states, attention_mask, output_attentions, query_states,
                                        relative_pos, rel_embeddings)
             if query_states is None:

@@ -38,6 +38,7 @@ from foldtune.data.validate import load_test, load_train
 from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json
 from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
+from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
@@ -64,7 +65,7 @@ def check_names(cfg: Config) -> None:
     if cfg.model.attention == "flex" and device.type != "cuda":
         raise ConfigError(f"model.attention: flex trains on CUDA only (FlexAttention has no backward pass on "
                           f"{device.type}): set model.attention: eager")
-    if cfg.model.attention == "flex" and torch.cuda.get_device_capability(device) < (7, 0):
+    if cfg.model.attention == "flex" and not fused_on(device):
         raise ConfigError(f"model.attention: flex compiles a Triton kernel, which needs a GPU of compute "
                           f"capability 7.0 or newer; {torch.cuda.get_device_name(device)} has "
                           f"{torch.cuda.get_device_capability(device)}: set model.attention=eager "
