@@ -114,3 +114,14 @@ def test_the_fused_kernel_runs_where_triton_compiles_and_transformers_forward_el
     assert not deberta_attention.fused_on(torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))     # T4
     assert deberta_attention.fused_on(torch.device("cuda", 0))
+
+
+def test_every_swapped_module_is_of_one_fused_class_and_a_second_switch_changes_nothing():
+    model, other = _deberta(), _deberta()
+    use_attention(model, "flex")
+    use_attention(other, "flex")
+    swapped = [m for m in [*model.modules(), *other.modules()] if "Disentangled" in type(m).__name__]
+    assert len(swapped) == 4 and len({type(m) for m in swapped}) == 1
+    before = copy.deepcopy(model.state_dict())
+    assert use_attention(model, "flex") == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -25,6 +25,7 @@ which changes only the hidden states of padding positions, which nothing reads.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,6 +51,7 @@ def fused_on(device: torch.device) -> bool:
     if device.type != "cuda":
         return FLEX_ON_CPU
     return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
 
 # Forward tiles of 64 queries x 64 keys: at 1,024 tokens the forward kernel takes 1.2 ms
 # a layer instead of 2.7 ms with FlexAttention's default tiles (benchmarks/
@@ -87,7 +89,10 @@ def _distance_buckets(relative_pos: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([rel[0, 1:].flip(0), rel[:, 0]])
 
 
+@functools.cache
 def _disentangled_class():
+    # One subclass per process, built on first use (transformers' DeBERTa module is not
+    # imported by runs that never ask for it).
     from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
     class FlexDisentangledSelfAttention(DisentangledSelfAttention):
@@ -147,7 +152,8 @@ def _disentangled_class():
                     return torch.where(keep[b, j], score, -float("inf"))
 
             options = KERNEL_OPTIONS if query.is_cuda else None
-            context = _flex_attention(query.device)(query, key, value, score_mod=score_mod, scale=scale, kernel_options=options)
+            context = _flex_attention(query.device)(query, key, value, score_mod=score_mod, scale=scale,
+                                                    kernel_options=options)
             return context.transpose(1, 2).reshape(batch, length, heads * width), None
 
     return DisentangledSelfAttention, FlexDisentangledSelfAttention
@@ -165,7 +171,7 @@ def use_attention(backbone: nn.Module, attention: str) -> int:
     if attention == "eager":
         return 0
     original, fused = _disentangled_class()
-    modules = [m for m in backbone.modules() if type(m) is original]
+    modules = [m for m in backbone.modules() if type(m) in (original, fused)]     # twice: a no-op
     if not modules:
         raise ValueError(f"model.attention=flex fuses DeBERTa-v2/v3's disentangled attention, but "
                          f"{type(backbone).__name__} has none; use model.attention=eager")
