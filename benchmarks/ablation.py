@@ -91,7 +91,7 @@ def main() -> int:
         rows = list(pool.map(lambda n: run_variant(n, VARIANTS[n], args, args.common), names))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"\n| variant | overrides | OOF MCRMSE | wall s (process) | train s |\n| --- | --- | --- | --- | --- |")
+    print("\n| variant | overrides | OOF MCRMSE | wall s (process) | train s |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         oof = f"{r['oof']:.4f}" if "oof" in r else f"failed: {r.get('error', '')}"
         print(f"| {r['variant']} | `{r['overrides'] or '-'}` | {oof} | {r['seconds']} | {r.get('train_seconds', '')} |")

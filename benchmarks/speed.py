@@ -82,7 +82,7 @@ def main() -> int:
     n_rows = len(pd.read_csv(args.train))
     samples = n_rows * (cfg.folds.n_splits - 1) * t.epochs      # training rows seen over all folds
     peer_seconds = rows[-1]["seconds"] if not args.skip_peer else None
-    print(f"\n| run | switches | OOF MCRMSE | wall s | per fold s | train samples/s | vs peer |")
+    print("\n| run | switches | OOF MCRMSE | wall s | per fold s | train samples/s | vs peer |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ratio = f"{peer_seconds / r['seconds']:.2f}x" if peer_seconds else ""

@@ -6,8 +6,6 @@ import json
 import logging
 import shutil
 
-import pytest
-
 from foldtune import report as report_module
 from foldtune.report import write_report, write_report_or_warn
 from foldtune.runs import diff_runs, list_runs, main as runs_main

@@ -47,7 +47,6 @@ from foldtune.training.stopping import TrainingInterrupted, stop_requested
 log = logging.getLogger("foldtune")
 
 
-
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """One seed for every generator; optionally torch's deterministic algorithms too."""
     random.seed(seed)
