@@ -118,8 +118,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
-        from foldtune.training.distributed import launched_world_size
-
         again = (f"accelerate launch --multi_gpu --num_processes {launched_world_size()} train.py"
                  if launched_world_size() > 1 else "python train.py")
         print(f"{stop}: the training state is saved. Continue with: {again} --resume {run_dir}"
