@@ -12,18 +12,29 @@ from foldtune.config import Config, ConfigError, ModelConfig, load_config
 from foldtune.files import BackgroundWriter
 from foldtune.models.regressor import TextRegressor
 from foldtune.training.cross_validation import check_names
-from foldtune.training.state import cpu_copy
+from foldtune.training.state import Snapshot
 
 
 def test_background_jobs_end_in_order_and_their_errors_reach_the_caller():
-    writer = BackgroundWriter()
+    writer = BackgroundWriter(max_pending=2)
     done, release = [], threading.Event()
     writer.submit(lambda: (release.wait(5), done.append(1)))
-    assert done == []                       # the caller went on while the first job waits
+    writer.submit(lambda: done.append(2))   # queued behind job 1: the caller does not wait
+    assert done == []
     release.set()
-    writer.submit(lambda: done.append(2))   # waits for job 1 first
     writer.wait()
     assert done == [1, 2]
+
+    # a third job while two are unfinished: the caller waits for the oldest first
+    gate = threading.Event()
+    writer.submit(lambda: (gate.wait(5), done.append(3)))
+    writer.submit(lambda: done.append(4))
+    timer = threading.Timer(0.2, gate.set)
+    timer.start()
+    writer.submit(lambda: done.append(5))
+    assert done[:2] == [1, 2] and 3 in done       # job 3 had ended before submit returned
+    writer.wait()
+    assert done == [1, 2, 3, 4, 5]
 
     def failing():
         raise OSError("No space left on device")
@@ -32,18 +43,26 @@ def test_background_jobs_end_in_order_and_their_errors_reach_the_caller():
     with pytest.raises(OSError, match="No space left"):
         writer.wait()
     writer.wait()                           # raised once, then clear
-    writer.submit(failing)
+    failing_soon = threading.Event()
+    writer.submit(lambda: (failing_soon.wait(5), failing()))
+    writer.submit(lambda: done.append(6))   # queued behind the failing job: it does not run
+    failing_soon.set()
     with pytest.raises(OSError, match="No space left"):
-        writer.submit(lambda: done.append(3))   # the next submit raises it, and its job does not start
+        writer.wait()
+    writer.submit(failing)
+    writer._threads[-1].join()              # the failing job has ended
+    with pytest.raises(OSError, match="No space left"):
+        writer.submit(lambda: done.append(7))   # the next submit raises it, and its job does not start
     writer.wait()
-    assert done == [1, 2]
+    assert done == [1, 2, 3, 4, 5]
 
 
-def test_cpu_copy_is_independent_and_keeps_views_of_one_tensor_one():
+def test_a_snapshot_is_independent_and_keeps_views_of_one_tensor_one():
     weight = torch.arange(6.0)
     state = {"a": weight, "tied": weight.detach(), "nested": [weight[:3], (7, "x")], "step": 5}
-    copied = cpu_copy(state)
+    snapshot = Snapshot(state)
     weight.add_(100)
+    copied = snapshot.value()
     assert copied["a"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert copied["a"] is copied["tied"]              # one tensor in, one tensor out
     assert copied["nested"][0].tolist() == [0.0, 1.0, 2.0]

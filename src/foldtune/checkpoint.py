@@ -24,7 +24,7 @@ from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory
 from foldtune.models.compress import low_rank_structure, restore_low_rank_structure
 from foldtune.models.regressor import TextRegressor, load_backbone_config
-from foldtune.training.state import cpu_copy
+from foldtune.training.state import Snapshot
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "foldtune.json"
@@ -41,13 +41,14 @@ def save_checkpoint(folder: str | Path, model: TextRegressor, tokenizer, cfg: Co
 
 
 class _CopiedWeights:
-    """A model's weights as they are now, on the CPU; save_model only calls state_dict()."""
+    """A model's weights as they are now, copied to host memory; save_model only calls
+    state_dict(), which waits for a copy from a GPU to be done."""
 
     def __init__(self, model: torch.nn.Module):
-        self._state = cpu_copy(model.state_dict())
+        self._snapshot = Snapshot(model.state_dict())
 
     def state_dict(self) -> dict:
-        return self._state
+        return self._snapshot.value()
 
 
 def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Config,

@@ -101,36 +101,52 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 class BackgroundWriter:
-    """Runs write jobs in a thread, one at a time, so that training does not wait for the disk.
+    """Runs write jobs in threads, one after another, so that training does not wait for the disk.
 
-    A job gets copies of what it writes (tensors already on the CPU), so training may go
-    on changing the originals. submit() first waits for the job before it, so jobs end
-    in the order they were given; call wait() before anything reads what they write.
-    An error raised by a job is raised again in the caller by the next submit() or wait().
+    A job gets copies of what it writes (training.state.Snapshot), so training may go
+    on changing the originals. Jobs run in the order they were given, each once the one
+    before it has ended; submit() returns at once unless `max_pending` jobs are still
+    unfinished (each holds its copies in memory), and wait() returns when all have ended:
+    call it before anything reads what they write. An error raised by a job is raised
+    again in the caller, by wait() or by a submit() once the jobs before have ended, and
+    the jobs after it do not run.
     """
 
-    SUFFIX = "-writer"      # its thread's name: the submitting thread's name and this
+    SUFFIX = "-writer"      # its threads' name: the submitting thread's name and this
 
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
+    def __init__(self, max_pending: int = 2) -> None:
+        self.max_pending = max_pending
+        self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], object]) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,),
-                                        name=threading.current_thread().name + self.SUFFIX)
-        self._thread.start()
+        self._raise_error()
+        while len(self._threads) >= self.max_pending:
+            self._threads.pop(0).join()
+            self._raise_error()
+        before = self._threads[-1] if self._threads else None
+        thread = threading.Thread(target=self._run, args=(job, before),
+                                  name=threading.current_thread().name + self.SUFFIX)
+        thread.start()
+        self._threads.append(thread)
 
-    def _run(self, job: Callable[[], object]) -> None:
+    def _run(self, job: Callable[[], object], before: threading.Thread | None) -> None:
+        if before is not None:
+            before.join()
+        if self._error is not None:         # a job before this one failed: its successors do not run
+            return
         try:
             job()
         except BaseException as err:  # raised again in the training thread
             self._error = err
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
+        while self._threads:
+            self._threads.pop(0).join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._error is not None and not self._threads:
             err, self._error = self._error, None
             raise err

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -85,27 +85,44 @@ def latest_run(runs_dir: str | Path = "runs") -> Path:
     return max(candidates, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
-@torch.inference_mode()
-def predict(model, dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
-            precision: Precision, pad_to_multiple_of: int = 1) -> np.ndarray:
-    """Predictions in row order, from batches sorted by length (almost no padding).
+def padded_batches(dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
+                   pad_to_multiple_of: int = 1) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(rows, batch on `device`) for the dataset in batches sorted by length (almost no padding)."""
+    batches = length_sorted_batches(dataset.lengths, batch_size)
+    # Its own generator: a loader draws a seed when iterated, and training's global
+    # generator (dropout) must not depend on when the batches were made.
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DynamicPadding(pad_token_id, pad_to_multiple_of),
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    for rows, batch in zip(batches, loader):
+        yield rows, {key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "attention_mask")}
 
-    Leaves the model in eval mode.
+
+@torch.inference_mode()
+def predict_batches(model, batches: Iterable[tuple[list[int], dict[str, torch.Tensor]]], n_rows: int,
+                    precision: Precision) -> np.ndarray:
+    """Predictions in row order from (rows, batch) pairs; leaves the model in eval mode.
+
+    The batches' outputs stay on the device until the last one: one wait for the GPU.
     """
     model.eval()
-    batches = length_sorted_batches(dataset.lengths, batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=DynamicPadding(pad_token_id, pad_to_multiple_of),
-                        pin_memory=device.type == "cuda")
-    out = None
-    for rows, batch in zip(batches, loader):
+    order, outputs = [], []
+    for rows, batch in batches:
         with precision.autocast():
-            preds = model(batch["input_ids"].to(device, non_blocking=True),
-                          batch["attention_mask"].to(device, non_blocking=True))
-        preds = preds.float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(dataset), preds.shape[1]), dtype=np.float32)
-        out[rows] = preds
+            outputs.append(model(batch["input_ids"], batch["attention_mask"]).float())
+        order.extend(rows)
+    if not outputs:
+        raise ValueError("nothing to predict: no rows")
+    preds = torch.cat(outputs).cpu().numpy()
+    out = np.empty((n_rows, preds.shape[1]), dtype=np.float32)
+    out[order] = preds
     return out
+
+
+def predict(model, dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
+            precision: Precision, pad_to_multiple_of: int = 1) -> np.ndarray:
+    """Predictions in row order, from batches sorted by length; leaves the model in eval mode."""
+    return predict_batches(model, padded_batches(dataset, batch_size, pad_token_id, device, pad_to_multiple_of),
+                           len(dataset), precision)
 
 
 def normalized_weights(weights: Sequence[float] | np.ndarray, n: int, what: str) -> np.ndarray:

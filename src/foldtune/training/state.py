@@ -87,25 +87,55 @@ def remove_states(fold_dir: str | Path) -> None:
     shutil.rmtree(Path(fold_dir) / STATE_DIR, ignore_errors=True)
 
 
-def cpu_copy(obj):
-    """obj with every tensor copied to the CPU (views of one tensor stay one tensor).
+class Snapshot:
+    """A copy of obj's tensors in host memory (views of one tensor stay one tensor), taken
+    without making the host wait: what a background write is given.
 
-    What a background write is given: training may change the originals meanwhile.
+    Tensors on a GPU are copied into pinned memory on their device's current stream,
+    behind the work already queued there (a training step that changes them afterwards
+    is queued behind the copy), so the training thread goes straight on. Whoever reads
+    the copy calls value() first, which waits for the copies, in a writer thread say.
     """
+
+    def __init__(self, obj):
+        self._events: list[torch.cuda.Event] = []
+        devices: set[torch.device] = set()
+
+        def copy(value: torch.Tensor) -> torch.Tensor:
+            if value.device.type != "cuda":
+                return value.detach().to("cpu", copy=True)
+            devices.add(value.device)
+            host = torch.empty_like(value, device="cpu", pin_memory=True)
+            return host.copy_(value.detach(), non_blocking=True)
+
+        self._value = _map_tensors(obj, copy)
+        for device in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._events.append(event)
+
+    def value(self):
+        for event in self._events:
+            event.synchronize()
+        return self._value
+
+
+def _map_tensors(obj, copy):
+    """obj with copy(t) for every tensor t; a tensor seen twice (tied weights) is copied once."""
     memo: dict[tuple, torch.Tensor] = {}
 
-    def copy(value):
+    def walk(value):
         if isinstance(value, torch.Tensor):
             key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
             if key not in memo:
-                memo[key] = value.detach().to("cpu", copy=True)
+                memo[key] = copy(value)
             return memo[key]
         if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
+            return {k: walk(v) for k, v in value.items()}
         if isinstance(value, list):
-            return [copy(v) for v in value]
+            return [walk(v) for v in value]
         if isinstance(value, tuple):
-            return tuple(copy(v) for v in value)
+            return tuple(walk(v) for v in value)
         return value
 
-    return copy(obj)
+    return walk(obj)

@@ -30,7 +30,7 @@ from foldtune.config import Config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, LengthBucketSampler
 from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
-from foldtune.inference import predict
+from foldtune.inference import padded_batches, predict_batches
 from foldtune.losses import build_loss
 from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
@@ -41,7 +41,7 @@ from foldtune.training.awp import build_awp
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import CUDA_TURN, GraphedSteps
 from foldtune.training.precision import resolve_device, resolve_precision
-from foldtune.training.state import capture_rng, cpu_copy, save_state
+from foldtune.training.state import Snapshot, capture_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
@@ -126,6 +126,7 @@ class FoldTrainer:
                                     self.loss_sum, tcfg.batch_size) if tcfg.cuda_graphs else None)
         # Checkpoints and training states are written in a thread while training goes on.
         self.writer = BackgroundWriter()
+        self._valid_batches: list | None = None
         return self
 
     def _setup_logging(self) -> None:
@@ -208,11 +209,14 @@ class FoldTrainer:
                         if self._train_on(batch, epoch, i, epoch_start_order, started, bar):
                             break               # the epoch end evaluates and saves below
                 position = 0
+                last = epoch + 1 == tcfg.epochs
                 with CUDA_TURN:
                     self._evaluate_and_keep_best(epoch + 1.0, self._take_train_loss())
-                    # the next epoch's order is drawn from the generator as it is now
-                    self._save_state(epoch + 1, 0, self.generator.get_state(), started)
-                stop = self.group.agree_on_stop(stop_requested())
+                    # The next epoch's order is drawn from the generator as it is now. After
+                    # the last epoch the fold's result is written next, and no state is needed.
+                    if not last:
+                        self._save_state(epoch + 1, 0, self.generator.get_state(), started)
+                stop = not last and self.group.agree_on_stop(stop_requested())
                 if stop:
                     raise TrainingInterrupted(stop)
             self.writer.wait()
@@ -353,12 +357,12 @@ class FoldTrainer:
             return
         if len(rngs) > 1:
             state["rng_by_rank"] = rngs
-        state = cpu_copy(state)
-        fold_dir, keep, fold = self.fold_dir, self.cfg.training.keep_states, self.data.fold
+        snapshot = Snapshot(state)          # the copies from the GPU finish while training goes on
+        fold_dir, keep, fold, step = self.fold_dir, self.cfg.training.keep_states, self.data.fold, self.step
 
         def write() -> None:
-            path = save_state(fold_dir, state, keep=keep)
-            log.info("fold %d: training state saved at step %d (%s)", fold, state["step"], path.name)
+            path = save_state(fold_dir, snapshot.value(), keep=keep)
+            log.info("fold %d: training state saved at step %d (%s)", fold, step, path.name)
 
         self.writer.submit(write)
 
@@ -368,10 +372,13 @@ class FoldTrainer:
         """Score `model` (default: the one being trained) on the fold's validation rows."""
         model = self.model if model is None else model
         rows = self.group.rows(len(self.data.valid))     # data-parallel: this process's share
-        valid = self.data.valid if rows is None else self.data.valid.subset(rows)
-        preds = (predict(model, valid, self.cfg.training.eval_batch_size, self.tokenizer.pad_token_id, self.device,
-                         self.precision, self.pad_multiple)
-                 if len(valid) else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
+        if self._valid_batches is None:     # padded and on the device once, for every evaluation
+            valid = self.data.valid if rows is None else self.data.valid.subset(rows)
+            self._valid_batches = list(padded_batches(valid, self.cfg.training.eval_batch_size,
+                                                      self.tokenizer.pad_token_id, self.device, self.pad_multiple))
+            self._valid_rows = len(valid)
+        preds = (predict_batches(model, self._valid_batches, self._valid_rows, self.precision)
+                 if self._valid_rows else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
         preds = self.group.gather_rows(rows, preds, len(self.data.valid))
         self.model.train()
         report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
