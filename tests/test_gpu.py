@@ -204,3 +204,35 @@ def test_fused_attention_trains_as_transformers_attention_does(tiny_deberta, tmp
     dataset = TextDataset(encode_texts(tokenizer, train["full_text"].tolist(), 64).input_ids)
     cpu = predict(model, dataset, 8, tokenizer.pad_token_id, torch.device("cpu"), resolve_precision("fp32", torch.device("cpu")))
     np.testing.assert_allclose(cpu, oof[oof["fold"] == 0].iloc[:, 2:].to_numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_snapshot_of_gpu_tensors_keeps_their_values_when_training_goes_on(room, monkeypatch):
+    from foldtune.training import state
+
+    if not room:    # no room for GPU clones: copied to the host at once
+        monkeypatch.setattr(state, "_room", lambda device: 0)
+    weight = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    moment = torch.full((1 << 20,), 3.0, device="cuda")
+    before = torch.cuda.memory_allocated()
+    snapshot = state.Snapshot({"model": {"w": weight, "tied": weight.detach()}, "optimizer": [moment], "step": 7})
+    assert torch.cuda.memory_allocated() - before == (2 * 4 << 20 if room else 0)    # tied: cloned once
+    for _ in range(20):                 # training changes the originals, queued behind the clones
+        weight.mul_(2.0).add_(1.0)
+        moment.zero_()
+    copied = threading_result(snapshot.value)      # read in another thread, as the writer does
+    assert copied["step"] == 7 and copied["model"]["w"] is copied["model"]["tied"]
+    assert copied["model"]["w"].device.type == "cpu"
+    assert torch.equal(copied["model"]["w"], torch.arange(1 << 20, dtype=torch.float32))
+    assert torch.equal(copied["optimizer"][0], torch.full((1 << 20,), 3.0))
+    assert torch.cuda.memory_allocated() == before  # the clones are freed once on the host
+
+
+def threading_result(function):
+    import threading
+
+    box = []
+    thread = threading.Thread(target=lambda: box.append(function()))
+    thread.start()
+    thread.join()
+    return box[0]
