@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -83,6 +84,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                                         run_cross_validation)
         from foldtune.training.distributed import current_launch, launched_world_size
 
+        started = time.perf_counter()       # the libraries are loaded: the run's own time from here
         if args.fold_parallel and launched_world_size() == 1:
             log.warning("--fold-parallel in a single process: the folds train one after another; start several "
                         "with accelerate launch --multi_gpu --num_processes N train.py --fold-parallel ...")
@@ -115,6 +117,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             run_distillation(cfg, run_dir, frame)
         else:
             run_cross_validation(cfg, run_dir, folds, frame, fold_parallel=args.fold_parallel)
+        log.info("done: %s in %.1f s", run_dir, time.perf_counter() - started)
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:

@@ -173,4 +173,7 @@ def _map_tensors(obj, copy):
             return tuple(walk(v) for v in value)
         return value
 
-    return walk(obj)
+    try:
+        return walk(obj)
+    finally:
+        memo.clear()        # walk's closure refers to itself: let the copies go with obj, not with the GC
