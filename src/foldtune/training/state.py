@@ -92,7 +92,7 @@ class Snapshot:
     background write to read while training goes on changing the originals.
 
     Tensors on a GPU are cloned on the GPU when there is room for the clones (half of
-    what is free), which costs the training thread a few milliseconds; value(), called by
+    what training has not needed so far), which costs the training thread a few milliseconds; value(), called by
     the writer thread, then brings them to the host on a stream of its own, so neither
     the training thread nor its stream waits for that copy. Without room they are copied
     to the host at once (a MiniLM state of 272 MB: ~0.1 s of the training thread).
@@ -150,9 +150,11 @@ def _cuda_bytes(obj) -> dict[torch.device, int]:
 
 
 def _room(device: torch.device) -> int:
-    """Bytes a new allocation on `device` can take: free on the device and unused in torch's cache."""
+    """Bytes on `device` that training has not needed so far: what this process can hold
+    there (free on the device, and its own cache) less its peak allocation. Memory that
+    is merely unused now, between two steps, is not room: the next step needs it again."""
     free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(0, free + torch.cuda.memory_reserved(device) - torch.cuda.max_memory_allocated(device))
 
 
 def _map_tensors(obj, copy):
