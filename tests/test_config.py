@@ -107,3 +107,14 @@ def test_there_are_configs_to_check():
 def test_tfidf_and_distill_values_are_checked(override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(None, [override])
+
+
+def test_the_fast_minilm_config_is_the_plain_one_with_the_measured_speed_switches():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    plain = config_to_dict(load_config(configs / "ellipse_minilm.yaml"))
+    fast = config_to_dict(load_config(configs / "ellipse_minilm_fast.yaml"))
+    changed = {(section, key): value for section, values in fast.items() for key, value in values.items()
+               if plain[section][key] != value}
+    assert changed == {("model", "backbone_dropout"): 0.0, ("training", "cuda_graphs"): True,
+                       ("training", "eval_batch_size"): 256, ("training", "parallel_folds"): 5,
+                       ("training", "parallel_mode"): "threads"}
