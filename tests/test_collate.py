@@ -56,3 +56,29 @@ def test_bucketed_batches_cover_every_row_once_and_waste_little_padding():
     assert padded(first) - lengths.sum() < 0.25 * (padded(random_batches) - lengths.sum())
     assert first != second                                        # a new order every epoch
     assert _bucket_epochs(lengths, 8, seed=1)[0] == [first, second]   # and the same for the same seed
+
+
+def test_padded_rows_give_the_batches_dynamic_padding_gives():
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from foldtune.data.collate import PaddedRows
+    from foldtune.data.dataset import TextDataset
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(5, 30000, size=n).tolist() for n in rng.integers(1, 90, size=37)]
+    for targets in (rng.random((37, 6)).astype(np.float32), None):
+        data = TextDataset(ids, targets)
+        for multiple in (1, 64):        # 64: a width rounded up past the longest row (89)
+            expected = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3),
+                                  collate_fn=DynamicPadding(1, multiple))
+            got = DataLoader(range(len(data)), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3),
+                             collate_fn=PaddedRows(data, 1, multiple))
+            pairs = list(zip(expected, got, strict=True))
+            assert len(pairs) == 5
+            for a, b in pairs:
+                assert a.keys() == b.keys() == ({"input_ids", "attention_mask"} | ({"labels"} if targets is not None
+                                                                                 else set()))
+                for key in a:
+                    assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            assert {a["input_ids"].shape[1] % multiple for a, _ in pairs} == {0}

