@@ -13,6 +13,11 @@ import torch
 STATIC_PAD_MULTIPLE = 64
 
 
+def round_up(width: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `width`."""
+    return -(-width // multiple) * multiple
+
+
 class DynamicPadding:
     """Collate rows of token ids into tensors padded to the longest row of the batch."""
 
@@ -24,8 +29,7 @@ class DynamicPadding:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(item["input_ids"]) for item in items)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = round_up(max(len(item["input_ids"]) for item in items), self.pad_to_multiple_of)
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, item in enumerate(items):
@@ -51,10 +55,9 @@ class PaddedRows:
     def __init__(self, dataset, pad_token_id: int, pad_to_multiple_of: int = 1):
         self.pad = DynamicPadding(pad_token_id, pad_to_multiple_of)     # checks the pad token
         lengths = dataset.lengths
-        width = max(int(lengths.max()) if len(lengths) else 1, 1)
-        ids = np.full((len(lengths), width), self.pad.pad_token_id, dtype=np.int32)
-        ids[np.arange(width) < lengths[:, None]] = np.concatenate(
-            [np.asarray(row, dtype=np.int32) for row in dataset.input_ids]) if len(lengths) else []
+        ids = np.full((len(lengths), int(lengths.max(initial=1))), self.pad.pad_token_id, dtype=np.int32)
+        ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.concatenate(
+            [np.asarray(row, dtype=np.int32) for row in dataset.input_ids] + [np.empty(0, dtype=np.int32)])
         self.ids = torch.from_numpy(ids)
         self.lengths = torch.from_numpy(lengths)
         self.targets = dataset.targets
@@ -62,8 +65,7 @@ class PaddedRows:
     def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(rows, dtype=torch.long)
         lengths = self.lengths[index]
-        multiple = self.pad.pad_to_multiple_of
-        width = -(-int(lengths.max()) // multiple) * multiple
+        width = round_up(int(lengths.max()), self.pad.pad_to_multiple_of)
         input_ids = torch.full((len(index), width), self.pad.pad_token_id, dtype=torch.long)
         stored = min(width, self.ids.shape[1])      # a width rounded up may pass the longest row
         input_ids[:, :stored] = self.ids[index, :stored]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from foldtune.config import Config, ConfigError
+from foldtune.data.collate import round_up
 from foldtune.training.state import restore_rng
 
 T = TypeVar("T")
@@ -181,7 +182,7 @@ class DataParallel:
         local = {key: value[start:stop] for key, value in batch.items()}
         # Drop the padding columns that none of this process's rows needs.
         width = int(local["attention_mask"].sum(dim=1).max())
-        width = min(-(-width // pad_multiple) * pad_multiple, local["input_ids"].shape[1])
+        width = min(round_up(width, pad_multiple), local["input_ids"].shape[1])
         local["input_ids"], local["attention_mask"] = local["input_ids"][:, :width], local["attention_mask"][:, :width]
         return local, (stop - start) / n
 
