@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -206,26 +208,40 @@ def test_fused_attention_trains_as_transformers_attention_does(tiny_deberta, tmp
     np.testing.assert_allclose(cpu, oof[oof["fold"] == 0].iloc[:, 2:].to_numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("room", [True, False])
-def test_a_snapshot_of_gpu_tensors_keeps_their_values_when_training_goes_on(room, monkeypatch):
+@pytest.mark.parametrize("room,separate", [(True, False), (True, True), (False, False)])
+def test_a_snapshot_of_gpu_tensors_keeps_their_values_when_training_goes_on(room, separate, monkeypatch):
     from foldtune.training import state
 
-    if not room:    # no room for GPU clones: copied to the host at once
+    if not room:    # no room for GPU copies: copied to the host at once
         monkeypatch.setattr(state, "_room", lambda device: 0)
-    weight = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    weight = torch.arange(1 << 20, dtype=torch.float32, device="cuda").view(1024, 1024)
     moment = torch.full((1 << 20,), 3.0, device="cuda")
+    count = torch.tensor(5.0, device="cuda")                # a 0-d optimizer step
+    ids = torch.arange(10, device="cuda")                   # int64: a buffer of its own dtype
+    gc.collect()                        # earlier tests' tensors must not be freed while this one counts
+    torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    snapshot = state.Snapshot({"model": {"w": weight, "tied": weight.detach()}, "optimizer": [moment], "step": 7})
-    assert torch.cuda.memory_allocated() - before == (2 * 4 << 20 if room else 0)    # tied: cloned once
-    for _ in range(20):                 # training changes the originals, queued behind the clones
+    snapshot = state.Snapshot({"model": {"w": weight, "tied": weight.detach(), "ids": ids},
+                               "optimizer": [moment, count], "step": 7}, separate=separate)
+    # one buffer per dtype: the tied weight copied once (+4 B for the step), the ids apart
+    # (the allocator rounds each buffer up to 512 B)
+    assert torch.cuda.memory_allocated() - before == ((2 * 4 << 20) + 512 + 512 if room else 0)
+    for _ in range(20):                 # training changes the originals, queued behind the copies
         weight.mul_(2.0).add_(1.0)
         moment.zero_()
+        count.add_(1.0)
+        ids.add_(1)
     copied = threading_result(snapshot.value)      # read in another thread, as the writer does
     assert copied["step"] == 7 and copied["model"]["w"] is copied["model"]["tied"]
     assert copied["model"]["w"].device.type == "cpu"
-    assert torch.equal(copied["model"]["w"], torch.arange(1 << 20, dtype=torch.float32))
+    assert torch.equal(copied["model"]["w"], torch.arange(1 << 20, dtype=torch.float32).view(1024, 1024))
     assert torch.equal(copied["optimizer"][0], torch.full((1 << 20,), 3.0))
-    assert torch.cuda.memory_allocated() == before  # the clones are freed once on the host
+    assert copied["optimizer"][1].shape == () and copied["optimizer"][1].item() == 5.0
+    assert torch.equal(copied["model"]["ids"], torch.arange(10))
+    storages = {t.untyped_storage().data_ptr() for t in (copied["model"]["w"], *copied["optimizer"])}
+    # views of one host buffer unless separate (safetensors needs tensors that own their memory)
+    assert len(storages) == (3 if separate or not room else 1)
+    assert torch.cuda.memory_allocated() == before  # the GPU copies are freed once on the host
 
 
 def threading_result(function):
@@ -236,3 +252,4 @@ def threading_result(function):
     thread.start()
     thread.join()
     return box[0]
+

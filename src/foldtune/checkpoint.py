@@ -45,7 +45,7 @@ class _CopiedWeights:
     state_dict(), which waits for a copy from a GPU to be done."""
 
     def __init__(self, model: torch.nn.Module):
-        self._snapshot = Snapshot(model.state_dict())
+        self._snapshot = Snapshot(model.state_dict(), separate=True)    # safetensors refuses views
 
     def state_dict(self) -> dict:
         return self._snapshot.value()

@@ -91,50 +91,81 @@ class Snapshot:
     """A copy of obj's tensors as they are now (views of one tensor stay one tensor), for a
     background write to read while training goes on changing the originals.
 
-    Tensors on a GPU are cloned on the GPU when there is room for the clones (half of
-    what training has not needed so far): 3-4 ms of the training thread for a MiniLM
-    state of 272 MB on an H100. value(), called by the writer thread, then brings them to
-    the host on a stream of its own, so neither the training thread nor its stream waits
-    for that copy. Without room they are copied to the host at once, and the training
-    thread waits for the copy. Pinned host memory is not used: allocating it cost more
-    (0.34 s for that state) than the copy it speeds up.
+    Tensors on a GPU are copied on the GPU when there is room for the copies (half of what
+    training has not needed so far), into one buffer per dtype: one copy kernel, 3-4 ms of
+    the training thread for a MiniLM state of 272 MB on an H100. value(), called by the
+    writer thread, brings each buffer to the host in one copy on a stream of its own, so
+    neither the training thread nor its stream waits for it; tensor by tensor, the writer
+    took the GIL back after each of a few hundred copies, and the training threads of folds
+    trained side by side waited for it. Without room the tensors are copied to the host at
+    once, and the training thread waits for the copy. Pinned host memory is not used:
+    allocating it cost more (0.34 s for that state) than the copy it speeds up.
+
+    The host tensors are views of one buffer per dtype, which torch.save writes once;
+    with separate=True each has memory of its own (safetensors refuses views).
     """
 
-    def __init__(self, obj):
-        self._events: dict[torch.device, torch.cuda.Event] = {}
+    def __init__(self, obj, separate: bool = False):
+        self._separate = separate
+        self._event: dict[torch.device, torch.cuda.Event] = {}
         self._host = None
         on_gpu = _cuda_bytes(obj)
         clone = {device: nbytes <= _room(device) // 2 for device, nbytes in on_gpu.items()}
+        members: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
 
-        def copy(value: torch.Tensor) -> torch.Tensor:
+        def copy(value: torch.Tensor):
             if value.device.type == "cuda" and clone[value.device]:
-                return value.detach().clone()
+                group = members.setdefault((value.device, value.dtype), [])
+                group.append(value.detach())
+                return _Slot((value.device, value.dtype), len(group) - 1)
             return value.detach().to("cpu", copy=True)
 
         self._value = _map_tensors(obj, copy)
-        for device, cloned in clone.items():
-            if cloned:
-                event = self._events[device] = torch.cuda.Event()
+        self._shapes = {key: [t.shape for t in group] for key, group in members.items()}
+        self._buffers = {key: torch.cat([t.reshape(-1) for t in group]) for key, group in members.items()}
+        for device, _ in self._buffers:
+            if device not in self._event:
+                event = self._event[device] = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))
-        if not self._events:
+        if not self._buffers:
             self._host = self._value
 
     def value(self):
-        """The copy, every tensor on the CPU; the first call moves the GPU clones there."""
+        """The copy, every tensor on the CPU; the first call moves the GPU buffers there."""
         if self._host is None:
-            streams = {device: torch.cuda.Stream(device) for device in self._events}
-            for device, stream in streams.items():
-                stream.wait_event(self._events[device])
-
-            def to_host(value: torch.Tensor) -> torch.Tensor:
-                if value.device.type != "cuda":
-                    return value
-                with torch.cuda.stream(streams[value.device]):
-                    return value.to("cpu")          # waits for this stream only
-
-            self._host = _map_tensors(self._value, to_host)
-            self._value = None                      # the GPU clones are freed
+            streams = {device: torch.cuda.Stream(device) for device in self._event}
+            pieces = {}
+            for (device, dtype), buffer in self._buffers.items():
+                stream = streams[device]
+                stream.wait_event(self._event[device])
+                with torch.cuda.stream(stream):
+                    host = buffer.to("cpu")         # waits for this stream only
+                shapes = self._shapes[(device, dtype)]
+                parts = host.split([shape.numel() for shape in shapes])
+                pieces[(device, dtype)] = [part.view(shape).clone() if self._separate else part.view(shape)
+                                           for part, shape in zip(parts, shapes)]
+            self._host = _fill_slots(self._value, pieces)
+            self._value = self._buffers = None      # the GPU buffers are freed
         return self._host
+
+
+class _Slot:
+    """Where a tensor copied into a GPU buffer goes back: its buffer's key and its place."""
+
+    def __init__(self, key: tuple[torch.device, torch.dtype], index: int):
+        self.key, self.index = key, index
+
+
+def _fill_slots(obj, pieces: dict):
+    if isinstance(obj, _Slot):
+        return pieces[obj.key][obj.index]
+    if isinstance(obj, dict):
+        return {k: _fill_slots(v, pieces) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill_slots(v, pieces) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_fill_slots(v, pieces) for v in obj)
+    return obj
 
 
 def _cuda_bytes(obj) -> dict[torch.device, int]:
