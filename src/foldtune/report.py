@@ -50,7 +50,8 @@ def scores_table(scores: dict, targets: Sequence[str]) -> str:
 
 def _save_png(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        # zlib level 1: the encoding takes half the time of the default 6, for 20% more bytes
+        fig.savefig(tmp, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     return path
 
 
