@@ -23,6 +23,7 @@ from foldtune.files import atomic_write_csv
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
 from foldtune.training.precision import Precision, resolve_device, resolve_precision
+from foldtune.training.turn import to_host
 
 log = logging.getLogger("foldtune")
 
@@ -112,7 +113,7 @@ def predict_batches(model, batches: Iterable[tuple[list[int], dict[str, torch.Te
         order.extend(rows)
     if not outputs:
         raise ValueError("nothing to predict: no rows")
-    preds = torch.cat(outputs).cpu().numpy()
+    preds = to_host(torch.cat(outputs)).numpy()     # waited for outside a fold's turn (training/turn.py)
     out = np.empty((n_rows, preds.shape[1]), dtype=np.float32)
     out[order] = preds
     return out

@@ -21,17 +21,11 @@ What makes a replay equal to an eager step:
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 from torch import nn
 
 log = logging.getLogger("foldtune")
-
-# Folds trained side by side in threads take turns at the CUDA API: a capture must not
-# see another thread's launches, copies or allocations. A turn only launches work (the
-# GPU runs the folds' kernels side by side meanwhile); held by one thread, it costs nothing.
-CUDA_TURN = threading.RLock()
 
 
 class GraphedSteps:

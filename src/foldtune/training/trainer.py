@@ -39,10 +39,11 @@ from foldtune.optim.schedulers import build_scheduler, warmup_steps
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
-from foldtune.training.graphs import CUDA_TURN, GraphedSteps
+from foldtune.training.graphs import GraphedSteps
 from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.state import Snapshot, capture_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
+from foldtune.training.turn import CUDA_TURN, to_host, wait_for_stream
 
 log = logging.getLogger("foldtune")
 
@@ -249,6 +250,10 @@ class FoldTrainer:
             self.loss_count += 1
             self._count_step()
         else:
+            if self.graphs is not None:
+                # This step waits for the GPU under the turn (transformers reads the attention mask
+                # on the host): let the steps replayed before it finish first, outside the turn.
+                wait_for_stream(self.device)
             batch = self._to_device(batch)
             # The last group of an epoch may be short: scale by its real size.
             group_size = min(accum, n_batches - (i // accum) * accum)
@@ -276,7 +281,8 @@ class FoldTrainer:
 
     def _take_train_loss(self) -> float:
         """Mean training loss since the last evaluation (and reset the running sum)."""
-        loss = self.group.sum(self.loss_sum).item() / max(self.loss_count, 1)
+        total = to_host(self.group.sum(self.loss_sum))
+        loss = total.item() / max(self.loss_count, 1)
         self.loss_sum.zero_()
         self.loss_count = 0
         return loss
@@ -323,7 +329,7 @@ class FoldTrainer:
             "averaging": self.averaging.state_dict(), "rng": capture_rng(), "data_order": epoch_start_order,
             "best": {"score": self.best_score, "step": self.best_step, "per_target": self.best_per_target,
                      "oof": None if self.best_oof is None else torch.from_numpy(self.best_oof)},
-            "metrics_rows": self.metrics_rows, "loss_sum": self.group.sum(self.loss_sum).item(),
+            "metrics_rows": self.metrics_rows, "loss_sum": to_host(self.group.sum(self.loss_sum)).item(),
             "loss_count": self.loss_count,
             "seconds": seconds,
         }
@@ -382,7 +388,8 @@ class FoldTrainer:
                  if self._valid_rows else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
         preds = self.group.gather_rows(rows, preds, len(self.data.valid))
         self.model.train()
-        report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
+        with CUDA_TURN.outside():
+            report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
         return report, preds
 
     def _evaluate_and_keep_best(self, epoch: float, train_loss: float) -> None:
@@ -397,22 +404,35 @@ class FoldTrainer:
             self.best_per_target = report["per_target"]
             self.best_oof = preds
             self.save_checkpoint(model, averaged=kind == "averaged")
+        lr = self._backbone_lr()
+        # Files and logs are written outside the turn: the other folds go on launching meanwhile.
+        with CUDA_TURN.outside():
+            self._record_evaluation(epoch, train_loss, lr, candidates, kind if improved else "")
+
+    def _backbone_lr(self) -> float:
+        """The backbone's top learning rate: training.lr as the schedule has it now."""
+        lrs = [g["lr"] for g in self.optimizer.param_groups if not g["name"].startswith("head")]
+        if not lrs:
+            return 0.0
+        if torch.is_tensor(lrs[0]):         # on the device (CUDA graphs): one read for all of them
+            return float(to_host(torch.stack(lrs)).max())
+        return max(float(lr) for lr in lrs)
+
+    def _record_evaluation(self, epoch: float, train_loss: float, lr: float, candidates: list, best: str) -> None:
+        """An evaluation's row in metrics.csv and its line in the log."""
         trained = candidates[0][2]
-        # The backbone's top learning rate: training.lr as the schedule has it now.
-        lr = max((float(g["lr"]) for g in self.optimizer.param_groups if not g["name"].startswith("head")),
-                 default=0.0)
         row = {"step": self.step, "epoch": round(epoch, 4), "lr": lr, "train_loss": train_loss,
                "val_mcrmse": trained["mcrmse"]}
         row.update({f"val_{name}": value for name, value in trained["per_target"].items()})
         if self.cfg.averaging.method != "none":
-            row["averaged_val_mcrmse"] = candidates[1][2]["mcrmse"] if averaged is not None else float("nan")
-        row["best"] = kind if improved else ""
+            row["averaged_val_mcrmse"] = candidates[1][2]["mcrmse"] if len(candidates) > 1 else float("nan")
+        row["best"] = best
         self.metrics_rows.append(row)
         if self.group.is_main:
             atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
-        extra = f", averaged {candidates[1][2]['mcrmse']:.4f}" if averaged is not None else ""
+        extra = f", averaged {candidates[1][2]['mcrmse']:.4f}" if len(candidates) > 1 else ""
         log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.data.fold, self.step,
-                 epoch, train_loss, trained["mcrmse"], extra, f" (best: {kind}, saved)" if improved else "")
+                 epoch, train_loss, trained["mcrmse"], extra, f" (best: {best}, saved)" if best else "")
 
     def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> None:
         """Copy the weights now and write the best checkpoint folder in the background."""

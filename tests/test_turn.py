@@ -1,0 +1,88 @@
+"""Turns at the CUDA API for folds trained in threads (training/turn.py), and the GIL's
+switch interval while they train."""
+
+import sys
+import threading
+
+import pytest
+import torch
+
+from foldtune.config import load_config
+from foldtune.training.cross_validation import THREADS_SWITCH_INTERVAL, train_folds_in_threads
+from foldtune.training.turn import Turn, to_host
+
+
+def test_a_turn_is_reentrant_and_its_holder_can_step_out_at_any_depth():
+    turn = Turn()
+    order = []
+    entered, released = threading.Event(), threading.Event()
+
+    def other():
+        with turn:
+            order.append("other has the turn")
+            entered.set()
+        released.set()
+
+    with turn:
+        with turn:                              # depth 2
+            thread = threading.Thread(target=other)
+            thread.start()
+            assert not entered.wait(0.2)        # held: the other thread waits
+            with turn.outside():
+                assert not turn.held()
+                assert released.wait(5)         # it took the turn and gave it back
+                order.append("back")
+            assert turn.held()
+        assert turn.held()                      # depth 1 again: still this thread's
+        blocked = threading.Thread(target=lambda: (turn.__enter__(), order.append("third"), turn.__exit__()))
+        blocked.start()
+        blocked.join(0.2)
+        assert order == ["other has the turn", "back"]
+    blocked.join(5)
+    thread.join(5)
+    assert order == ["other has the turn", "back", "third"]
+    assert not turn.held()
+
+
+def test_stepping_out_without_the_turn_does_nothing():
+    turn = Turn()
+    with turn.outside():
+        assert not turn.held()
+    with turn:
+        pass
+    assert not turn.held()
+
+
+def test_to_host_of_a_cpu_tensor_is_its_value():
+    value = torch.tensor([[1.5, -2.0]], requires_grad=True) * 2
+    host = to_host(value)
+    assert host.device.type == "cpu" and not host.requires_grad
+    assert host.tolist() == [[3.0, -4.0]]
+
+
+class _Prep:
+    """What train_folds_in_threads uses of a PreparedRun: its config and train_fold."""
+
+    def __init__(self, fail: int | None = None):
+        self.cfg = load_config(None, ["training.device=cpu", "model.backbone_dropout=0.0"])
+        self.fail = fail
+        self.seen: dict[int, float] = {}
+
+    def train_fold(self, fold: int) -> str:
+        self.seen[fold] = sys.getswitchinterval()
+        if fold == self.fail:
+            raise RuntimeError(f"fold {fold} failed")
+        return f"result {fold}"
+
+
+def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it():
+    before = sys.getswitchinterval()
+    prep = _Prep()
+    assert train_folds_in_threads(prep, [0, 1, 2], 3) == {0: "result 0", 1: "result 1", 2: "result 2"}
+    assert prep.seen == {fold: pytest.approx(THREADS_SWITCH_INTERVAL) for fold in (0, 1, 2)}
+    assert sys.getswitchinterval() == before
+
+    failing = _Prep(fail=1)
+    with pytest.raises(RuntimeError, match="fold 1 failed"):
+        train_folds_in_threads(failing, [0, 1], 2)
+    assert sys.getswitchinterval() == before
