@@ -91,6 +91,31 @@ def test_a_checkpoint_job_writes_the_weights_as_they_were_when_it_was_made(tiny_
                        before["backbone.embeddings.word_embeddings.weight"])
 
 
+def test_checkpoints_hold_the_tokenizer_files_saved_once(tiny_bert, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    model = TextRegressor.from_pretrained(ModelConfig(name=str(tiny_bert)), 2)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    tokenizer.save_pretrained(tmp_path / "reference")
+    saves = []
+    original = type(tokenizer).save_pretrained
+
+    def counted(self, *args, **kwargs):
+        saves.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", counted)
+    for name in ("first", "second"):
+        checkpoint_job(tmp_path / name, model, tokenizer, Config(), {"pooling": "mean", "target_columns": ["a", "b"]})()
+    assert len(saves) == 1              # the files are kept from the first save
+    reference = sorted(p.name for p in (tmp_path / "reference").iterdir())
+    for name in ("first", "second"):
+        for file in reference:
+            assert (tmp_path / name / file).read_bytes() == (tmp_path / "reference" / file).read_bytes(), file
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "second"))
+    assert loaded("a cat sat")["input_ids"] == tokenizer("a cat sat")["input_ids"]
+
+
 @pytest.mark.parametrize("override, named", [
     ("awp.enabled=true", "awp.enabled: true"),
     ("training.gradient_accumulation_steps=2", "training.gradient_accumulation_steps > 1"),

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -70,12 +73,37 @@ def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Con
         with atomic_directory(folder) as tmp:
             save_model(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             backbone_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            for name, data in tokenizer_files(tokenizer).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
             (tmp / META_FILE).write_text(meta_text, encoding="utf-8")
         return folder
 
     return write
+
+
+_TOKENIZER_FILES: "weakref.WeakKeyDictionary[object, dict[str, bytes]]" = weakref.WeakKeyDictionary()
+_TOKENIZER_FILES_LOCK = threading.Lock()
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files that the tokenizer's save_pretrained writes, by relative path; saved once per tokenizer.
+
+    A fold writes its best checkpoint a dozen times, and the tokenizer never changes. Its
+    save_pretrained holds the GIL for its whole serialisation, while folds trained side by
+    side in threads wait for it to launch their steps; the bytes kept here are written
+    with the GIL released.
+    """
+    with _TOKENIZER_FILES_LOCK:
+        files = _TOKENIZER_FILES.get(tokenizer)
+        if files is None:
+            with tempfile.TemporaryDirectory(prefix="foldtune-tokenizer-") as folder:
+                tokenizer.save_pretrained(folder)
+                files = {path.relative_to(folder).as_posix(): path.read_bytes()
+                         for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+            _TOKENIZER_FILES[tokenizer] = files
+        return files
 
 
 def read_meta(folder: str | Path) -> dict:
