@@ -1,6 +1,7 @@
 """Turns at the CUDA API for folds trained in threads (training/turn.py), and the GIL's
 switch interval while they train."""
 
+import subprocess
 import sys
 import threading
 
@@ -75,10 +76,15 @@ class _Prep:
         return f"result {fold}"
 
 
-def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it():
+def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it(monkeypatch):
+    from foldtune.training import cross_validation
+
+    preloads = []
+    monkeypatch.setattr(cross_validation, "preload_plotting", lambda: preloads.append(1))
     before = sys.getswitchinterval()
     prep = _Prep()
     assert train_folds_in_threads(prep, [0, 1, 2], 3) == {0: "result 0", 1: "result 1", 2: "result 2"}
+    assert preloads == [1]              # once, when the first fold had finished
     assert prep.seen == {fold: pytest.approx(THREADS_SWITCH_INTERVAL) for fold in (0, 1, 2)}
     assert sys.getswitchinterval() == before
 
@@ -86,3 +92,11 @@ def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it():
     with pytest.raises(RuntimeError, match="fold 1 failed"):
         train_folds_in_threads(failing, [0, 1], 2)
     assert sys.getswitchinterval() == before
+
+
+def test_the_plotting_modules_are_preloaded_in_a_thread():
+    code = ("import sys; from foldtune.report import preload_plotting; "
+            "assert 'matplotlib.figure' not in sys.modules; preload_plotting().join(); "
+            "print('matplotlib.figure' in sys.modules, 'matplotlib.backends.backend_agg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -13,10 +13,12 @@ display, no global backend switch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +55,25 @@ def _save_png(fig, path: Path) -> Path:
         # zlib level 1: the encoding takes half the time of the default 6, for 20% more bytes
         fig.savefig(tmp, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     return path
+
+
+def preload_plotting() -> threading.Thread:
+    """Import the plotting modules in a background thread, ahead of the report.
+
+    Called when the first of the folds trained in threads has finished: the others are
+    at their last steps, and the import (0.7 s of a 22 s MiniLM run on the lent H100,
+    where Python compiles matplotlib from source) no longer waits for the last fold.
+    """
+    def load() -> None:
+        try:
+            for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+                importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the report says what is missing when it draws
+            pass
+
+    thread = threading.Thread(target=load, name="preload-plotting", daemon=True)
+    thread.start()
+    return thread
 
 
 def plot_learning_curves(run_dir: Path, folds: Sequence[int], path: Path) -> Path:

@@ -42,7 +42,7 @@ from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
-from foldtune.report import write_report_or_warn
+from foldtune.report import preload_plotting, write_report_or_warn
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
 from foldtune.training.precision import resolve_device, resolve_precision
@@ -342,7 +342,9 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
     try:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = {pool.submit(train, fold): fold for fold in folds}
-            for future in as_completed(futures):
+            for done, future in enumerate(as_completed(futures)):
+                if done == 0 and len(futures) > 1:
+                    preload_plotting()      # the report's imports, while the last folds finish
                 try:
                     results[futures[future]] = future.result()
                 except TrainingInterrupted as stop:

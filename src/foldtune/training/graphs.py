@@ -91,14 +91,21 @@ class GraphedSteps:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        # Captured between capture_begin and capture_end rather than in torch.cuda.graph(),
+        # whose entry waits for the whole device and empties torch's GPU and pinned-memory
+        # caches: with folds in threads, every other fold's queue ran dry at each capture.
         # thread_local: folds trained in other threads may go on launching work meanwhile.
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            loss = self._loss(static)
-            loss.backward()
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-            self.optimizer.step()
-            self.loss_sum.add_(loss.detach())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                loss = self._loss(static)
+                loss.backward()
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+                self.optimizer.step()
+                self.loss_sum.add_(loss.detach())
+            finally:
+                graph.capture_end()
         # The graph keeps its gradient buffers; eager steps must not add to them.
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.set_rng_state(rng, self.device)
