@@ -5,7 +5,7 @@ foldtune runs first, once per speed setting (each switch added to the one before
 is measured before and after); the peer then trains on the folds file of the first run.
 
     python benchmarks/speed.py --model /path/to/all-MiniLM-L6-v2 \\
-        --train ../shared/data/ellipse/train.csv [--variants plain,nodrop,graphs,eval256,threads]
+        --train ../shared/data/ellipse/train.csv [--variants plain,nodrop,graphs,eval256,threads,freeze]
 
 Two times per row: the whole process (wall), and the run's own time after its imports
 (train.py's "done: ... in X s" line; the peer's own clock, started after its imports).
@@ -39,6 +39,7 @@ SPEED_SWITCHES = {
     "bucket": ["training.bucket_batches=true"],
     "parallel": ["training.parallel_folds=5"],
     "threads": ["training.parallel_folds=5", "training.parallel_mode=threads"],
+    "freeze": ["model.freeze_embeddings=true"],
     "compile": ["training.compile=true"],
 }
 
@@ -48,7 +49,7 @@ def main() -> int:
     parser.add_argument("--config", default="configs/ellipse_minilm.yaml")
     parser.add_argument("--model", required=True)
     parser.add_argument("--train", required=True)
-    parser.add_argument("--variants", default="plain,nodrop,graphs,eval256,threads")
+    parser.add_argument("--variants", default="plain,nodrop,graphs,eval256,threads,freeze")
     parser.add_argument("--runs-dir", default="runs/speed")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", default=None, help="write every row as JSON here")

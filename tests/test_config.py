@@ -115,6 +115,7 @@ def test_the_fast_minilm_config_is_the_plain_one_with_the_measured_speed_switche
     fast = config_to_dict(load_config(configs / "ellipse_minilm_fast.yaml"))
     changed = {(section, key): value for section, values in fast.items() for key, value in values.items()
                if plain[section][key] != value}
-    assert changed == {("model", "backbone_dropout"): 0.0, ("training", "cuda_graphs"): True,
+    assert changed == {("model", "backbone_dropout"): 0.0, ("model", "freeze_embeddings"): True,
+                       ("training", "cuda_graphs"): True,
                        ("training", "eval_batch_size"): 256, ("training", "parallel_folds"): 5,
                        ("training", "parallel_mode"): "threads"}
