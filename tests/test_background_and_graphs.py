@@ -69,6 +69,17 @@ def test_a_snapshot_is_independent_and_keeps_views_of_one_tensor_one():
     assert copied["nested"][1] == (7, "x") and copied["step"] == 5
 
 
+def test_the_walk_of_a_state_maps_other_leaves_once_each():
+    from foldtune.training.state import _map_leaves, _Slot
+
+    shared = _Slot("buffer", 0)
+    state = {"a": shared, "b": [shared, (_Slot("buffer", 1), 3)], "c": torch.zeros(1)}
+    calls = []
+    filled = _map_leaves(state, lambda slot: calls.append(slot) or f"piece {slot.index}", leaf=_Slot)
+    assert filled == {"a": "piece 0", "b": ["piece 0", ("piece 1", 3)], "c": state["c"]}
+    assert len(calls) == 2                 # the slot seen twice is mapped once
+
+
 def test_a_checkpoint_job_writes_the_weights_as_they_were_when_it_was_made(tiny_bert, tmp_path):
     from transformers import AutoTokenizer
 

@@ -128,7 +128,7 @@ class Snapshot:
                 return _Slot((value.device, value.dtype), len(group) - 1)
             return value.detach().to("cpu", copy=True)
 
-        self._value = _map_tensors(obj, copy)
+        self._value = _map_leaves(obj, copy)
         self._shapes = {key: [t.shape for t in group] for key, group in members.items()}
         self._buffers = {key: torch.cat([t.reshape(-1) for t in group]) for key, group in members.items()}
         for device, _ in self._buffers:
@@ -155,7 +155,7 @@ class Snapshot:
                 parts = host.split([shape.numel() for shape in shapes])
                 pieces[(device, dtype)] = [part.view(shape).clone() if self._separate else part.view(shape)
                                            for part, shape in zip(parts, shapes)]
-            self._host = _fill_slots(self._value, pieces)
+            self._host = _map_leaves(self._value, lambda slot: pieces[slot.key][slot.index], leaf=_Slot)
             self._value = self._buffers = None      # the GPU buffers are freed
         return self._host
 
@@ -177,18 +177,6 @@ class _Slot:
         self.key, self.index = key, index
 
 
-def _fill_slots(obj, pieces: dict):
-    if isinstance(obj, _Slot):
-        return pieces[obj.key][obj.index]
-    if isinstance(obj, dict):
-        return {k: _fill_slots(v, pieces) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fill_slots(v, pieces) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_fill_slots(v, pieces) for v in obj)
-    return obj
-
-
 def _cuda_bytes(obj) -> dict[torch.device, int]:
     """Bytes of the distinct tensors in obj on each GPU."""
     sizes: dict[torch.device, int] = {}
@@ -198,7 +186,7 @@ def _cuda_bytes(obj) -> dict[torch.device, int]:
             sizes[value.device] = sizes.get(value.device, 0) + value.numel() * value.element_size()
         return value
 
-    _map_tensors(obj, count)
+    _map_leaves(obj, count)
     return sizes
 
 
@@ -210,13 +198,15 @@ def _room(device: torch.device) -> int:
     return max(0, free + torch.cuda.memory_reserved(device) - torch.cuda.max_memory_allocated(device))
 
 
-def _map_tensors(obj, copy):
-    """obj with copy(t) for every tensor t; a tensor seen twice (tied weights) is copied once."""
-    memo: dict[tuple, torch.Tensor] = {}
+def _map_leaves(obj, copy, leaf: type = torch.Tensor):
+    """obj with copy(x) for every leaf x (a tensor, unless `leaf` says otherwise) in its dicts,
+    lists and tuples; a tensor seen twice (tied weights) is copied once."""
+    memo: dict[tuple, object] = {}
 
     def walk(value):
-        if isinstance(value, torch.Tensor):
-            key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if isinstance(value, leaf):
+            key = ((value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+                   if isinstance(value, torch.Tensor) else (id(value),))
             if key not in memo:
                 memo[key] = copy(value)
             return memo[key]
