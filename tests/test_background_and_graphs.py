@@ -167,3 +167,17 @@ def test_deberta_relative_positions_are_built_once_per_length_and_unchanged(tiny
             assert torch.equal(model(ids, mask), before)
         model(ids[:, :16], mask[:, :16])
     assert calls == [24, 16]            # one build per length, the cached tensor after that
+
+
+@pytest.mark.parametrize("stage_bytes", [1, 5, 64, 4096])
+def test_copying_through_a_small_buffer_fills_each_target_in_turn(stage_bytes):
+    from foldtune.training.state import copy_in_chunks
+
+    source = torch.arange(40, dtype=torch.float32)          # 160 bytes
+    targets = [torch.empty(3, 2), torch.empty(0), torch.empty(1), torch.empty(33)]
+    copy_in_chunks(source, targets, torch.empty(stage_bytes, dtype=torch.uint8))
+    assert targets[0].tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert targets[2].tolist() == [6.0]
+    assert targets[3].tolist() == [float(v) for v in range(7, 40)]
+    with pytest.raises(ValueError, match="160 bytes into targets of 156"):
+        copy_in_chunks(source, [torch.empty(39)], torch.empty(8, dtype=torch.uint8))

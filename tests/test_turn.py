@@ -68,9 +68,11 @@ class _Prep:
         self.cfg = load_config(None, ["training.device=cpu", "model.backbone_dropout=0.0"])
         self.fail = fail
         self.seen: dict[int, float] = {}
+        self.released: dict[int, bool] = {}
 
-    def train_fold(self, fold: int) -> str:
+    def train_fold(self, fold: int, release_cache: bool = True) -> str:
         self.seen[fold] = sys.getswitchinterval()
+        self.released[fold] = release_cache
         if fold == self.fail:
             raise RuntimeError(f"fold {fold} failed")
         return f"result {fold}"
@@ -86,6 +88,7 @@ def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it(monk
     assert train_folds_in_threads(prep, [0, 1, 2], 3) == {0: "result 0", 1: "result 1", 2: "result 2"}
     assert preloads == [1]              # once, when the first fold had finished
     assert prep.seen == {fold: pytest.approx(THREADS_SWITCH_INTERVAL) for fold in (0, 1, 2)}
+    assert prep.released == {0: False, 1: False, 2: False}     # emptying the cache would wait for the others
     assert sys.getswitchinterval() == before
 
     failing = _Prep(fail=1)

@@ -1,5 +1,10 @@
 """Training losses, by name. Each reduces (batch, targets) to a scalar, weighing the
-targets' terms by `training.target_weights` when given (normalised to sum to one)."""
+targets' terms by `training.target_weights` when given (normalised to sum to one).
+
+Rows are averaged; a `row_weight` (1 for a row, 0 for a stand-in) averages over the
+weighted rows only. A CUDA graph replays a fixed batch size, so an epoch's short last
+batch is filled up with stand-in rows that must not count (training/graphs.py).
+"""
 
 from __future__ import annotations
 
@@ -28,17 +33,24 @@ class TargetLoss(nn.Module):
         w = torch.ones(n_targets) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.register_buffer("weights", w / w.sum(), persistent=False)
 
-    def per_target(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_target(self, pred: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (self.per_target(pred.float(), target.float()) * self.weights).sum()
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.per_target(pred.float(), target.float(), row_weight) * self.weights).sum()
+
+
+def row_mean(values: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the rows (dim 0) of (rows, targets) values; with row_weight, their weighted mean."""
+    if row_weight is None:
+        return values.mean(dim=0)
+    return (values * row_weight[:, None]).sum(dim=0) / row_weight.sum()
 
 
 @LOSSES.register("mse")
 class MSELoss(TargetLoss):
-    def per_target(self, pred, target):
-        return F.mse_loss(pred, target, reduction="none").mean(dim=0)
+    def per_target(self, pred, target, row_weight):
+        return row_mean(F.mse_loss(pred, target, reduction="none"), row_weight)
 
 
 @LOSSES.register("smooth_l1")
@@ -49,16 +61,16 @@ class SmoothL1Loss(TargetLoss):
         super().__init__(n_targets, weights)
         self.beta = beta
 
-    def per_target(self, pred, target):
-        return F.smooth_l1_loss(pred, target, reduction="none", beta=self.beta).mean(dim=0)
+    def per_target(self, pred, target, row_weight):
+        return row_mean(F.smooth_l1_loss(pred, target, reduction="none", beta=self.beta), row_weight)
 
 
 @LOSSES.register("rmse")
 class RMSELoss(TargetLoss):
     """Square root of the (weighted) mean squared error over every value of the batch."""
 
-    def forward(self, pred, target):
-        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=0)
+    def forward(self, pred, target, row_weight=None):
+        mse = row_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), row_weight)
         return torch.sqrt((mse * self.weights).sum() + SQRT_EPS)
 
 
@@ -66,8 +78,8 @@ class RMSELoss(TargetLoss):
 class MCRMSELoss(TargetLoss):
     """The competition metric on the batch: the (weighted) mean of each target's RMSE."""
 
-    def per_target(self, pred, target):
-        return torch.sqrt(F.mse_loss(pred, target, reduction="none").mean(dim=0) + SQRT_EPS)
+    def per_target(self, pred, target, row_weight):
+        return torch.sqrt(row_mean(F.mse_loss(pred, target, reduction="none"), row_weight) + SQRT_EPS)
 
 
 def build_loss(cfg: TrainingConfig, n_targets: int) -> nn.Module:

@@ -195,8 +195,13 @@ class PreparedRun:
             target_range=(float(targets.min()), float(targets.max())),
         )
 
-    def train_fold(self, fold: int) -> FoldResult:
-        """Train the fold, continuing from its newest training state if it has one."""
+    def train_fold(self, fold: int, release_cache: bool = True) -> FoldResult:
+        """Train the fold, continuing from its newest training state if it has one.
+
+        release_cache: hand the GPU memory torch has cached back to the driver afterwards
+        (for the processes beside this one). Not with folds in threads: it waits for the
+        whole GPU, while the other folds are training there.
+        """
         fold_dir = self.run_dir / f"fold_{fold}"
         states = state_files(fold_dir)
         state = load_state(states[-1]) if states else None
@@ -212,7 +217,7 @@ class PreparedRun:
             "best_step": result.best_step, "seconds": result.seconds,
         })
         remove_states(fold_dir)                     # finished: the best checkpoint is what stays
-        if torch.cuda.is_available():
+        if release_cache and torch.cuda.is_available():
             with CUDA_TURN:
                 torch.cuda.empty_cache()
         return result
@@ -330,8 +335,8 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
         threading.current_thread().name = f"fold-{fold}"
         if device.type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):
-                return prep.train_fold(fold)
-        return prep.train_fold(fold)
+                return prep.train_fold(fold, release_cache=False)
+        return prep.train_fold(fold, release_cache=False)
 
     results, interrupted, failed = {}, None, []
     # A thread that waited (for its turn, the GPU or a file) waits again for the GIL while

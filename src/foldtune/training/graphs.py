@@ -5,8 +5,11 @@ A small encoder on a large GPU spends its steps launching kernels, not computing
 With `training.cuda_graphs` the whole step (forward, loss, backward, clipping and the
 optimizer's update) is captured once per batch shape and then replayed: the batch is
 copied into the graph's own input tensors and one replay does the rest. Batch widths
-are padded to multiples of 64, so a fold needs a handful of graphs; a batch of another
-size (an epoch's short last batch) runs eagerly on the same weights and optimizer.
+are padded to multiples of 64, so a fold needs a handful of graphs. An epoch's short
+last batch is filled up to the batch size with copies of its rows, weighed zero in the
+loss (`row_weight`), and replayed too: run eagerly, it cost a slow step under the fold's
+turn at every epoch end (and cuDNN plans for its shape). Only a larger batch, or a new
+width beyond `max_graphs`, runs eagerly on the same weights and optimizer.
 
 What makes a replay equal to an eager step:
 - the optimizer (fused AdamW, capturable) keeps its step count on the device and reads
@@ -46,6 +49,7 @@ class GraphedSteps:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.stream = torch.cuda.Stream(self.device)
         self.pool = torch.cuda.graph_pool_handle()   # one memory pool for every shape's graph
+        self._all_rows = torch.ones(batch_size).pin_memory()     # the row weights of a full batch
         cache_relative_positions(model)
 
     def prepare(self) -> None:
@@ -60,11 +64,13 @@ class GraphedSteps:
         """One training step as a replay; False when the batch must go the eager way instead."""
         if not self.optimizer.state:        # the first step creates the optimizer's state
             return False
-        shape = tuple(batch["input_ids"].shape)
+        rows, width = batch["input_ids"].shape
+        shape = (self.batch_size, width)
         entry = self.graphs.get(shape)
+        if entry is None and (rows > self.batch_size or len(self.graphs) >= self.max_graphs):
+            return False
+        batch = self.filled(batch)
         if entry is None:
-            if shape[0] != self.batch_size or len(self.graphs) >= self.max_graphs:
-                return False
             entry = self.graphs[shape] = self._capture(batch)
         graph, static = entry
         for key, value in batch.items():
@@ -72,10 +78,21 @@ class GraphedSteps:
         graph.replay()
         return True
 
+    def filled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with its row weights, filled up to the batch size with stand-in rows
+        (copies of its own, so every row the model sees is a real one) weighed zero."""
+        rows = len(batch["input_ids"])
+        if rows == self.batch_size:
+            return {**batch, "row_weight": self._all_rows}
+        index = torch.arange(self.batch_size) % rows
+        weight = (torch.arange(self.batch_size) < rows).float()
+        # pinned, as the trainer's batches are: copied to the graph's inputs without waiting
+        return {**{key: value[index].pin_memory() for key, value in batch.items()}, "row_weight": weight.pin_memory()}
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.precision.autocast():
             preds = self.model(batch["input_ids"], batch["attention_mask"])
-        return self.loss_fn(preds, batch["labels"])
+        return self.loss_fn(preds, batch["labels"], batch["row_weight"])
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         static = {key: value.to(self.device, copy=True) for key, value in batch.items()}

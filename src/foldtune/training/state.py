@@ -10,12 +10,13 @@ them are removed once the fold has finished (its best checkpoint stays).
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
-import os
 import random
 import shutil
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -96,18 +97,17 @@ class Snapshot:
     Tensors on a GPU are copied on the GPU when there is room for the copies (half of what
     training has not needed so far), into one buffer per dtype: one copy kernel, 3-4 ms of
     the training thread for a MiniLM state of 272 MB on an H100. value(), called by the
-    writer thread, brings each buffer to the host in one copy on a stream of its own, so
-    neither the training thread nor its stream waits for it; tensor by tensor, the writer
-    took the GIL back after each of a few hundred copies, and the training threads of folds
-    trained side by side waited for it. Without room the tensors are copied to the host at
-    once, and the training thread waits for the copy.
+    writer thread, brings each buffer to the host on a stream of its own, so neither the
+    training thread nor its stream waits for it; tensor by tensor, the writer took the GIL
+    back after each of a few hundred copies, and the training threads of folds trained side
+    by side waited for it. Without room the tensors are copied to the host at once, and the
+    training thread waits for the copy.
 
-    A buffer up to 1/64 of the machine's memory lands in pinned host memory, which torch
-    keeps and hands out again for the next state of that size: five MiniLM folds in
-    threads took 25.3-25.9 s instead of 27.4-27.6 s after the imports, the copies into
-    pageable memory having stalled the training threads. A larger buffer (a DeBERTa state
-    on a machine with Kaggle's 13-30 GB) is copied into pageable memory: pinned memory
-    cannot be swapped, and a cached copy per state in flight would hold too much of it.
+    A buffer comes to the host through a small pinned buffer shared by the process
+    (`copy_to_host`), chunk by chunk, into pageable memory. Pinning host memory is slow
+    (~1.3 ms a MB on the H100 host) and holds up every thread's CUDA calls meanwhile:
+    pinned copies of whole states had the five folds of a run in threads stall at their
+    first evaluation and epoch end, when each fold pinned room for its checkpoint and state.
 
     The host tensors are views of one buffer per dtype, which torch.save writes once;
     with separate=True each has memory of its own (safetensors refuses views).
@@ -141,33 +141,96 @@ class Snapshot:
     def value(self):
         """The copy, every tensor on the CPU; the first call moves the GPU buffers there."""
         if self._host is None:
-            streams = {device: torch.cuda.Stream(device) for device in self._event}
             pieces = {}
             for (device, dtype), buffer in self._buffers.items():
-                stream = streams[device]
-                stream.wait_event(self._event[device])
-                pinned = buffer.numel() * buffer.element_size() <= pinned_copy_limit()
-                with torch.cuda.stream(stream):
-                    host = buffer.to("cpu", non_blocking=pinned)    # pageable: waits for this stream only
-                if pinned:
-                    stream.synchronize()
                 shapes = self._shapes[(device, dtype)]
-                parts = host.split([shape.numel() for shape in shapes])
-                pieces[(device, dtype)] = [part.view(shape).clone() if self._separate else part.view(shape)
-                                           for part, shape in zip(parts, shapes)]
+                if self._separate:
+                    parts = [torch.empty(shape, dtype=dtype) for shape in shapes]
+                    copy_to_host(buffer, parts, after=self._event[device])
+                else:
+                    whole = torch.empty(buffer.shape, dtype=dtype)
+                    copy_to_host(buffer, [whole], after=self._event[device])
+                    parts = [part.view(shape) for part, shape in
+                             zip(whole.split([shape.numel() for shape in shapes]), shapes)]
+                pieces[(device, dtype)] = parts
             self._host = _map_leaves(self._value, lambda slot: pieces[slot.key][slot.index], leaf=_Slot)
             self._value = self._buffers = None      # the GPU buffers are freed
         return self._host
 
 
-@functools.cache
-def pinned_copy_limit() -> int:
-    """Bytes of the largest buffer that Snapshot copies into pinned host memory: 1/64 of
-    the machine's memory (2 GB on the 128 GB H100 host, 0.2-0.45 GB on Kaggle's)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 64
-    except (ValueError, OSError, AttributeError):    # not a POSIX system: never pinned
-        return 0
+STAGING_BYTES = 16 << 20     # each pinned buffer that copy_to_host passes GPU memory through
+
+
+class _Staging:
+    """Pinned host buffers of STAGING_BYTES, pinned when first needed (at most `most`,
+    once per process) and lent to one copy at a time."""
+
+    def __init__(self, most: int = 4):
+        self._most = most
+        self._made = 0
+        self._free: list[torch.Tensor] = []
+        self._ready = threading.Condition()
+
+    @contextlib.contextmanager
+    def buffer(self) -> Iterator[torch.Tensor]:
+        with self._ready:
+            while not self._free and self._made >= self._most:
+                self._ready.wait()
+            stage = self._free.pop() if self._free else None
+            if stage is None:
+                self._made += 1
+        try:
+            if stage is None:
+                stage = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+            yield stage
+        finally:
+            with self._ready:
+                if stage is None:           # pinning failed: room for another try
+                    self._made -= 1
+                else:
+                    self._free.append(stage)
+                self._ready.notify()
+
+
+_STAGING = _Staging()
+
+
+def copy_to_host(source: torch.Tensor, targets: list[torch.Tensor], after: torch.cuda.Event | None = None) -> None:
+    """Copy the contiguous GPU tensor `source` into the contiguous CPU tensors `targets`, laid
+    end to end (as many bytes in all), once the GPU has passed `after`. The calling thread
+    waits, with the GIL released; the GPU copies run on a stream of their own."""
+    stream = torch.cuda.Stream(source.device)
+    if after is not None:
+        stream.wait_event(after)
+    with _STAGING.buffer() as stage:
+        copy_in_chunks(source, targets, stage, stream)
+
+
+def copy_in_chunks(source: torch.Tensor, targets: list[torch.Tensor], stage: torch.Tensor,
+                   stream: "torch.cuda.Stream | None" = None) -> None:
+    """Copy `source` into `targets` (laid end to end) through the byte buffer `stage`,
+    one stage-full at a time: copied in on `stream` (when given), then out on the CPU."""
+    source_bytes = source.reshape(-1).view(torch.uint8)
+    outs = [t.reshape(-1).view(torch.uint8) for t in targets if t.numel()]
+    total = source_bytes.numel()
+    if total != sum(out.numel() for out in outs):
+        raise ValueError(f"copy_in_chunks: {total} bytes into targets of {sum(out.numel() for out in outs)}")
+    index, at = 0, 0            # the target being filled, and how far
+    for start in range(0, total, stage.numel()):
+        n = min(stage.numel(), total - start)
+        if stream is None:
+            stage[:n].copy_(source_bytes[start:start + n])
+        else:
+            with torch.cuda.stream(stream):
+                stage[:n].copy_(source_bytes[start:start + n], non_blocking=True)
+            stream.synchronize()
+        done = 0
+        while done < n:
+            take = min(n - done, outs[index].numel() - at)
+            outs[index][at:at + take].copy_(stage[done:done + take])
+            done, at = done + take, at + take
+            if at == outs[index].numel():
+                index, at = index + 1, 0
 
 
 class _Slot:

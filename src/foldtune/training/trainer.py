@@ -123,8 +123,11 @@ class FoldTrainer:
         self.loss_count = 0
         self.seconds_before = 0.0           # training time of earlier sessions of this fold
         tcfg = self.cfg.training
+        # A data-parallel step must average its gradients over the processes, which a replay
+        # of the model's own step would not: there every step runs eagerly.
+        graphed = tcfg.cuda_graphs and self.group.world_size == 1
         self.graphs = (GraphedSteps(self.model, self.loss_fn, self.optimizer, self.precision, tcfg.max_grad_norm,
-                                    self.loss_sum, tcfg.batch_size) if tcfg.cuda_graphs else None)
+                                    self.loss_sum, tcfg.batch_size) if graphed else None)
         # Checkpoints and training states are written in a thread while training goes on.
         self.writer = BackgroundWriter()
         self._valid_batches: list | None = None
@@ -371,7 +374,8 @@ class FoldTrainer:
             path = save_state(fold_dir, snapshot.value(), keep=keep)
             log.info("fold %d: training state saved at step %d (%s)", fold, step, path.name)
 
-        self.writer.submit(write)
+        with CUDA_TURN.outside():           # may wait for an earlier write to end
+            self.writer.submit(write)
 
     # --- evaluation and the best checkpoint ------------------------------------------
 
@@ -451,7 +455,9 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
-        self.writer.submit(checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta))
+        job = checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta)
+        with CUDA_TURN.outside():           # may wait for an earlier write to end
+            self.writer.submit(job)
 
     def _write_oof(self) -> None:
         if not self.group.is_main:
