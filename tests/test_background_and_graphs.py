@@ -181,3 +181,19 @@ def test_copying_through_a_small_buffer_fills_each_target_in_turn(stage_bytes):
     assert targets[3].tolist() == [float(v) for v in range(7, 40)]
     with pytest.raises(ValueError, match="160 bytes into targets of 156"):
         copy_in_chunks(source, [torch.empty(39)], torch.empty(8, dtype=torch.uint8))
+
+
+def test_states_removed_in_the_background_are_gone_at_once_for_a_resume(tmp_path):
+    from foldtune.training.state import STATE_DIR, remove_states, state_files, wait_for_removals
+
+    for fold in (0, 1):
+        (tmp_path / f"fold_{fold}" / STATE_DIR).mkdir(parents=True)
+        (tmp_path / f"fold_{fold}" / STATE_DIR / "state-0000004.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "fold_1" / f"{STATE_DIR}.removed").mkdir()      # left by an earlier process
+    remove_states(tmp_path / "fold_0", wait=False)
+    remove_states(tmp_path / "fold_1", wait=False)
+    assert state_files(tmp_path / "fold_0") == [] and state_files(tmp_path / "fold_1") == []
+    wait_for_removals()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["fold_0", "fold_1"]
+    remove_states(tmp_path / "fold_0", wait=False)     # nothing there: nothing to do
+    wait_for_removals()

@@ -82,3 +82,25 @@ def test_padded_rows_give_the_batches_dynamic_padding_gives():
                 for key in a:
                     assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
             assert {a["input_ids"].shape[1] % multiple for a, _ in pairs} == {0}
+
+
+def test_filled_prediction_batches_drop_their_stand_in_rows():
+    from foldtune.data.dataset import TextDataset
+    from foldtune.inference import padded_batches, predict_batches
+    from foldtune.training.precision import resolve_precision
+
+    rows = [[2] + [10 + i] * n + [3] for i, n in enumerate([5, 9, 1, 9, 3, 7, 2])]
+    dataset = TextDataset(rows)
+    cpu = torch.device("cpu")
+    batches = list(padded_batches(dataset, 3, 0, cpu, pad_to_multiple_of=4, rows_multiple=4))
+    # three rows each (the last batch one), filled up to four with copies of the shortest
+    assert [b[0] for b in batches] == [[1, 3, 5], [0, 4, 6], [2]]
+    assert [tuple(b[1]["input_ids"].shape) for b in batches] == [(4, 12), (4, 8), (4, 4)]
+    assert batches[0][1]["input_ids"][3].tolist() == batches[0][1]["input_ids"][2].tolist()
+
+    class FirstToken(torch.nn.Module):        # "predicts" each row's first text token
+        def forward(self, input_ids, attention_mask):
+            return input_ids[:, 1:2].float()
+
+    preds = predict_batches(FirstToken(), batches, len(rows), resolve_precision("fp32", cpu))
+    assert preds[:, 0].tolist() == [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0]

@@ -4,6 +4,7 @@ switch interval while they train."""
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -68,11 +69,18 @@ class _Prep:
         self.cfg = load_config(None, ["training.device=cpu", "model.backbone_dropout=0.0"])
         self.fail = fail
         self.seen: dict[int, float] = {}
-        self.released: dict[int, bool] = {}
+        self.in_threads: dict[int, bool] = {}
+        self.running: list[int] = []
+        self.running_before: dict[int, list[int]] = {}     # the folds running when a fold began
 
-    def train_fold(self, fold: int, release_cache: bool = True) -> str:
+    def train_fold(self, fold: int, in_threads: bool = False, on_running=None) -> str:
         self.seen[fold] = sys.getswitchinterval()
-        self.released[fold] = release_cache
+        self.in_threads[fold] = in_threads
+        self.running_before[fold] = sorted(self.running)
+        if fold != self.fail:
+            time.sleep(0.05)            # building and the first steps take a while
+            self.running.append(fold)
+            on_running()
         if fold == self.fail:
             raise RuntimeError(f"fold {fold} failed")
         return f"result {fold}"
@@ -86,15 +94,20 @@ def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it(monk
     before = sys.getswitchinterval()
     prep = _Prep()
     assert train_folds_in_threads(prep, [0, 1, 2], 3) == {0: "result 0", 1: "result 1", 2: "result 2"}
-    assert preloads == [1]              # once, when the first fold had finished
+    assert preloads == [1]              # once, when the last fold was running
     assert prep.seen == {fold: pytest.approx(THREADS_SWITCH_INTERVAL) for fold in (0, 1, 2)}
-    assert prep.released == {0: False, 1: False, 2: False}     # emptying the cache would wait for the others
+    assert prep.in_threads == {0: True, 1: True, 2: True}
+    assert prep.running_before == {0: [], 1: [0], 2: [0, 1]}   # each begun once the one before ran
     assert sys.getswitchinterval() == before
 
     failing = _Prep(fail=1)
     with pytest.raises(RuntimeError, match="fold 1 failed"):
         train_folds_in_threads(failing, [0, 1], 2)
     assert sys.getswitchinterval() == before
+    failing_first = _Prep(fail=0)       # a fold that fails before running lets the next one begin
+    with pytest.raises(RuntimeError, match="fold 0 failed"):
+        train_folds_in_threads(failing_first, [0, 1, 2], 3)
+    assert failing_first.running_before == {0: [], 1: [], 2: [1]}
 
 
 def test_the_plotting_modules_are_preloaded_in_a_thread():

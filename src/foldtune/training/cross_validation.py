@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,7 @@ from foldtune.report import preload_plotting, write_report_or_warn
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
 from foldtune.training.precision import resolve_device, resolve_precision
-from foldtune.training.state import load_state, remove_states, state_files
+from foldtune.training.state import load_state, remove_states, state_files, wait_for_removals
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer
 from foldtune.training.turn import CUDA_TURN
@@ -195,12 +195,15 @@ class PreparedRun:
             target_range=(float(targets.min()), float(targets.max())),
         )
 
-    def train_fold(self, fold: int, release_cache: bool = True) -> FoldResult:
+    def train_fold(self, fold: int, in_threads: bool = False,
+                   on_running: Callable[[], None] | None = None) -> FoldResult:
         """Train the fold, continuing from its newest training state if it has one.
 
-        release_cache: hand the GPU memory torch has cached back to the driver afterwards
-        (for the processes beside this one). Not with folds in threads: it waits for the
-        whole GPU, while the other folds are training there.
+        in_threads: other folds train beside this one, in threads of this process. At the
+        end the GPU memory torch has cached is then not handed back to the driver (for the
+        processes beside this one: it waits for the whole GPU, where the others train), and
+        the fold's training states are removed in the background. on_running: called once
+        the fold's first steps have run (see FoldTrainer.train).
         """
         fold_dir = self.run_dir / f"fold_{fold}"
         states = state_files(fold_dir)
@@ -209,15 +212,15 @@ class PreparedRun:
             log.info("fold %d: continuing from %s", fold, states[-1])
         with CUDA_TURN:         # seeding and building a model use the global generators
             trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir, self.group).setup()
-        result = trainer.train(state)
+        result = trainer.train(state, on_running)
         if not self.group.is_main:
             return result
         atomic_write_json(fold_dir / RESULT_FILE, {
             "fold": fold, "mcrmse": result.score, "per_target": result.per_target,
             "best_step": result.best_step, "seconds": result.seconds,
         })
-        remove_states(fold_dir)                     # finished: the best checkpoint is what stays
-        if release_cache and torch.cuda.is_available():
+        remove_states(fold_dir, wait=not in_threads)    # finished: the best checkpoint is what stays
+        if not in_threads and torch.cuda.is_available():
             with CUDA_TURN:
                 torch.cuda.empty_cache()
         return result
@@ -324,6 +327,11 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
     side by side on the GPU. The folds are built one at a time (seeded as in a
     sequential run), but their dropout draws from the one generator they share: the
     results equal a sequential run's when the model has no dropout.
+
+    A fold is built once the fold before it is running (its first steps done, its graph
+    captured): building, the first eager step and the capture each hold the CUDA turn,
+    and started all at once they kept the GPU idle until the last fold had captured.
+    Staggered, the first fold trains while the next ones are built.
     """
     if prep.cfg.model.backbone_dropout != 0.0 or prep.cfg.model.head_dropout > 0:
         log.warning("training.parallel_mode threads: the folds share one random generator, so with dropout "
@@ -331,12 +339,26 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
 
     device = resolve_device(prep.cfg.training.device)
 
+    order = list(folds)
+    running = {fold: threading.Event() for fold in order}
+
+    def on_running(fold: int) -> None:
+        running[fold].set()
+        if fold == order[-1] and len(order) > 1:
+            preload_plotting()      # the report's imports, while the folds train
+
     def train(fold: int) -> FoldResult:
         threading.current_thread().name = f"fold-{fold}"
-        if device.type == "cuda":
-            with torch.cuda.stream(torch.cuda.Stream(device)):
-                return prep.train_fold(fold, release_cache=False)
-        return prep.train_fold(fold, release_cache=False)
+        place = order.index(fold)
+        try:
+            if place > 0:       # submitted before this one: its thread has started (or ended)
+                running[order[place - 1]].wait()
+            if device.type == "cuda":
+                with torch.cuda.stream(torch.cuda.Stream(device)):
+                    return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
+            return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
+        finally:
+            running[fold].set()     # failed or stopped before running: the next fold goes on
 
     results, interrupted, failed = {}, None, []
     # A thread that waited (for its turn, the GPU or a file) waits again for the GIL while
@@ -347,9 +369,7 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
     try:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = {pool.submit(train, fold): fold for fold in folds}
-            for done, future in enumerate(as_completed(futures)):
-                if done == 0 and len(futures) > 1:
-                    preload_plotting()      # the report's imports, while the last folds finish
+            for future in as_completed(futures):
                 try:
                     results[futures[future]] = future.result()
                 except TrainingInterrupted as stop:
@@ -438,6 +458,7 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     targets = frame[list(cfg.data.target_columns)].to_numpy(dtype=np.float32)
     scores = summarize(cfg, run_dir, frame, fold_of, targets, dict(sorted(results.items())))
     write_report_or_warn(run_dir)     # report.md and plots; a failure there only warns
+    wait_for_removals()               # finished folds' training states, removed meanwhile
     return scores
 
 

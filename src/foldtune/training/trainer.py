@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,9 @@ from foldtune.training.stopping import TrainingInterrupted, stop_requested
 from foldtune.training.turn import CUDA_TURN, to_host, wait_for_stream
 
 log = logging.getLogger("foldtune")
+
+# Validation batches with static shapes are filled up to a multiple of this many rows.
+EVAL_ROWS_MULTIPLE = 32
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -189,8 +193,13 @@ class FoldTrainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train(self, state: dict | None = None) -> FoldResult:
-        """Train the fold, from the start or from a training state; return its result."""
+    def train(self, state: dict | None = None, on_running: Callable[[], None] | None = None) -> FoldResult:
+        """Train the fold, from the start or from a training state; return its result.
+
+        on_running is called once, after this session's first two steps (with CUDA graphs:
+        the eager one and the first replay, its graph captured), or when training ends
+        before them.
+        """
         tcfg = self.cfg.training
         fold = self.data.fold
         start_epoch, position = self.load_state_dict(state) if state else (0, 0)
@@ -201,6 +210,7 @@ class FoldTrainer:
                  self.device, self.precision.name, self.group.describe(),
                  f"; resumed at step {self.step}" if state else "")
         started = time.perf_counter()
+        running_at = self.step + 2
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fold {fold}", unit="step", dynamic_ncols=True,
                    disable=None if self.group.is_main else True)
         try:
@@ -211,8 +221,12 @@ class FoldTrainer:
                     if i < position:            # seen before the stop: same order, skipped
                         continue
                     with CUDA_TURN:
-                        if self._train_on(batch, epoch, i, epoch_start_order, started, bar):
-                            break               # the epoch end evaluates and saves below
+                        last_batch = self._train_on(batch, epoch, i, epoch_start_order, started, bar)
+                    if on_running is not None and self.step >= running_at:
+                        on_running, call = None, on_running
+                        call()
+                    if last_batch:
+                        break                   # the epoch end evaluates and saves below
                 position = 0
                 last = epoch + 1 == tcfg.epochs
                 with CUDA_TURN:
@@ -229,6 +243,8 @@ class FoldTrainer:
             self._write_oof()
             log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
         finally:
+            if on_running is not None:
+                on_running()
             bar.close()
             self.writer.wait()                  # a stop too: its state must be on disk
             log.removeHandler(self._log_handler)
@@ -385,8 +401,10 @@ class FoldTrainer:
         rows = self.group.rows(len(self.data.valid))     # data-parallel: this process's share
         if self._valid_batches is None:     # padded and on the device once, for every evaluation
             valid = self.data.valid if rows is None else self.data.valid.subset(rows)
+            # With static shapes (CUDA graphs, compile, flex) the folds' batches get the same shapes too.
             self._valid_batches = list(padded_batches(valid, self.cfg.training.eval_batch_size,
-                                                      self.tokenizer.pad_token_id, self.device, self.pad_multiple))
+                                                      self.tokenizer.pad_token_id, self.device, self.pad_multiple,
+                                                      EVAL_ROWS_MULTIPLE if self.pad_multiple > 1 else 1))
             self._valid_rows = len(valid)
         preds = (predict_batches(model, self._valid_batches, self._valid_rows, self.precision)
                  if self._valid_rows else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
