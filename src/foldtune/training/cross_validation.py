@@ -56,6 +56,7 @@ log = logging.getLogger("foldtune")
 RESULT_FILE = "result.json"      # per fold: its scores, written when it finishes
 TOKENS_FILE = "tokens.npz"       # token ids of every row, for fold processes
 THREADS_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while folds train in threads
+BUILDING = threading.Lock()      # one fold is built at a time: seeding sets the global generators
 
 
 def check_names(cfg: Config) -> None:
@@ -210,7 +211,7 @@ class PreparedRun:
         state = load_state(states[-1]) if states else None
         if state is not None:
             log.info("fold %d: continuing from %s", fold, states[-1])
-        with CUDA_TURN:         # seeding and building a model use the global generators
+        with BUILDING:          # seeding and building a model use the global generators
             trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir, self.group).setup()
         result = trainer.train(state, on_running)
         if not self.group.is_main:
