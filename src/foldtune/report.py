@@ -60,9 +60,9 @@ def _save_png(fig, path: Path) -> Path:
 def preload_plotting() -> threading.Thread:
     """Import the plotting modules in a background thread, ahead of the report.
 
-    Called when the first of the folds trained in threads has finished: the others are
-    at their last steps, and the import (0.7 s of a 22 s MiniLM run on the lent H100,
-    where Python compiles matplotlib from source) no longer waits for the last fold.
+    Called once the last of the folds trained in threads is running: the import (0.7 s
+    of a 20 s MiniLM run on the lent H100, where Python compiles matplotlib from source)
+    then happens while they train, not after the last fold.
     """
     def load() -> None:
         try:

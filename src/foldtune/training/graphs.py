@@ -17,6 +17,8 @@ What makes a replay equal to an eager step:
 - its state exists before the first capture: a fold's first step runs eagerly;
 - each replay's backward writes fresh gradients (captured from None): nothing is zeroed;
 - the loss is added to the trainer's running sum inside the graph;
+- a filled batch's stand-in rows weigh zero in the loss, so their outputs' gradients are
+  exactly zero and the step is that of the short batch alone (up to summation order);
 - dropout draws from the CUDA generator, which a replay advances as an eager step
   would; the warm-up and capture of a new shape leave the generator as they found it.
 """
