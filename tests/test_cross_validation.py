@@ -98,3 +98,38 @@ def test_folds_in_parallel_threads_without_dropout_give_the_sequential_results(t
         others = {"0", "1", "2"} - {fold}
         assert f"fold {fold}: training state saved" in log
         assert not any(f"fold {other}" in log for other in others)
+
+
+def test_folds_in_threads_stopped_early_resume_to_the_uninterrupted_result(tiny_deberta, tmp_path, monkeypatch):
+    import signal
+
+    from foldtune.training import stopping
+    from foldtune.training.cross_validation import resume_run
+    from foldtune.training.stopping import TrainingInterrupted
+    from foldtune.training.trainer import FoldTrainer
+
+    common = _three_folds(tmp_path, tiny_deberta, "model.backbone_dropout=0.0", "training.parallel_folds=3",
+                          "training.parallel_mode=threads")
+    straight = run_cross_validation(load_config(None, common), tmp_path / "straight")
+    original = FoldTrainer._count_step
+
+    def counting(self):
+        original(self)
+        if self.data.fold == 0 and self.step == 3:
+            stopping.request_stop(signal.SIGTERM)
+
+    monkeypatch.setattr(FoldTrainer, "_count_step", counting)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            run_cross_validation(load_config(None, common), tmp_path / "stopped")
+    finally:
+        stopping.clear_stop_request()
+    monkeypatch.setattr(FoldTrainer, "_count_step", original)
+    # fold 0 saved its state at the stop; folds 1 and 2 were built after fold 0's first two
+    # steps, and fold 2 (waiting for fold 1's) never began
+    assert [p.name for p in (tmp_path / "stopped" / "fold_0" / "state").iterdir()] == ["state-0000003.pt"]
+    assert not (tmp_path / "stopped" / "fold_2").exists()
+    resumed = resume_run(tmp_path / "stopped")
+    assert resumed["oof"]["mcrmse"] == pytest.approx(straight["oof"]["mcrmse"], abs=1e-6)
+    for fold in ("0", "1", "2"):
+        assert resumed["folds"][fold]["best_step"] == straight["folds"][fold]["best_step"]

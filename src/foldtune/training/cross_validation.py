@@ -354,6 +354,9 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
         try:
             if place > 0:       # submitted before this one: its thread has started (or ended)
                 running[order[place - 1]].wait()
+            stop = stop_requested()
+            if stop is not None:        # stopped before this fold began: it starts afresh on resume
+                raise TrainingInterrupted(stop)
             if device.type == "cuda":
                 with torch.cuda.stream(torch.cuda.Stream(device)):
                     return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
