@@ -156,3 +156,29 @@ def train_two_tfidf_runs(work: Path, seed: int, n_test: int, names: tuple[str, s
         assert train_main(["--config", "tfidf.yaml", "--name", names[1], "tfidf.alpha=10",
                            "tfidf.char_ngram_range=[3,3]"]) == 0
     return train, test
+
+
+def run_stopped_at(monkeypatch, cfg, run_dir: Path, fold: int, step: int) -> None:
+    """Run cfg into run_dir with a SIGTERM requested once `fold` has counted `step` steps;
+    the run must stop (TrainingInterrupted). The trainer is restored afterwards."""
+    import signal
+
+    from foldtune.training import stopping
+    from foldtune.training.cross_validation import run_cross_validation
+    from foldtune.training.stopping import TrainingInterrupted
+    from foldtune.training.trainer import FoldTrainer
+
+    original = FoldTrainer._count_step
+
+    def counting(self):
+        original(self)
+        if self.data.fold == fold and self.step == step:
+            stopping.request_stop(signal.SIGTERM)
+
+    monkeypatch.setattr(FoldTrainer, "_count_step", counting)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            run_cross_validation(cfg, run_dir)
+    finally:
+        stopping.clear_stop_request()
+        monkeypatch.setattr(FoldTrainer, "_count_step", original)

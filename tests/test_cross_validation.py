@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import run_stopped_at
 from foldtune.config import ConfigError, load_config
 from foldtune.data.demo import make_demo
 from foldtune.training.cross_validation import parse_folds_arg, run_cross_validation
@@ -101,30 +102,12 @@ def test_folds_in_parallel_threads_without_dropout_give_the_sequential_results(t
 
 
 def test_folds_in_threads_stopped_early_resume_to_the_uninterrupted_result(tiny_deberta, tmp_path, monkeypatch):
-    import signal
-
-    from foldtune.training import stopping
     from foldtune.training.cross_validation import resume_run
-    from foldtune.training.stopping import TrainingInterrupted
-    from foldtune.training.trainer import FoldTrainer
 
     common = _three_folds(tmp_path, tiny_deberta, "model.backbone_dropout=0.0", "training.parallel_folds=3",
                           "training.parallel_mode=threads")
     straight = run_cross_validation(load_config(None, common), tmp_path / "straight")
-    original = FoldTrainer._count_step
-
-    def counting(self):
-        original(self)
-        if self.data.fold == 0 and self.step == 3:
-            stopping.request_stop(signal.SIGTERM)
-
-    monkeypatch.setattr(FoldTrainer, "_count_step", counting)
-    try:
-        with pytest.raises(TrainingInterrupted):
-            run_cross_validation(load_config(None, common), tmp_path / "stopped")
-    finally:
-        stopping.clear_stop_request()
-    monkeypatch.setattr(FoldTrainer, "_count_step", original)
+    run_stopped_at(monkeypatch, load_config(None, common), tmp_path / "stopped", fold=0, step=3)
     # fold 0 saved its state at the stop; folds 1 and 2 were built after fold 0's first two
     # steps, and fold 2 (waiting for fold 1's) never began
     assert [p.name for p in (tmp_path / "stopped" / "fold_0" / "state").iterdir()] == ["state-0000003.pt"]

@@ -11,6 +11,7 @@ import torch
 
 from transformers import AutoTokenizer
 
+from conftest import run_stopped_at
 from foldtune.checkpoint import load_checkpoint
 from foldtune.config import load_config
 from foldtune.data.dataset import TextDataset, encode_texts
@@ -100,30 +101,12 @@ def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path, c
 
 
 def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_deberta, tmp_path, monkeypatch):
-    import signal
-
-    from foldtune.training import stopping
     from foldtune.training.cross_validation import resume_run
-    from foldtune.training.stopping import TrainingInterrupted
-    from foldtune.training.trainer import FoldTrainer
 
     cfg = _graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", "training.save_state_steps=2",
                      "model.backbone_dropout=null", "model.head_dropout=0.1")
     straight = run_cross_validation(cfg, tmp_path / "straight")
-    original = FoldTrainer._count_step
-
-    def counting(self):
-        original(self)
-        if self.data.fold == 1 and self.step == 4:
-            stopping.request_stop(signal.SIGTERM)
-
-    monkeypatch.setattr(FoldTrainer, "_count_step", counting)
-    try:
-        with pytest.raises(TrainingInterrupted):
-            run_cross_validation(cfg, tmp_path / "stopped")
-    finally:
-        stopping.clear_stop_request()
-    monkeypatch.setattr(FoldTrainer, "_count_step", original)
+    run_stopped_at(monkeypatch, cfg, tmp_path / "stopped", fold=1, step=4)
     resumed = resume_run(tmp_path / "stopped")
     # dropout is on: the replays draw the same random numbers after a resume as without a stop
     assert resumed["oof"]["mcrmse"] == pytest.approx(straight["oof"]["mcrmse"], abs=1e-4)
