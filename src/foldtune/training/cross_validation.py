@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -330,9 +331,9 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
     results equal a sequential run's when the model has no dropout.
 
     A fold is built once the fold before it is running (its first steps done, its graph
-    captured): building, the first eager step and the capture each hold the CUDA turn,
-    and started all at once they kept the GPU idle until the last fold had captured.
-    Staggered, the first fold trains while the next ones are built.
+    captured). A build's device work, the first eager step and the capture each hold the
+    CUDA turn: started all at once, the folds kept the GPU idle until the last of them had
+    captured. Staggered, the first fold trains while the next ones are built.
     """
     if prep.cfg.model.backbone_dropout != 0.0 or prep.cfg.model.head_dropout > 0:
         log.warning("training.parallel_mode threads: the folds share one random generator, so with dropout "
@@ -357,10 +358,10 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
             stop = stop_requested()
             if stop is not None:        # stopped before this fold began: it starts afresh on resume
                 raise TrainingInterrupted(stop)
-            if device.type == "cuda":
-                with torch.cuda.stream(torch.cuda.Stream(device)):
-                    return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
-            return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
+            own_stream = (torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda"
+                          else contextlib.nullcontext())
+            with own_stream:
+                return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
         finally:
             running[fold].set()     # failed or stopped before running: the next fold goes on
 

@@ -124,7 +124,7 @@ class FoldTrainer:
         return self
 
     def _setup_on_device(self) -> None:
-        self._setup_model()
+        self._model_to_device()
         self._setup_optimizer()
         self.group.reseed_dropout(self.cfg.training.seed)
         self.precision = resolve_precision(self.cfg.training.precision, self.device)
@@ -163,7 +163,7 @@ class FoldTrainer:
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
 
-    def _setup_model(self) -> None:
+    def _model_to_device(self) -> None:
         self.model.to(self.device)
         if self.cfg.training.compile:
             # In place: the module (and its state_dict's names) stays the same object.
