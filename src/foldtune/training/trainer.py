@@ -401,8 +401,13 @@ class FoldTrainer:
             path = save_state(fold_dir, snapshot.value(), keep=keep)
             log.info("fold %d: training state saved at step %d (%s)", fold, step, path.name)
 
-        with CUDA_TURN.outside():           # may wait for an earlier write to end
-            self.writer.submit(write)
+        self._submit(write)
+
+    def _submit(self, job) -> None:
+        """Give a write to the background writer, outside the turn: submitting waits for an
+        earlier write when two are still unfinished, and the other folds go on launching."""
+        with CUDA_TURN.outside():
+            self.writer.submit(job)
 
     # --- evaluation and the best checkpoint ------------------------------------------
 
@@ -484,9 +489,7 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
-        job = checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta)
-        with CUDA_TURN.outside():           # may wait for an earlier write to end
-            self.writer.submit(job)
+        self._submit(checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta))
 
     def _write_oof(self) -> None:
         if not self.group.is_main:
