@@ -242,3 +242,31 @@ def threading_result(function):
     thread.join()
     return box[0]
 
+
+
+
+def test_the_warm_up_kernels_run_in_bf16_and_draw_no_random_numbers():
+    from foldtune.training.warmup import run_first_kernels
+
+    device = torch.device("cuda")
+    before = torch.cuda.get_rng_state(device), torch.get_rng_state()
+    grad = run_first_kernels(device, resolve_precision("bf16", device))
+    assert grad.shape == (2, 64, 128) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.equal(torch.cuda.get_rng_state(device), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+
+
+def test_a_run_gives_the_same_oof_with_and_without_the_device_warm_up(tiny_deberta, tmp_path):
+    from foldtune.training.warmup import start_warm_up
+
+    cfg = _graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", "model.backbone_dropout=null",
+                     "model.head_dropout=0.1")
+    cold = run_cross_validation(cfg, tmp_path / "cold")
+    thread = start_warm_up(cfg)         # as train.py does: the run begins while it warms up
+    assert thread is not None
+    warmed = run_cross_validation(cfg, tmp_path / "warmed")
+    thread.join()
+    # dropout on: the warm-up must not have moved the generators the run draws from
+    a = pd.read_csv(tmp_path / "cold" / "oof.csv").iloc[:, 2:].to_numpy()
+    b = pd.read_csv(tmp_path / "warmed" / "oof.csv").iloc[:, 2:].to_numpy()
+    np.testing.assert_allclose(b, a, atol=1e-4)
+    assert warmed["oof"]["mcrmse"] == pytest.approx(cold["oof"]["mcrmse"], abs=1e-5)

@@ -80,6 +80,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     install_signal_handlers()
     run_dir = None
     try:
+        _start_warm_up(args)
         from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
                                                         run_cross_validation)
         from foldtune.training.distributed import current_launch, launched_world_size
@@ -131,6 +132,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
         close_launch()
     return 0
+
+
+def _start_warm_up(args: argparse.Namespace) -> None:
+    """Start the GPU (training/warmup.py) as soon as the run's config is known, so that it
+    warms up while the training code is imported and the essays are read."""
+    from foldtune.config import load_config
+    from foldtune.training.warmup import start_warm_up
+
+    try:
+        cfg = (load_config(Path(args.resume) / "config.yaml", args.overrides) if args.resume
+               else load_config(args.config or str(DEFAULT_CONFIG), args.overrides))
+    except Exception:  # noqa: BLE001 - the run itself reports a bad config or run folder, below
+        return
+    start_warm_up(cfg)
 
 
 def _quiet_other_processes(fold_parallel: bool) -> None:
