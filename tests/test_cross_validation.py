@@ -116,3 +116,19 @@ def test_folds_in_threads_stopped_early_resume_to_the_uninterrupted_result(tiny_
     assert resumed["oof"]["mcrmse"] == pytest.approx(straight["oof"]["mcrmse"], abs=1e-6)
     for fold in ("0", "1", "2"):
         assert resumed["folds"][fold]["best_step"] == straight["folds"][fold]["best_step"]
+
+
+def test_evaluations_from_a_later_epoch_skip_the_early_ones_and_change_no_training(tiny_deberta, tmp_path):
+    # 24 training rows at batch 6: 4 steps an epoch, 12 in all, an evaluation every 2
+    common = _three_folds(tmp_path, tiny_deberta, "training.epochs=3")
+    metrics = {}
+    for start in (0, 1):
+        run_cross_validation(load_config(None, common + [f"training.eval_steps_from_epoch={start}"]),
+                             tmp_path / f"from{start}", [0])
+        metrics[start] = pd.read_csv(tmp_path / f"from{start}" / "fold_0" / "metrics.csv").set_index("step")
+    assert metrics[0].index.tolist() == [2, 4, 6, 8, 10, 12]
+    assert metrics[1].index.tolist() == [4, 6, 8, 10, 12]       # the first epoch: its end only
+    np.testing.assert_allclose(metrics[1]["val_mcrmse"], metrics[0]["val_mcrmse"].loc[[4, 6, 8, 10, 12]],
+                               rtol=0, atol=1e-7)
+    with pytest.raises(ConfigError, match=r"'training.eval_steps_from_epoch': expected an integer >= 0, got -1"):
+        load_config(None, common + ["training.eval_steps_from_epoch=-1"])

@@ -146,7 +146,10 @@ class TrainingConfig:
     # Gradient clipping by global norm; null turns it off.
     max_grad_norm: float | None = None
     # Evaluate every eval_steps optimizer steps as well as at each epoch end; 0: epoch ends only.
+    # eval_steps_from_epoch: the every-eval_steps evaluations begin with this epoch (0-based);
+    # before it, and in a run of fewer epochs, only the epoch ends are evaluated.
     eval_steps: int = 0
+    eval_steps_from_epoch: int = 0
     # mse, smooth_l1 (with loss_beta), rmse or mcrmse; target_weights weigh the targets' terms.
     loss: str = "mse"
     loss_beta: float = 1.0
@@ -189,6 +192,8 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, "training.weight_decay", "a number >= 0", self.weight_decay)
         _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio", "a number in [0, 1)", self.warmup_ratio)
         _require(self.eval_steps >= 0, "training.eval_steps", "an integer >= 0", self.eval_steps)
+        _require(self.eval_steps_from_epoch >= 0, "training.eval_steps_from_epoch", "an integer >= 0",
+                 self.eval_steps_from_epoch)
         _require(self.max_grad_norm is None or self.max_grad_norm > 0,
                  "training.max_grad_norm", "a positive number or null", self.max_grad_norm)
         _require(self.num_workers >= 0, "training.num_workers", "an integer >= 0", self.num_workers)

@@ -300,7 +300,7 @@ class FoldTrainer:
             bar.set_postfix(loss=f"{self.loss_sum.item() / self.loss_count:.4f}", best=f"{self.best_score:.4f}")
         if i + 1 == n_batches:
             return True
-        if tcfg.eval_steps and self.step % tcfg.eval_steps == 0:
+        if tcfg.eval_steps and epoch >= tcfg.eval_steps_from_epoch and self.step % tcfg.eval_steps == 0:
             self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, self._take_train_loss())
         stop = self.group.agree_on_stop(stop_requested())
         if stop or (tcfg.save_state_steps and self.step % tcfg.save_state_steps == 0):
