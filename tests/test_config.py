@@ -117,5 +117,6 @@ def test_the_fast_minilm_config_is_the_plain_one_with_the_measured_speed_switche
                if plain[section][key] != value}
     assert changed == {("model", "backbone_dropout"): 0.0, ("model", "freeze_embeddings"): True,
                        ("training", "cuda_graphs"): True,
-                       ("training", "eval_batch_size"): 256, ("training", "parallel_folds"): 5,
+                       ("training", "eval_batch_size"): 256, ("training", "eval_steps_from_epoch"): 2,
+                       ("training", "parallel_folds"): 5,
                        ("training", "parallel_mode"): "threads"}
