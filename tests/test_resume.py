@@ -194,3 +194,11 @@ def test_two_runs_with_one_seed_give_identical_oof(train_csv, tiny_deberta, tmp_
     run_cross_validation(_cfg(train_csv, tiny_deberta, "training.seed=7"), tmp_path / "other_seed")
     assert not _oof(tmp_path / "other_seed").equals(_oof(uninterrupted[0]))
     assert json.loads((tmp_path / "again" / "scores.json").read_text())["oof"] == uninterrupted[1]["oof"]
+
+
+def test_train_py_resuming_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    from foldtune.cli import train_main
+
+    assert train_main(["--resume", str(tmp_path / "absent")]) == 2
+    assert f"{tmp_path / 'absent'} is not a run folder (no config.yaml): nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()

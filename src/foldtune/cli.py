@@ -47,13 +47,6 @@ def _log_to_run_folder(run_dir: Path) -> None:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    from foldtune.checkpoint import CheckpointError
-    from foldtune.config import ConfigError, load_config
-    from foldtune.data.validate import DataError
-    from foldtune.ensemble import EnsembleError
-    from foldtune.training.state import StateError
-    from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
-
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
         epilog="examples: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
@@ -77,10 +70,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     setup_console_logging()
+    _start_warm_up(args)        # the GPU starts while the libraries below are imported
+    from foldtune.checkpoint import CheckpointError
+    from foldtune.config import ConfigError, load_config
+    from foldtune.data.validate import DataError
+    from foldtune.ensemble import EnsembleError
+    from foldtune.training.state import StateError
+    from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
+
     install_signal_handlers()
     run_dir = None
     try:
-        _start_warm_up(args)
         from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
                                                         run_cross_validation)
         from foldtune.training.distributed import current_launch, launched_world_size
@@ -95,7 +95,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                   "--config and --name do not apply (overrides must match it, or --force)")
             run_dir = Path(args.resume)
             _quiet_other_processes(args.fold_parallel)
-            if current_launch().is_main:
+            if current_launch().is_main and run_dir.is_dir():      # else resume_run says what is wrong
                 _log_to_run_folder(run_dir)
             resume_run(run_dir, args.overrides, args.folds, args.force, args.fold_parallel)
             return 0
@@ -136,7 +136,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def _start_warm_up(args: argparse.Namespace) -> None:
     """Start the GPU (training/warmup.py) as soon as the run's config is known, so that it
-    warms up while the training code is imported and the essays are read."""
+    warms up while transformers and the training code are imported and the essays read."""
     from foldtune.config import load_config
     from foldtune.training.warmup import start_warm_up
 

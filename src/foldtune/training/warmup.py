@@ -3,9 +3,10 @@
 A run's first fold used to begin by paying, with the GPU idle and before its first step,
 for what no data decides: the CUDA context and the first use of cuBLAS and cuDNN, which
 load their libraries and engines. `start_warm_up` pays for them in a background thread
-while the main thread imports the rest and reads, splits and tokenizes the essays: it runs the kinds of
-kernels a transformer step runs (matrix products, GELU, layer norm, attention with a
-padding mask), forward and backward, on small constant tensors.
+while the main thread imports transformers and the training code and reads, splits and
+tokenizes the essays: it runs the kinds of kernels a transformer step runs (matrix
+products, GELU, layer norm, attention with a padding mask), forward and backward, on
+small constant tensors.
 
 Only torch's operators run there, and they release the GIL: the main thread goes on
 meanwhile. (A first version built a one-layer copy of the backbone there; importing and
@@ -33,14 +34,15 @@ log = logging.getLogger("foldtune")
 def start_warm_up(cfg: Config) -> threading.Thread | None:
     """Warm the GPU up in a background thread, if this process will train `cfg` on one.
 
-    Called by train.py as soon as the run's config is known: the warm-up then also
-    overlaps the import of transformers and foldtune's training code.
+    Called by train.py as soon as the run's config is known, before transformers and the
+    training code are imported.
     """
     from foldtune.training.distributed import launched_world_size
 
     tcfg = cfg.training
     # deterministic: cuBLAS must first be used after seed_everything has fixed its workspace.
-    # Processes (launched, or one per fold) warm their own devices up as their folds begin.
+    # Under accelerate launch, or with a process per fold, this process trains nothing here
+    # (or not alone): each fold starts its device as it is built, as without the warm-up.
     if (cfg.model.type != "transformer" or tcfg.deterministic or launched_world_size() != 1
             or (tcfg.parallel_folds > 1 and tcfg.parallel_mode == "processes")):
         return None
