@@ -243,8 +243,6 @@ def threading_result(function):
     return box[0]
 
 
-
-
 def test_the_warm_up_kernels_run_in_bf16_and_draw_no_random_numbers():
     from foldtune.training.warmup import run_first_kernels
 
