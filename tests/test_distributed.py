@@ -23,7 +23,7 @@ import torch
 from foldtune.config import ConfigError, load_config
 from foldtune.data.demo import make_demo
 from foldtune.training.cross_validation import run_cross_validation
-from foldtune.training.distributed import DataParallel, check_launch, folds_of_process
+from foldtune.training.distributed import DataParallel, check_launch, choose_fold_parallel, folds_of_process
 from foldtune.training.state import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +87,63 @@ def test_fold_parallel_gives_the_oof_of_a_sequential_run_exactly(tiny_bert, tmp_
     assert (info["processes"], info["process_mode"]) == (2, "fold_parallel")
     # process 0 trained folds 0 and 2, process 1 fold 1, at the same time
     assert "process 0 of 2: fold(s) [0, 2]" in result.stderr and "process 1 of 2: fold(s) [1]" in result.stderr
+    _assert_same_submission(run, tmp_path / "sequential", tmp_path)
+
+
+def _assert_same_submission(run: Path, reference: Path, work: Path) -> None:
+    """infer.py averages the run's folds, written by two processes (the tokenizer of one of
+    them never tokenized), into the submission of the reference run."""
+    from foldtune.cli import infer_main
+
+    test = work / "test.csv"
+    if not test.exists():
+        make_demo(n_train=1, n_test=7, seed=21)[1].to_csv(test, index=False)
+    assert infer_main(["--run", str(run), "--test", str(test), "--out", str(work / "ours.csv")]) == 0
+    assert infer_main(["--run", str(reference), "--test", str(test), "--out", str(work / "theirs.csv")]) == 0
+    ours, theirs = pd.read_csv(work / "ours.csv"), pd.read_csv(work / "theirs.csv")
+    assert len(ours) == 7 and ours["text_id"].tolist() == theirs["text_id"].tolist()
+    np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_launch_without_a_mode_spreads_a_small_models_folds_each_process_in_threads(tiny_bert, tmp_path):
+    make_demo(n_train=30, n_test=0, seed=12)[0].to_csv(tmp_path / "train.csv", index=False)
+    # dropout off: folds in threads share one generator, and then give a sequential run's results
+    overrides = _overrides(tmp_path / "train.csv", tiny_bert, "folds.n_splits=3", "training.epochs=2",
+                           "training.batch_size=4", "model.backbone_dropout=0.0", f"output.dir={tmp_path / 'runs'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_cross_validation(load_config(None, overrides), tmp_path / "sequential")
+    finally:
+        torch.set_num_threads(threads)
+
+    result = _launch(["--name", "auto", *overrides, "training.parallel_folds=2", "training.parallel_mode=threads"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("2 processes, fold-parallel: the backbone has 1.0M parameters, too few for data-parallel to pay"
+            in result.stderr)
+    assert "process 0 of 2: fold(s) [0, 2], 2 at a time in threads" in result.stderr
+    assert "process 1 of 2: fold(s) [1]\n" in result.stderr
+    run = tmp_path / "runs" / "auto"
+    assert json.loads((run / "run.json").read_text())["process_mode"] == "fold_parallel"
+    np.testing.assert_array_equal(_values(run), _values(tmp_path / "sequential"))
+    assert not list(run.glob("fold_*/state*")), "training states left behind"
+    _assert_same_submission(run, tmp_path / "sequential", tmp_path)
+
+
+def test_the_mode_chosen_for_a_launch_without_one():
+    # MiniLM (22.7M): the folds spread, however unevenly
+    assert choose_fold_parallel(2, 5, 22_713_216) == (
+        True, "the backbone has 22.7M parameters, too few for data-parallel to pay: the folds are spread over the "
+              "2 processes")
+    # DeBERTa-v3-base (184M), 5 folds on 2 GPUs: the busiest would train 3 of them
+    assert choose_fold_parallel(2, 5, 184_423_680) == (
+        False, "the backbone has 184.4M parameters, and spread over 2 processes the 5 fold(s) would give at most "
+               "1.67x one process (3 on the busiest): each fold is trained data-parallel")
+    assert choose_fold_parallel(2, 4, 184_423_680)[0] is True       # 2 each: 2.00x
+    assert choose_fold_parallel(2, 1, 184_423_680)[0] is False      # one fold: only data-parallel divides it
+    assert choose_fold_parallel(4, 10, 184_423_680)[0] is False     # 3 on the busiest: 3.33x < 3.4x
+    assert choose_fold_parallel(4, 12, 184_423_680)[0] is True
 
 
 def test_folds_of_process():
@@ -164,7 +221,7 @@ def _assert_same_training(run: Path, reference: Path) -> None:
 
 
 def test_data_parallel_matches_one_process_at_the_same_global_batch(dp_work, tiny_bert, one_process):
-    result = _launch(["--name", "dp", *_dp_overrides(dp_work, tiny_bert)], dp_work)
+    result = _launch(["--data-parallel", "--name", "dp", *_dp_overrides(dp_work, tiny_bert)], dp_work)
     assert result.returncode == 0, result.stderr[-3000:]
     run = dp_work / "runs" / "dp"
     _assert_same_training(run, one_process)
@@ -179,7 +236,8 @@ def test_data_parallel_matches_one_process_at_the_same_global_batch(dp_work, tin
 
 
 def test_a_stopped_data_parallel_run_resumes_to_the_same_oof(dp_work, tiny_bert, one_process):
-    process = _launch(["--name", "stopped", *_dp_overrides(dp_work, tiny_bert)], dp_work, wait=False)
+    process = _launch(["--data-parallel", "--name", "stopped", *_dp_overrides(dp_work, tiny_bert)], dp_work,
+                      wait=False)
     run = dp_work / "runs" / "stopped"
     waited = 0.0
     while not list(run.glob("fold_0/state/state-*.pt")):
@@ -191,14 +249,16 @@ def test_a_stopped_data_parallel_run_resumes_to_the_same_oof(dp_work, tiny_bert,
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0
     assert err.count("stopped by SIGTERM") == 2, err[-3000:]
-    assert f"Continue with: accelerate launch --multi_gpu --num_processes 2 train.py --resume {run}" in err
+    assert (f"Continue with: accelerate launch --multi_gpu --num_processes 2 train.py --resume {run} "
+            "--data-parallel") in err
     assert not (run / "oof.csv").exists()
     state = load_state(sorted(run.glob("fold_0/state/state-*.pt"))[-1])
     assert len(state["rng_by_rank"]) == 2       # each process's generators, to continue its own
 
-    resumed = _launch(["--resume", str(run)], dp_work)
+    resumed = _launch(["--resume", str(run)], dp_work)         # no mode given: the run's own
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from" in resumed.stderr
+    assert "2 processes, data-parallel: as the run was started" in resumed.stderr
     _assert_same_training(run, one_process)
 
 
@@ -206,7 +266,8 @@ def test_a_stopped_data_parallel_run_resumes_to_the_same_oof(dp_work, tiny_bert,
 
 
 def test_a_batch_that_does_not_split_over_the_processes_fails_before_training(dp_work, tiny_bert):
-    result = _launch(["--name", "odd", *_dp_overrides(dp_work, tiny_bert), "training.batch_size=5"], dp_work)
+    result = _launch(["--data-parallel", "--name", "odd", *_dp_overrides(dp_work, tiny_bert), "training.batch_size=5"],
+                     dp_work)
     assert result.returncode != 0
     assert ("error: training.batch_size: 5 is the global batch of a data-parallel run over 2 processes, so it must "
             "be a multiple of 2 (each process takes batch_size / 2 rows); set it to 4 or 6") in result.stderr
@@ -221,8 +282,13 @@ def test_check_launch_refuses_what_several_processes_cannot_train(tiny_bert):
     with pytest.raises(ConfigError, match=r"training.batch_size: 6 .* over 4 processes, so it must be a multiple "
                                           r"of 4 .* set it to 4 or 8"):
         check_launch(cfg, 4, fold_parallel=False)
+    check_launch(load_config(None, ["training.parallel_folds=3", "training.parallel_mode=threads"]), 2,
+                 fold_parallel=True)                           # each process's folds in threads
     refused = [
-        (["training.parallel_folds=2"], True, "training.parallel_folds: 2 trains folds side by side"),
+        (["training.parallel_folds=2"], False, "training.parallel_folds: 2 trains folds side by side on one device, "
+                                               "but this launch trains each fold data-parallel"),
+        (["training.parallel_folds=2", "training.parallel_mode=processes"], True,
+         "training.parallel_folds: 2 with training.parallel_mode: processes would start processes of their own"),
         (["training.device=cuda:1"], True, "training.device: cuda:1 would put every one of the 2 processes"),
         (["model.type=tfidf_ridge"], True, "model.type: tfidf_ridge has no GPU training to spread"),
         (["distill.teacher=runs/x"], False, "a distillation run trains one student in one process"),

@@ -95,3 +95,53 @@ def test_predictions_are_clipped_to_the_declared_range(copy, tmp_path):
     run_inference(run, None, tmp_path / "sub.csv")
     clipped = pd.read_csv(tmp_path / "sub.csv").iloc[:, 1:].to_numpy()
     np.testing.assert_allclose(clipped, np.clip(raw, 1.0, 5.0), atol=1e-6)
+
+
+def _rewrite_tokenizer_json(folder, change) -> None:
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    change(spec)
+    path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+
+
+def test_folds_are_compared_by_what_their_tokenizers_do_not_by_their_bytes(copy, tmp_path):
+    """A fold-parallel process that never tokenized wrote tokenizer.json with the truncation
+    and padding of its loading, another one without: the same tokenizer, other bytes."""
+    run, test = copy
+    texts = test["full_text"].tolist()
+    before, _ = predict_run(run, texts)
+
+    def last_call_state(spec):
+        spec["truncation"] = {"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0}
+        spec["padding"] = {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": None,
+                           "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+
+    _rewrite_tokenizer_json(run / "fold_1" / "best", last_call_state)
+    assert (run / "fold_1" / "best" / "tokenizer.json").read_bytes() != (
+        run / "fold_0" / "best" / "tokenizer.json").read_bytes()
+    after, meta = predict_run(run, texts)
+    assert meta["n_folds"] == 3
+    np.testing.assert_array_equal(after, before)
+
+    # a cased tokenizer beside uncased ones is refused, and the message says what differs
+    settings = run / "fold_2" / "best" / "tokenizer_config.json"
+    settings.write_text(settings.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
+    with pytest.raises(CheckpointError, match=r"fold_2/best was trained with another tokenizer than .*fold_0/best "
+                                              r"\(their normalizer, settings, probe encoding differ\)"):
+        predict_run(run, texts)
+
+
+def test_a_tokenizer_is_saved_the_same_whether_or_not_it_has_tokenized(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from foldtune.checkpoint import tokenizer_files
+    from foldtune.data.dataset import encode_texts
+
+    fresh = AutoTokenizer.from_pretrained(str(tiny_bert))
+    used = AutoTokenizer.from_pretrained(str(tiny_bert))
+    encode_texts(used, ["a long essay " * 200, "a short one"], 64)
+    # MiniLM's tokenizer.json records truncation and padding at 128; a call clears them
+    assert fresh.backend_tokenizer.truncation is not None and used.backend_tokenizer.truncation is None
+    files = tokenizer_files(fresh)
+    assert files == tokenizer_files(used)
+    assert json.loads(files["tokenizer.json"])["truncation"] is None

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -94,16 +95,104 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
     save_pretrained holds the GIL for its whole serialisation, while folds trained side by
     side in threads wait for it to launch their steps; the bytes kept here are written
     with the GIL released.
+
+    tokenizer.json is written without the truncation and padding of the tokenizer's last
+    call, which transformers sets again at every call: a process that has tokenized the
+    essays and one that has not (fold-parallel launches) write the same bytes.
     """
     with _TOKENIZER_FILES_LOCK:
         files = _TOKENIZER_FILES.get(tokenizer)
         if files is None:
             with tempfile.TemporaryDirectory(prefix="foldtune-tokenizer-") as folder:
                 tokenizer.save_pretrained(folder)
+                _drop_call_state(Path(folder) / "tokenizer.json")
                 files = {path.relative_to(folder).as_posix(): path.read_bytes()
                          for path in sorted(Path(folder).rglob("*")) if path.is_file()}
             _TOKENIZER_FILES[tokenizer] = files
         return files
+
+
+def _drop_call_state(path: Path) -> None:
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(path))
+    if backend.truncation is None and backend.padding is None:
+        return
+    backend.no_truncation()
+    backend.no_padding()
+    backend.save(str(path))
+
+
+# A text whose encoding shows what a tokenizer does: case, accents, digits, punctuation,
+# a contraction, tabs, a line break, markup, a no-break space and a long rare word.
+TOKENIZER_PROBE = "Ça va? The naïve CAFÉ-owner's 2,056 essays... don't\tstop\n<br>\u00a0Unbelievably-antidisestablishment"
+
+
+def _tokenizer_file_digest(folder: Path) -> str:
+    """SHA-256 of the tokenizer files a checkpoint folder holds (equal bytes: the same tokenizer)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "spm")) or path.suffix == ".model":
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def tokenizer_behaviour(folder: str | Path) -> dict[str, str]:
+    """What the tokenizer saved in a checkpoint folder does, aspect by aspect, each as a digest.
+
+    The aspects: its class, vocabulary, special and added tokens, the normaliser,
+    pre-tokeniser, model, post-processor and decoder of its pipeline, its settings
+    (truncation and padding sides, length limit, lower case), and the ids it gives the
+    probe text with and without special tokens. Not compared: the truncation and padding of the
+    last call that tokenizer.json records, which every call sets again.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    aspects: dict[str, object] = {"class": type(tokenizer).__name__,
+                                  "vocabulary": sorted(tokenizer.get_vocab().items())}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        for part in ("normalizer", "pre_tokenizer", "model", "post_processor", "decoder", "added_tokens"):
+            aspects[part] = pipeline.get(part)
+    aspects["special tokens"] = [sorted(tokenizer.special_tokens_map.items(), key=str),
+                                 sorted(tokenizer.all_special_ids)]
+    aspects["settings"] = [getattr(tokenizer, name, None) for name in (
+        "truncation_side", "padding_side", "model_max_length", "do_lower_case")]
+    aspects["probe encoding"] = [tokenizer(TOKENIZER_PROBE, add_special_tokens=special)["input_ids"]
+                                 for special in (False, True)]
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+            for name, value in aspects.items()}
+
+
+def check_same_tokenizer(folders: Sequence[Path]) -> None:
+    """Every checkpoint folder's tokenizer does what the first one's does, or a
+    CheckpointError names the folder and how its tokenizer differs.
+
+    Folds are compared by what their tokenizers do, not by file bytes: checkpoints written
+    by different processes of one run (or by another version of a library) may serialise
+    the same tokenizer differently. Folders whose files are equal byte for byte are
+    loaded once.
+    """
+    if len(folders) < 2:
+        return
+    by_files = {folder: _tokenizer_file_digest(folder) for folder in folders}
+    if len(set(by_files.values())) == 1:
+        return
+    behaviours: dict[str, dict[str, str]] = {}
+    for folder, files in by_files.items():
+        if files not in behaviours:
+            behaviours[files] = tokenizer_behaviour(folder)
+    first = behaviours[by_files[folders[0]]]
+    for folder in folders[1:]:
+        theirs = behaviours[by_files[folder]]
+        differ = [aspect for aspect in first if theirs.get(aspect) != first[aspect]]
+        if differ:
+            raise CheckpointError(f"{folder} was trained with another tokenizer than {folders[0]} (their "
+                                  f"{', '.join(differ)} differ): folds of different runs cannot be averaged")
 
 
 def read_meta(folder: str | Path) -> dict:

@@ -52,8 +52,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         epilog="examples: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
                "          python train.py --resume runs/ellipse_minilm-20261125-101500\n"
                "          accelerate launch --multi_gpu --num_processes 2 train.py --config C.yaml  "
-               "(each fold data-parallel)\n"
-               "          accelerate launch --multi_gpu --num_processes 2 train.py --fold-parallel --config C.yaml",
+               "(the mode that pays for the model's size)\n"
+               "          accelerate launch --multi_gpu --num_processes 2 train.py --fold-parallel --config C.yaml\n"
+               "          accelerate launch --multi_gpu --num_processes 2 train.py --data-parallel --config C.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
@@ -62,9 +63,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                         help="continue a stopped run: finished folds are kept, the interrupted one continues")
     parser.add_argument("--force", action="store_true",
                         help="with --resume: continue even if the config or the train file changed")
-    parser.add_argument("--fold-parallel", action="store_true",
-                        help="under accelerate launch: spread the folds over the processes, one fold per process at "
-                             "a time (default: every fold data-parallel over all of them)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--fold-parallel", action="store_true",
+                      help="under accelerate launch: spread the folds over the processes, each training its own "
+                           "(training.parallel_folds of them at a time, in threads). Without --fold-parallel or "
+                           "--data-parallel the launch chooses by the backbone's size")
+    mode.add_argument("--data-parallel", action="store_true",
+                      help="under accelerate launch: train every fold on all the processes together, each taking a "
+                           "share of every batch")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     # Options may come before, between or after the overrides.
     args = parser.parse_intermixed_args(argv)
@@ -80,24 +86,28 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     install_signal_handlers()
     run_dir = None
+    fold_parallel = args.fold_parallel
     try:
         from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
                                                         run_cross_validation)
         from foldtune.training.distributed import current_launch, launched_world_size
 
         started = time.perf_counter()       # the libraries are loaded: the run's own time from here
-        if args.fold_parallel and launched_world_size() == 1:
-            log.warning("--fold-parallel in a single process: the folds train one after another; start several "
-                        "with accelerate launch --multi_gpu --num_processes N train.py --fold-parallel ...")
+        if (args.fold_parallel or args.data_parallel) and launched_world_size() == 1:
+            log.warning("%s in a single process: the folds train one after another, as without it; start several "
+                        "with accelerate launch --multi_gpu --num_processes N train.py ...",
+                        "--fold-parallel" if args.fold_parallel else "--data-parallel")
         if args.resume:
             if args.config or args.name:
                 raise ConfigError("--resume continues a run with its own saved config: "
                                   "--config and --name do not apply (overrides must match it, or --force)")
             run_dir = Path(args.resume)
-            _quiet_other_processes(args.fold_parallel)
+            fold_parallel, why = _process_mode(args, run_dir / "config.yaml", args.overrides)
+            _quiet_other_processes(fold_parallel)
             if current_launch().is_main and run_dir.is_dir():      # else resume_run says what is wrong
                 _log_to_run_folder(run_dir)
-            resume_run(run_dir, args.overrides, args.folds, args.force, args.fold_parallel)
+                _log_process_mode(fold_parallel, why)
+            resume_run(run_dir, args.overrides, args.folds, args.force, fold_parallel)
             return 0
         config = args.config or str(DEFAULT_CONFIG)
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
@@ -105,27 +115,32 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if cfg.distill.teacher is not None and args.folds:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
-        frame = load_inputs(cfg, args.fold_parallel)
+        fold_parallel, why = _process_mode(args, cfg, folds=len(folds))
+        frame = load_inputs(cfg, fold_parallel)
         launch = current_launch()
-        _quiet_other_processes(args.fold_parallel)
+        _quiet_other_processes(fold_parallel)
         # one run folder for all the processes: its name has the main one's clock
         run_dir = launch.run_on_main(lambda: new_run_dir(cfg, Path(config).stem))
         if launch.is_main:
             _log_to_run_folder(run_dir)
+            _log_process_mode(fold_parallel, why)
         if cfg.distill.teacher is not None:
             from foldtune.distill import run_distillation
 
             run_distillation(cfg, run_dir, frame)
         else:
-            run_cross_validation(cfg, run_dir, folds, frame, fold_parallel=args.fold_parallel)
+            run_cross_validation(cfg, run_dir, folds, frame, fold_parallel=fold_parallel)
         log.info("done: %s in %.1f s", run_dir, time.perf_counter() - started)
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
         again = (f"accelerate launch --multi_gpu --num_processes {launched_world_size()} train.py"
                  if launched_world_size() > 1 else "python train.py")
-        print(f"{stop}: the training state is saved. Continue with: {again} --resume {run_dir}"
-              f"{' --fold-parallel' if args.fold_parallel else ''}", file=sys.stderr)
+        mode = ""
+        if launched_world_size() > 1:
+            mode = " --fold-parallel" if fold_parallel else " --data-parallel"
+        print(f"{stop}: the training state is saved. Continue with: {again} --resume {run_dir}{mode}",
+              file=sys.stderr)
         return stop.exit_code
     finally:
         from foldtune.training.distributed import close_launch
@@ -146,6 +161,46 @@ def _start_warm_up(args: argparse.Namespace) -> None:
     except Exception:  # noqa: BLE001 - the run itself reports a bad config or run folder, below
         return
     start_warm_up(cfg)
+
+
+def _process_mode(args: argparse.Namespace, cfg, overrides: Sequence[str] = (),
+                  folds: int | None = None) -> tuple[bool, str]:
+    """(whether the folds are spread over the launched processes, why): as asked, or chosen
+    by the backbone's size and the number of folds (training/distributed.py)."""
+    from foldtune.config import Config, load_config
+    from foldtune.models.regressor import backbone_parameters
+    from foldtune.training.distributed import choose_fold_parallel, launched_world_size
+
+    world_size = launched_world_size()
+    if args.fold_parallel or args.data_parallel or world_size == 1:
+        return args.fold_parallel, "as asked" if world_size > 1 else ""
+    if not isinstance(cfg, Config):         # a run folder's config.yaml (--resume): its own mode
+        if not Path(cfg).is_file():
+            return False, ""                # resume_run says what is wrong with the folder
+        import json
+
+        run_info = Path(cfg).with_name("run.json")
+        recorded = json.loads(run_info.read_text(encoding="utf-8")) if run_info.is_file() else {}
+        if recorded.get("process_mode") in ("fold_parallel", "data_parallel"):
+            return recorded["process_mode"] == "fold_parallel", "as the run was started"
+        cfg = load_config(cfg, overrides)
+        folds = len(recorded.get("folds", [])) or None
+    if cfg.model.type != "transformer" or cfg.distill.teacher is not None:
+        return False, ""                    # refused under a launch (check_launch)
+    folds = folds or cfg.folds.n_splits
+    try:
+        parameters = backbone_parameters(cfg.model.name)
+    except Exception as err:  # noqa: BLE001 - loading the backbone reports what is wrong with it
+        return False, f"data-parallel: the backbone's size could not be read ({type(err).__name__})"
+    return choose_fold_parallel(world_size, folds, parameters)
+
+
+def _log_process_mode(fold_parallel: bool, why: str) -> None:
+    from foldtune.training.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        log.info("%d processes, %s: %s (choose with --fold-parallel or --data-parallel)", launched_world_size(),
+                 "fold-parallel" if fold_parallel else "data-parallel", why)
 
 
 def _quiet_other_processes(fold_parallel: bool) -> None:

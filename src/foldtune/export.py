@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from foldtune import __version__
-from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, read_meta
+from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, check_same_tokenizer, read_meta
 from foldtune.files import atomic_directory, atomic_write_json
 from foldtune.inference import fold_checkpoints
 
@@ -95,6 +95,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = False) -> 
     if out_dir.resolve() == run_dir.resolve():
         raise ExportError("the export folder must not be the run folder")
     folders = fold_checkpoints(run_dir)          # every fold the run trained, or a CheckpointError naming one
+    check_same_tokenizer(folders)                # the notebook averages them: refused there, refused now
     root = source_root()
     with atomic_directory(out_dir) as tmp:
         for name in RUN_FILES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -15,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from foldtune.checkpoint import CONFIG_FILE, META_FILE, CheckpointError, load_checkpoint, read_meta
+from foldtune.checkpoint import (CONFIG_FILE, META_FILE, CheckpointError, check_same_tokenizer, load_checkpoint,
+                                 read_meta)
 from foldtune.config import load_config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, length_sorted_batches, round_up
 from foldtune.data.dataset import TextDataset, encode_texts
@@ -66,15 +66,6 @@ def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False,
     if not folders:
         raise CheckpointError(f"{run_dir} holds no fold checkpoint (fold_*/best): has the run trained a fold?")
     return folders
-
-
-def tokenizer_fingerprint(folder: Path) -> str:
-    """SHA-256 of the tokenizer files a checkpoint folder holds."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "spm")) or path.suffix == ".model":
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:
@@ -220,11 +211,7 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
         if fold_weights is not None:
             raise ValueError(f"{run_dir} is a tfidf_ridge run: its folds are averaged equally (no fold weights)")
         return predict_tfidf_folds(folders, texts), {**metas[0], "n_folds": len(folders)}
-    fingerprint = tokenizer_fingerprint(folders[0])
-    for folder in folders:
-        if tokenizer_fingerprint(folder) != fingerprint:
-            raise CheckpointError(f"{folder} was trained with another tokenizer than {folders[0]}: "
-                                  "folds of different runs cannot be averaged")
+    check_same_tokenizer(folders)
     device_ = resolve_device(device)
     precision_ = inference_precision(precision, device_)
     tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))

@@ -136,3 +136,11 @@ class TextRegressor(nn.Module):
 
 def load_backbone_config(folder):
     return AutoConfig.from_pretrained(str(folder))
+
+
+def backbone_parameters(name_or_path: str) -> int:
+    """How many parameters the backbone has, counted from its config (no weights are loaded)."""
+    config = AutoConfig.from_pretrained(resolve_backbone(name_or_path))
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config)
+    return sum(p.numel() for p in backbone.parameters())

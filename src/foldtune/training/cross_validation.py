@@ -339,7 +339,9 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
         log.warning("training.parallel_mode threads: the folds share one random generator, so with dropout "
                     "on their results differ from a sequential run's (parallel_mode processes keeps them equal)")
 
-    device = resolve_device(prep.cfg.training.device)
+    # Under a launch, this process's own GPU. A thread starts on the CUDA runtime's default
+    # device, whatever the process set: each fold thread sets it first.
+    device = current_launch().local_device(resolve_device(prep.cfg.training.device))
 
     order = list(folds)
     running = {fold: threading.Event() for fold in order}
@@ -351,6 +353,8 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
 
     def train(fold: int) -> FoldResult:
         threading.current_thread().name = f"fold-{fold}"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         place = order.index(fold)
         try:
             if place > 0:       # submitted before this one: its thread has started (or ended)
@@ -452,6 +456,7 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     if launch.world_size > 1:
         results = _train_launched(cfg, run_dir, frame, fold_of, folds_to_run, resume, fold_parallel, launch)
         if not launch.is_main:
+            wait_for_removals()       # its folds' training states, when it trained them in threads
             return None
     elif cfg.model.type == "tfidf_ridge":
         # seconds per fold on a CPU: every fold is fitted again, resumed or not
@@ -496,13 +501,18 @@ def _train_transformer_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fo
     """Tokenize once, then train (or, resuming, read back) each fold."""
     prep = _tokenized_run(cfg, run_dir, frame, fold_of)
     results, to_train = _finished_folds(prep, folds_to_run, resume)
-    if cfg.training.parallel_folds > 1 and len(to_train) > 1:
-        parallel = (train_folds_in_threads if cfg.training.parallel_mode == "threads"
-                    else train_folds_in_processes)
-        results.update(parallel(prep, to_train, cfg.training.parallel_folds))
-    else:
-        results.update({fold: prep.train_fold(fold) for fold in to_train})
+    results.update(_train_in_this_process(prep, to_train))
     return results
+
+
+def _train_in_this_process(prep: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
+    """Train `folds` here: one after another, or training.parallel_folds at a time."""
+    parallel = prep.cfg.training.parallel_folds
+    if parallel > 1 and len(folds) > 1:
+        side_by_side = train_folds_in_threads if prep.cfg.training.parallel_mode == "threads" else \
+            train_folds_in_processes
+        return side_by_side(prep, folds, parallel)
+    return {fold: prep.train_fold(fold) for fold in folds}
 
 
 def _train_launched(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
@@ -535,9 +545,10 @@ def _train_launched(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np
         trained = {fold: prep.train_fold(fold) for fold in to_train}
         return {**on_main.get("results", {}), **trained}
     mine = folds_of_process(to_train, launch)
-    log.info("process %d of %d: fold(s) %s", launch.rank, launch.world_size, mine or "none")
-    for fold in mine:
-        prep.train_fold(fold)
+    side_by_side = cfg.training.parallel_folds > 1 and len(mine) > 1
+    log.info("process %d of %d: fold(s) %s%s", launch.rank, launch.world_size, mine or "none",
+             f", {min(cfg.training.parallel_folds, len(mine))} at a time in threads" if side_by_side else "")
+    _train_in_this_process(prep, mine)
     if not launch.is_main:
         return {}
     _wait_for_folds(prep, [fold for fold in to_train if fold not in mine])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -262,6 +263,37 @@ def folds_of_process(folds: Sequence[int], launch: OneProcess) -> list[int]:
     return list(folds)[launch.rank::launch.world_size]
 
 
+# How a launch with no mode chosen (neither --fold-parallel nor --data-parallel) shares
+# its folds, from what each mode paid on two H200s (docs/benchmarks.md, "Several GPUs"):
+# a backbone of fewer parameters than this takes steps too short for the processes'
+# gradient exchange to pay (MiniLM, 22.7M: data-parallel on two GPUs was slower than one).
+DATA_PARALLEL_MIN_PARAMETERS = 100_000_000
+# A larger one (DeBERTa-v3-base, 184M) trained data-parallel at about this share of N
+# times one process's speed; fold-parallel is chosen when spreading whole folds does as well.
+DATA_PARALLEL_EFFICIENCY = 0.85
+
+
+def choose_fold_parallel(world_size: int, n_folds: int, n_parameters: int) -> tuple[bool, str]:
+    """(whether to spread the folds over the processes, why) for a launch with no mode given.
+
+    Fold-parallel, the busiest process trains ceil(F / N) of the F folds, so the run is at
+    most F / ceil(F / N) times as fast as one process (5 folds on 2: 1.67x). Data-parallel
+    divides every step, at the cost of a gradient exchange per step.
+    """
+    busiest = math.ceil(n_folds / world_size)
+    spread = n_folds / busiest
+    size = f"{n_parameters / 1e6:.1f}M parameters"
+    if n_parameters < DATA_PARALLEL_MIN_PARAMETERS:
+        return True, (f"the backbone has {size}, too few for data-parallel to pay: the folds are spread over the "
+                      f"{world_size} processes")
+    if spread >= DATA_PARALLEL_EFFICIENCY * world_size:
+        return True, (f"the {n_folds} folds spread evenly over the {world_size} processes ({busiest} each at "
+                      f"most: {spread:.2f}x one process)")
+    return False, (f"the backbone has {size}, and spread over {world_size} processes the {n_folds} fold(s) would "
+                   f"give at most {spread:.2f}x one process ({busiest} on the busiest): each fold is trained "
+                   "data-parallel")
+
+
 def check_launch(cfg: Config, world_size: int, fold_parallel: bool) -> None:
     """What a launch of world_size processes cannot train, refused before anything is loaded."""
     if world_size <= 1:
@@ -272,10 +304,16 @@ def check_launch(cfg: Config, world_size: int, fold_parallel: bool) -> None:
                           "run it as plain python train.py")
     if cfg.distill.teacher is not None:
         raise ConfigError("a distillation run trains one student in one process: run it as plain python train.py")
-    if t.parallel_folds > 1:
-        raise ConfigError(f"training.parallel_folds: {t.parallel_folds} trains folds side by side in one launch; "
-                          f"under accelerate launch ({world_size} processes) set it to 1 (--fold-parallel spreads "
-                          "the folds over the processes)")
+    if t.parallel_folds > 1 and not fold_parallel:
+        raise ConfigError(f"training.parallel_folds: {t.parallel_folds} trains folds side by side on one device, but "
+                          f"this launch trains each fold data-parallel over its {world_size} processes: set "
+                          "training.parallel_folds: 1, or use --fold-parallel (each process then trains its folds "
+                          "side by side in threads)")
+    if t.parallel_folds > 1 and t.parallel_mode != "threads":
+        raise ConfigError(f"training.parallel_folds: {t.parallel_folds} with training.parallel_mode: "
+                          f"{t.parallel_mode} would start processes of their own inside each of the {world_size} "
+                          "launched ones: under --fold-parallel set training.parallel_mode: threads (each process "
+                          "trains its folds side by side in threads, on its own GPU)")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"training.device: {t.device} would put every one of the {world_size} processes on the "
                           "same device; use auto (each process gets its own GPU)")
