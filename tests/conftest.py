@@ -182,3 +182,28 @@ def run_stopped_at(monkeypatch, cfg, run_dir: Path, fold: int, step: int) -> Non
     finally:
         stopping.clear_stop_request()
         monkeypatch.setattr(FoldTrainer, "_count_step", original)
+
+
+def accelerate_launch(args: list[str], cwd: Path, wait: bool = True, cpu: bool = True, processes: int = 2):
+    """train.py under accelerate launch, `processes` of them: on the CPUs over gloo, or (cpu
+    False) one GPU each over NCCL; a free port each time. Without --resume the config is
+    the dataclass defaults and args' overrides, as the in-process runs'."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(REPO / "train.py"), *args]
+    if "--resume" not in args:
+        (cwd / "defaults.yaml").write_text("# nothing: the dataclass defaults\n")
+        command += ["--config", "defaults.yaml"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -1,6 +1,7 @@
 """Background writes of checkpoints and states, and the checks around CUDA-graph steps
 (the replays themselves are tested on a GPU in test_gpu.py)."""
 
+import json
 import threading
 
 import pytest
@@ -122,7 +123,12 @@ def test_checkpoints_hold_the_tokenizer_files_saved_once(tiny_bert, tmp_path, mo
     reference = sorted(p.name for p in (tmp_path / "reference").iterdir())
     for name in ("first", "second"):
         for file in reference:
-            assert (tmp_path / name / file).read_bytes() == (tmp_path / "reference" / file).read_bytes(), file
+            ours, theirs = (tmp_path / name / file).read_bytes(), (tmp_path / "reference" / file).read_bytes()
+            if file == "tokenizer.json":    # without the truncation and padding of the last call
+                expected = {**json.loads(theirs), "truncation": None, "padding": None}
+                assert json.loads(ours) == expected
+            else:
+                assert ours == theirs, file
     loaded = AutoTokenizer.from_pretrained(str(tmp_path / "second"))
     assert loaded("a cat sat")["input_ids"] == tokenizer("a cat sat")["input_ids"]
 

@@ -6,11 +6,7 @@ train is refused before anything is written."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,32 +16,17 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import accelerate_launch
 from foldtune.config import ConfigError, load_config
 from foldtune.data.demo import make_demo
 from foldtune.training.cross_validation import run_cross_validation
 from foldtune.training.distributed import DataParallel, check_launch, choose_fold_parallel, folds_of_process
 from foldtune.training.state import load_state
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _launch(args: list[str], cwd: Path, wait: bool = True):
-    """train.py under accelerate launch: two processes on the CPUs, a free port each time;
-    the config is the dataclass defaults and args' overrides, as the in-process runs'."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), str(REPO / "train.py"), *args]
-    if "--resume" not in args:
-        (cwd / "defaults.yaml").write_text("# nothing: the dataclass defaults\n")
-        command += ["--config", "defaults.yaml"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
-           "PYTHONUNBUFFERED": "1"}
-    if not wait:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    """train.py under accelerate launch: two processes on the CPUs (gloo)."""
+    return accelerate_launch(args, cwd, wait=wait, cpu=True)
 
 
 def _overrides(csv: Path, model: Path, *extra: str) -> list[str]:

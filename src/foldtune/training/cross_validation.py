@@ -342,6 +342,8 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
     # Under a launch, this process's own GPU. A thread starts on the CUDA runtime's default
     # device, whatever the process set: each fold thread sets it first.
     device = current_launch().local_device(resolve_device(prep.cfg.training.device))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
 
     order = list(folds)
     running = {fold: threading.Event() for fold in order}
