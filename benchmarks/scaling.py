@@ -13,11 +13,12 @@ Jobs:
   microsoft/deberta-v3-base in random weights (no weights exist offline) and the MiniLM
   word-piece tokenizer, so the essays keep their real token lengths (cut at the recipe's
   1,536). The job is the recipe's steady state, shortened: 5 folds x 1 epoch of the first
-  --deberta-rows essays, AWP and SWA on from that epoch. One GPU; data-parallel (launched
-  with no mode, which chooses data-parallel for 5 folds of a 184M-parameter model); and
-  fold-parallel. First a run of fold 0 on one GPU and one data-parallel fill the compiled
-  kernels' cache (the fused attention compiles a kernel per batch shape), as any earlier
-  run on the machine would; the timed runs then load them.
+  --deberta-rows essays, AWP and SWA on from that epoch. One GPU, data-parallel and
+  fold-parallel. With the recipe's fused attention (--deberta-attention flex) a run of
+  fold 0 on one GPU and one data-parallel first fill the compiled kernels' cache (a kernel
+  per batch shape), as an earlier run on the machine would; on a fresh machine that took
+  longer than the shortened job itself, so `--deberta-attention eager` (transformers'
+  attention, nothing compiled) is what measures the modes against each other.
 
 Each row: the whole process's wall time, the run's own time after its imports (train.py's
 "done: ... in X s"), training samples a second over that time, and the OOF MCRMSE.
@@ -67,7 +68,9 @@ def run(job: str, setting: str, gpus: int, mode: str | None, config: str, name: 
     (runs_dir / f"{name}.log").write_text(result.stdout + result.stderr)
     row = {"job": job, "setting": setting, "gpus": gpus, "mode": mode or "none given", "rc": result.returncode,
            "wall_s": round(wall, 1)}
-    done = DONE.search(result.stderr)
+    # the main process's line (a fold-parallel process ends its own share earlier)
+    own_log = runs_dir / name / "train.log"
+    done = DONE.search(own_log.read_text()) if own_log.is_file() else None
     chosen = re.search(r"\d+ processes, (fold-parallel|data-parallel): (.*)", result.stderr)
     if chosen:
         row["chosen"] = chosen.group(1)
@@ -164,7 +167,8 @@ def deberta(args, runs_dir: Path, work: Path, out: Path | None) -> None:
         print(json.dumps({"prime_rc": [p.wait() for p in primes],
                           "prime_s": round(time.perf_counter() - started, 1)}), flush=True)
     run("deberta", "1 GPU", 1, None, config, "deberta-1gpu", common, runs_dir, samples, out)
-    run("deberta", "2 GPUs, no mode given", 2, None, config, "deberta-2gpu", common, runs_dir, samples, out)
+    run("deberta", "2 GPUs, data-parallel", 2, "--data-parallel", config, "deberta-dp", common, runs_dir, samples,
+        out)
     run("deberta", "2 GPUs, fold-parallel", 2, "--fold-parallel", config, "deberta-fp", common, runs_dir, samples,
         out)
 

@@ -130,7 +130,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             run_distillation(cfg, run_dir, frame)
         else:
             run_cross_validation(cfg, run_dir, folds, frame, fold_parallel=fold_parallel)
-        log.info("done: %s in %.1f s", run_dir, time.perf_counter() - started)
+        if launch.is_main:      # the others' folds are done, not the run
+            log.info("done: %s in %.1f s", run_dir, time.perf_counter() - started)
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
