@@ -105,6 +105,7 @@ def test_a_launch_without_a_mode_spreads_a_small_models_folds_each_process_in_th
             in result.stderr)
     assert "process 0 of 2: fold(s) [0, 2], 2 at a time in threads" in result.stderr
     assert "process 1 of 2: fold(s) [1]\n" in result.stderr
+    assert result.stderr.count("done: ") == 1, "only the main process says the run is done"
     run = tmp_path / "runs" / "auto"
     assert json.loads((run / "run.json").read_text())["process_mode"] == "fold_parallel"
     np.testing.assert_array_equal(_values(run), _values(tmp_path / "sequential"))
