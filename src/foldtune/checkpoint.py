@@ -127,7 +127,8 @@ def _drop_call_state(path: Path) -> None:
 
 # A text whose encoding shows what a tokenizer does: case, accents, digits, punctuation,
 # a contraction, tabs, a line break, markup, a no-break space and a long rare word.
-TOKENIZER_PROBE = "Ça va? The naïve CAFÉ-owner's 2,056 essays... don't\tstop\n<br>\u00a0Unbelievably-antidisestablishment"
+TOKENIZER_PROBE = ("Ça va? The naïve CAFÉ-owner's 2,056 essays... don't\tstop\n<br>\u00a0"
+                   "Unbelievably-antidisestablishment")
 
 
 def _tokenizer_file_digest(folder: Path) -> str:
@@ -145,8 +146,8 @@ def tokenizer_behaviour(folder: str | Path) -> dict[str, str]:
     The aspects: its class, vocabulary, special and added tokens, the normaliser,
     pre-tokeniser, model, post-processor and decoder of its pipeline, its settings
     (truncation and padding sides, length limit, lower case), and the ids it gives the
-    probe text with and without special tokens. Not compared: the truncation and padding of the
-    last call that tokenizer.json records, which every call sets again.
+    probe text with and without special tokens. Not compared: the truncation and padding
+    of the last call, which tokenizer.json records and every call sets again.
     """
     from transformers import AutoTokenizer
 

@@ -102,7 +102,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--resume continues a run with its own saved config: "
                                   "--config and --name do not apply (overrides must match it, or --force)")
             run_dir = Path(args.resume)
-            fold_parallel, why = _process_mode(args, run_dir / "config.yaml", args.overrides)
+            fold_parallel, why = _resume_mode(args, run_dir, args.overrides)
             _quiet_other_processes(fold_parallel)
             if current_launch().is_main and run_dir.is_dir():      # else resume_run says what is wrong
                 _log_to_run_folder(run_dir)
@@ -115,7 +115,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if cfg.distill.teacher is not None and args.folds:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
-        fold_parallel, why = _process_mode(args, cfg, folds=len(folds))
+        fold_parallel, why = _process_mode(args, cfg, len(folds))
         frame = load_inputs(cfg, fold_parallel)
         launch = current_launch()
         _quiet_other_processes(fold_parallel)
@@ -164,36 +164,41 @@ def _start_warm_up(args: argparse.Namespace) -> None:
     start_warm_up(cfg)
 
 
-def _process_mode(args: argparse.Namespace, cfg, overrides: Sequence[str] = (),
-                  folds: int | None = None) -> tuple[bool, str]:
+def _process_mode(args: argparse.Namespace, cfg, folds: int) -> tuple[bool, str]:
     """(whether the folds are spread over the launched processes, why): as asked, or chosen
     by the backbone's size and the number of folds (training/distributed.py)."""
-    from foldtune.config import Config, load_config
     from foldtune.models.regressor import backbone_parameters
     from foldtune.training.distributed import choose_fold_parallel, launched_world_size
 
     world_size = launched_world_size()
     if args.fold_parallel or args.data_parallel or world_size == 1:
         return args.fold_parallel, "as asked" if world_size > 1 else ""
-    if not isinstance(cfg, Config):         # a run folder's config.yaml (--resume): its own mode
-        if not Path(cfg).is_file():
-            return False, ""                # resume_run says what is wrong with the folder
-        import json
-
-        run_info = Path(cfg).with_name("run.json")
-        recorded = json.loads(run_info.read_text(encoding="utf-8")) if run_info.is_file() else {}
-        if recorded.get("process_mode") in ("fold_parallel", "data_parallel"):
-            return recorded["process_mode"] == "fold_parallel", "as the run was started"
-        cfg = load_config(cfg, overrides)
-        folds = len(recorded.get("folds", [])) or None
     if cfg.model.type != "transformer" or cfg.distill.teacher is not None:
         return False, ""                    # refused under a launch (check_launch)
-    folds = folds or cfg.folds.n_splits
     try:
         parameters = backbone_parameters(cfg.model.name)
     except Exception as err:  # noqa: BLE001 - loading the backbone reports what is wrong with it
-        return False, f"data-parallel: the backbone's size could not be read ({type(err).__name__})"
+        return False, f"the backbone's size could not be read ({type(err).__name__})"
     return choose_fold_parallel(world_size, folds, parameters)
+
+
+def _resume_mode(args: argparse.Namespace, run_dir: Path, overrides: Sequence[str]) -> tuple[bool, str]:
+    """A resumed run's mode: as asked, else the one it was started in (run.json), else chosen."""
+    import json
+
+    from foldtune.config import load_config
+    from foldtune.training.distributed import launched_world_size
+
+    if args.fold_parallel or args.data_parallel or launched_world_size() == 1:
+        return _process_mode(args, None, 0)
+    if not (run_dir / "config.yaml").is_file():
+        return False, ""                    # resume_run says what is wrong with the folder
+    run_file = run_dir / "run.json"
+    recorded = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    if recorded.get("process_mode") in ("fold_parallel", "data_parallel"):
+        return recorded["process_mode"] == "fold_parallel", "as the run was started"
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    return _process_mode(args, cfg, len(recorded.get("folds", [])) or cfg.folds.n_splits)
 
 
 def _log_process_mode(fold_parallel: bool, why: str) -> None:
