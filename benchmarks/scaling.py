@@ -82,7 +82,12 @@ def run(job: str, setting: str, gpus: int, mode: str | None, config: str, name: 
         data = json.loads(scores.read_text())
         row["oof"] = round(data["oof"]["mcrmse"], 4)
         row["fold_s"] = [f["seconds"] for f in data["folds"].values()]
-    else:
+    return record(row, result, out, failed=result.returncode != 0 or not scores.is_file())
+
+
+def record(row: dict, result: subprocess.CompletedProcess, out: Path | None, failed: bool) -> dict:
+    """The row, with the command's last error line if it failed, printed and appended to `out`."""
+    if failed:
         row["error"] = (result.stderr.strip().splitlines() or ["?"])[-1][:300]
     print(json.dumps(row), flush=True)
     if out is not None:
@@ -97,15 +102,8 @@ def infer(run_dir: Path, out: Path | None) -> dict:
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "0"})
     row = {"infer": str(run_dir), "rc": result.returncode, "wall_s": round(time.perf_counter() - started, 1)}
     if result.returncode == 0:
-        submission = pd.read_csv(run_dir / "submission.csv")
-        row["rows"] = len(submission)
-    else:
-        row["error"] = (result.stderr.strip().splitlines() or ["?"])[-1][:300]
-    print(json.dumps(row), flush=True)
-    if out is not None:
-        with out.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-    return row
+        row["rows"] = len(pd.read_csv(run_dir / "submission.csv"))
+    return record(row, result, out, failed=result.returncode != 0)
 
 
 def train_samples(train_csv: Path, n_splits: int, epochs: int) -> int:
