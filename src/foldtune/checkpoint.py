@@ -234,13 +234,13 @@ def changed_files(folder: str | Path, meta: dict) -> list[Path]:
     if records is None:
         _warn_unrecorded(folder)
         return []
-    if not isinstance(records, dict) or not all(isinstance(r, dict) and {"sha256", "bytes"} <= r.keys()
-                                                for r in records.values()):
-        raise CheckpointError(f"{folder / META_FILE}: '{FILES_KEY}' should map file names to {{\"sha256\": ..., "
-                              f"\"bytes\": ...}}, got {records!r:.200}; retrain this fold")
-    return [folder / name for name, record in records.items()
-            if not (folder / name).is_file() or (folder / name).stat().st_size != record["bytes"]
-            or file_sha256(folder / name) != record["sha256"]]
+    try:
+        return [folder / name for name, record in records.items()
+                if not (folder / name).is_file() or (folder / name).stat().st_size != record["bytes"]
+                or file_sha256(folder / name) != record["sha256"]]
+    except (AttributeError, KeyError, TypeError):
+        raise CheckpointError(f"{folder / META_FILE}: '{FILES_KEY}' should map each file name to its \"sha256\" "
+                              f"and \"bytes\"; retrain this fold") from None
 
 
 def verify_files(folder: str | Path, meta: dict) -> None:

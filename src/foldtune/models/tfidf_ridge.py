@@ -108,8 +108,9 @@ def load_model(folder: Path) -> TfidfRidge:
         arrays = load_file(str(folder / WEIGHTS_FILE))
         vectorizers = []
         for spec in json.loads((folder / VECTORIZERS_FILE).read_text(encoding="utf-8")):
-            settings = {**spec["settings"], "ngram_range": tuple(spec["settings"]["ngram_range"])}
-            vectorizer = TfidfVectorizer(**settings, vocabulary=spec["vocabulary"], dtype=np.float64)
+            settings = {key: spec["settings"][key] for key in TRANSFORM_SETTINGS}    # no other: input stays text
+            settings["ngram_range"] = tuple(settings["ngram_range"])
+            vectorizer = TfidfVectorizer(**settings, vocabulary=spec["vocabulary"], dtype=np.float64)  # as fitted
             vectorizer.idf_ = arrays[f"{spec['name']}.idf"]
             vectorizers.append(vectorizer)
         coef, intercept = arrays["ridge.coef"], arrays["ridge.intercept"]
@@ -171,7 +172,7 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
 
 
 def predict_tfidf_folds(folders: Sequence[Path], texts: Sequence[str]) -> np.ndarray:
-    """The average of the folds' pipelines' predictions for `texts`."""
+    """The average of the folds' models' predictions for `texts`."""
     total = None
     for folder in folders:
         preds = np.asarray(load_model(folder).predict(list(texts)), dtype=np.float64)
