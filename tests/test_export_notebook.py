@@ -3,6 +3,7 @@ export writes the submission infer.py writes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -111,6 +112,10 @@ def test_fp16_export_is_half_the_size_and_close(exported):
     export = work / "kaggle_fp16"
     assert json.loads((export / "export.json").read_text())["weights_dtype"] == "float16"
     assert 0.45 < _weights_bytes(export) / weights32 < 0.55
+    for best in export.glob("fold_*/best"):        # the float16 files' own SHA-256, which loading checks
+        data = (best / "model.safetensors").read_bytes()
+        assert json.loads((best / "foldtune.json").read_text())["files"] == {
+            "model.safetensors": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
     expected = pd.read_csv(work / "infer.csv")
     got = _score_offline(export, work / "test.csv", work / "offline16.csv")
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-2, rtol=0)

@@ -4,15 +4,22 @@ same fold rows, infer.py --run, and infer.py --blend over two such runs."""
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import tfidf_ridge_fit, train_two_tfidf_runs
 
+from foldtune.checkpoint import CheckpointError
 from foldtune.cli import infer_main
+from foldtune.config import load_config
+from foldtune.data.demo import make_demo
 from foldtune.data.folds import assign_folds
 from foldtune.ensemble import main as ensemble_main
+from foldtune.models.tfidf_ridge import build_tfidf_ridge, load_model, save_model
 
 TARGETS = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]
 
@@ -36,7 +43,8 @@ def test_tfidf_run_writes_the_run_layout_and_exact_oof(tfidf_runs):
     y = train[TARGETS].to_numpy()
     for fold in range(3):
         fold_dir = run / f"fold_{fold}"
-        assert {"model.joblib", "foldtune.json", "foldtune.yaml"} == {p.name for p in (fold_dir / "best").iterdir()}
+        assert {"model.safetensors", "tfidf.json", "foldtune.json", "foldtune.yaml"} == {
+            p.name for p in (fold_dir / "best").iterdir()}
         assert json.loads((fold_dir / "best" / "foldtune.json").read_text())["model_type"] == "tfidf_ridge"
         assert pd.read_csv(fold_dir / "metrics.csv")["step"].tolist() == [1]
         rows = folds == fold
@@ -92,3 +100,62 @@ def test_infer_blend_names_a_missing_blend_file(tfidf_runs, capsys):
     work, _, _ = tfidf_runs
     assert infer_main(["--blend", str(work / "nothere.json")]) == 2
     assert "blend file" in capsys.readouterr().err
+
+
+def test_a_saved_fold_predicts_as_the_fitted_pipeline(tmp_path):
+    train, test = make_demo(n_train=40, n_test=10, seed=3)
+    cfg = load_config(None, ["model.type=tfidf_ridge", "tfidf.min_df=2", "tfidf.max_features=300",
+                             "tfidf.char_ngram_range=[2,3]"])
+    pipeline = build_tfidf_ridge(cfg.tfidf).fit(train.full_text.tolist(), train[TARGETS].to_numpy(dtype=float))
+    save_model(tmp_path / "best", pipeline, cfg, {"model_type": "tfidf_ridge", "fold": 0})
+    texts = test.full_text.tolist() + ["", "UPPER case, unseen-words: zyzzyva!"]
+    expected = pipeline.predict(texts)
+    got = load_model(tmp_path / "best").predict(texts)
+    assert got.shape == (len(texts), len(TARGETS))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+
+
+class _Payload:
+    """A pickle that, when loaded, creates `marker`: what a hostile model.joblib could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_pickled_fold_is_refused_without_being_loaded(tfidf_runs, tmp_path, capsys):
+    work, _, _ = tfidf_runs
+    run = shutil.copytree(work / "runs" / "ridge1", tmp_path / "ridge1")
+    marker = tmp_path / "pickle-was-loaded"
+    best = run / "fold_0" / "best"
+    for name in ("model.safetensors", "tfidf.json"):
+        (best / name).unlink(missing_ok=True)       # (an older foldtune wrote model.joblib alone)
+    (best / "model.joblib").write_bytes(pickle.dumps(_Payload(marker)))
+    assert infer_main(["--run", str(run), "--test", str(work / "test.csv"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert (f"{best / 'model.joblib'} is a pickle written by an older foldtune; foldtune no longer loads pickles "
+            f"(one can run any code): retrain the run with python train.py --resume {run}") in capsys.readouterr().err
+    # a transformer checkpoint whose foldtune.json was edited to say tfidf_ridge, beside a pickle
+    forged = tmp_path / "forged" / "fold_0" / "best"
+    forged.mkdir(parents=True)
+    (forged / "foldtune.json").write_text(json.dumps({"model_type": "tfidf_ridge", "fold": 0,
+                                                      "target_columns": TARGETS}))
+    (forged / "model.joblib").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match="is a pickle written by an older foldtune"):
+        load_model(forged)
+    assert not marker.exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_a_fold_changed_in_place_is_refused(tfidf_runs, tmp_path, capsys):
+    work, _, _ = tfidf_runs
+    run = shutil.copytree(work / "runs" / "ridge1", tmp_path / "ridge1")
+    weights = run / "fold_1" / "best" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = np.random.default_rng(0).standard_normal(1024).astype(np.float32).tobytes()
+    weights.write_bytes(bytes(data))
+    assert infer_main(["--run", str(run), "--test", str(work / "test.csv"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert (f"fold 1: {weights} does not match the SHA-256 recorded when it was written (the file changed after it "
+            f"was saved): retrain the fold with python train.py --resume {run}") in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()

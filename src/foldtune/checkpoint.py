@@ -6,7 +6,9 @@
       tokenizer files     as the tokenizer's save_pretrained writes them
       foldtune.yaml       the run's resolved config
       foldtune.json       fold, targets, scores, step: what inference needs to know;
-                          for a compressed model, its factorised modules ("low_rank")
+                          for a compressed model, its factorised modules ("low_rank");
+                          the SHA-256 and size of model.safetensors as written ("files"),
+                          checked by every load
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import tempfile
 import threading
 import weakref
@@ -25,14 +28,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from foldtune.config import Config, dump_config, load_config
-from foldtune.files import atomic_directory
+from foldtune.files import atomic_directory, file_sha256
 from foldtune.models.compress import low_rank_structure, restore_low_rank_structure
 from foldtune.models.regressor import TextRegressor, load_backbone_config
 from foldtune.training.state import Snapshot
 
+log = logging.getLogger("foldtune")
+
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "foldtune.json"
 CONFIG_FILE = "foldtune.yaml"
+FILES_KEY = "files"     # in foldtune.json: file name -> {"sha256", "bytes"} as the file was written
 
 
 class CheckpointError(RuntimeError):
@@ -68,7 +74,7 @@ def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Con
     # A factorised backbone (models/compress.py) is not what config.json builds: record
     # its factorised modules so that loading builds them again.
     structure = low_rank_structure(model.backbone)
-    meta_text = json.dumps({**meta, "low_rank": structure} if structure else meta, indent=2) + "\n"
+    meta = copy.deepcopy({**meta, "low_rank": structure} if structure else meta)
 
     def write() -> Path:
         with atomic_directory(folder) as tmp:
@@ -78,10 +84,20 @@ def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Con
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(data)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-            (tmp / META_FILE).write_text(meta_text, encoding="utf-8")
+            write_meta(tmp, meta, [WEIGHTS_FILE])
         return folder
 
     return write
+
+
+def write_meta(folder: Path, meta: dict, recorded: Sequence[str]) -> None:
+    """Write `folder`'s foldtune.json: `meta`, and the SHA-256 and size of each of the files
+    `recorded`, read back from `folder` where they have just been written. Every load
+    compares them (verify_files): a file changed in place, even to one that still parses,
+    is then refused instead of predicting something else."""
+    records = {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
+               for name in recorded}
+    (folder / META_FILE).write_text(json.dumps({**meta, FILES_KEY: records}, indent=2) + "\n", encoding="utf-8")
 
 
 _TOKENIZER_FILES: "weakref.WeakKeyDictionary[object, dict[str, bytes]]" = weakref.WeakKeyDictionary()
@@ -206,6 +222,58 @@ def read_meta(folder: str | Path) -> dict:
         raise CheckpointError(f"{path} is unreadable ({err}); retrain this fold") from None
 
 
+def changed_files(folder: str | Path, meta: dict) -> list[Path]:
+    """The files that `meta` (the folder's foldtune.json) records whose size or SHA-256 is no
+    longer the recorded one, a missing file among them.
+
+    A checkpoint written before foldtune recorded its files has nothing to compare: it
+    is taken as it is, with one warning per run folder.
+    """
+    folder = Path(folder)
+    records = meta.get(FILES_KEY)
+    if records is None:
+        _warn_unrecorded(folder)
+        return []
+    try:
+        return [folder / name for name, record in records.items()
+                if not (folder / name).is_file() or (folder / name).stat().st_size != record["bytes"]
+                or file_sha256(folder / name) != record["sha256"]]
+    except (AttributeError, KeyError, TypeError):
+        raise CheckpointError(f"{folder / META_FILE}: '{FILES_KEY}' should map each file name to its \"sha256\" "
+                              f"and \"bytes\"; retrain this fold") from None
+
+
+def verify_files(folder: str | Path, meta: dict) -> None:
+    """Every file that foldtune.json records is as it was written, or a CheckpointError names
+    the first that is not, its fold and what writes it again."""
+    changed = changed_files(folder, meta)
+    if changed:
+        raise CheckpointError(f"fold {meta.get('fold', '?')}: {changed[0]} does not match the SHA-256 recorded "
+                              f"when it was written (the file changed after it was saved): {_remedy(Path(folder))}")
+
+
+def _remedy(folder: Path) -> str:
+    """How a fold checkpoint (RUN/fold_k/best) is written again: its run folder says whether
+    it was trained, or exported (export.json) or compressed (compress.json) from a run."""
+    run_dir = folder.parent.parent
+    if (run_dir / "export.json").is_file():
+        return f"export its run again: python -m foldtune.export RUN {run_dir}"
+    if (run_dir / "compress.json").is_file():
+        return f"compress its run again (the source named in {run_dir / 'compress.json'}) into {run_dir}"
+    return f"retrain the fold with python train.py --resume {run_dir}"
+
+
+_WARNED_UNRECORDED: set[Path] = set()
+
+
+def _warn_unrecorded(folder: Path) -> None:
+    run_dir = folder.parent.parent
+    if run_dir not in _WARNED_UNRECORDED:
+        _WARNED_UNRECORDED.add(run_dir)
+        log.warning("%s: its checkpoints record no SHA-256 of their weights (written by an older foldtune): they "
+                    "are loaded unchecked; a change to them would go unnoticed", run_dir)
+
+
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TextRegressor, dict]:
     """The fold's model (eval mode, on `device`) and its metadata."""
     folder = Path(folder)
@@ -229,4 +297,5 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config.json: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
+    verify_files(folder, meta)       # after the parse: a file that does not parse is named as damaged above
     return model.to(device).eval(), meta

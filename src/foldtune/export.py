@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from foldtune import __version__
-from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, check_same_tokenizer, read_meta
+from foldtune.checkpoint import (FILES_KEY, WEIGHTS_FILE, CheckpointError, check_same_tokenizer, read_meta,
+                                 verify_files, write_meta)
 from foldtune.files import atomic_directory, atomic_write_json
 from foldtune.inference import fold_checkpoints
 
@@ -104,9 +105,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = False) -> 
         folds = []
         for folder in folders:
             meta = read_meta(folder)
+            verify_files(folder, meta)          # a fold changed after it was saved is not exported
             target = tmp / folder.parent.name / "best"
             shutil.copytree(folder, target, ignore=shutil.ignore_patterns(WEIGHTS_FILE, ".*"))
-            copy_weights(folder / WEIGHTS_FILE, target / WEIGHTS_FILE, fp16)
+            # a tfidf_ridge fold's arrays stay float64: small, and in float16 they would predict otherwise
+            copy_weights(folder / WEIGHTS_FILE, target / WEIGHTS_FILE, fp16 and meta.get("model_type") != "tfidf_ridge")
+            write_meta(target, meta, list(meta.get(FILES_KEY) or [WEIGHTS_FILE]))     # the copies' SHA-256
             folds.append(meta["fold"])
         # The export holds exactly these folds, whatever run.json asked for.
         run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (

@@ -3,8 +3,16 @@
 A run of this type has the layout of a transformer run (config.yaml, run.json,
 folds.csv, oof.csv, scores.json, fold_k/{best/, oof.csv, metrics.csv, result.json}) on
 the same folds machinery, so it joins a blend like any other run. Each fold's `best/`
-holds the fitted pipeline (model.joblib: a pickle, so load only runs you trust), the
-resolved config and foldtune.json; `infer.py --run` averages the folds.
+holds the fitted model as data, nothing that runs code when loaded:
+
+    model.safetensors   each vectorizer's idf ("word.idf", "char.idf"), the ridge's
+                        "ridge.coef" (targets x features) and "ridge.intercept" (float64)
+    tfidf.json          each vectorizer's name, transform settings and vocabulary (term -> column)
+    foldtune.yaml       the resolved config
+    foldtune.json       fold, targets, scores; the SHA-256 of the two files above
+
+`infer.py --run` averages the folds. A model.joblib of an older foldtune (a pickle,
+which can run any code) is refused, never loaded.
 """
 
 from __future__ import annotations
@@ -15,15 +23,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import joblib
 import numpy as np
 import pandas as pd
+import scipy.sparse
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import FeatureUnion, Pipeline
 
 from foldtune import __version__
-from foldtune.checkpoint import CONFIG_FILE, META_FILE, CheckpointError
+from foldtune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_meta, verify_files, write_meta
 from foldtune.config import Config, TfidfConfig, dump_config
 from foldtune.files import atomic_directory, atomic_write_csv, atomic_write_json
 from foldtune.metrics import score_report
@@ -31,7 +41,12 @@ from foldtune.metrics import score_report
 log = logging.getLogger("foldtune")
 
 MODEL_TYPE = "tfidf_ridge"
-MODEL_FILE = "model.joblib"
+VECTORIZERS_FILE = "tfidf.json"
+PICKLE_FILE = "model.joblib"        # what foldtune wrote before: refused
+# What a fitted TfidfVectorizer's transform() depends on besides its vocabulary and idf
+# (min_df, max_df, max_features and smooth_idf act in fit only; input is always the text).
+TRANSFORM_SETTINGS = ("analyzer", "ngram_range", "lowercase", "strip_accents", "token_pattern", "stop_words",
+                      "encoding", "decode_error", "binary", "norm", "use_idf", "sublinear_tf")
 
 
 def build_tfidf_ridge(cfg: TfidfConfig, seed: int = 0) -> Pipeline:
@@ -46,23 +61,68 @@ def build_tfidf_ridge(cfg: TfidfConfig, seed: int = 0) -> Pipeline:
 
 
 def save_model(folder: Path, pipeline: Pipeline, cfg: Config, meta: dict) -> None:
-    for _, vectorizer in pipeline.named_steps["tfidf"].transformer_list:
-        if hasattr(vectorizer, "stop_words_"):
-            vectorizer.stop_words_ = None        # every pruned term: large, and not needed to predict
+    """Write the fitted pipeline as arrays and JSON (see the module doc), and its config and meta."""
+    arrays, vectorizers = {}, []
+    for name, vectorizer in pipeline.named_steps["tfidf"].transformer_list:
+        settings = vectorizer.get_params()
+        vectorizers.append({"name": name, "settings": {key: settings[key] for key in TRANSFORM_SETTINGS},
+                            "vocabulary": {term: int(column) for term, column in vectorizer.vocabulary_.items()}})
+        arrays[f"{name}.idf"] = np.asarray(vectorizer.idf_, dtype=np.float64)
+    ridge = pipeline.named_steps["ridge"]
+    arrays["ridge.coef"] = np.atleast_2d(np.asarray(ridge.coef_, dtype=np.float64))
+    arrays["ridge.intercept"] = np.atleast_1d(np.asarray(ridge.intercept_, dtype=np.float64))
     with atomic_directory(folder) as tmp:
-        joblib.dump(pipeline, tmp / MODEL_FILE)
+        save_file(arrays, str(tmp / WEIGHTS_FILE), metadata={"format": "np"})
+        (tmp / VECTORIZERS_FILE).write_text(json.dumps(vectorizers, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_meta(tmp, meta, [WEIGHTS_FILE, VECTORIZERS_FILE])
 
 
-def load_model(folder: Path) -> Pipeline:
-    path = Path(folder) / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; retrain this fold")
+class TfidfRidge:
+    """A fold's fitted model rebuilt from its arrays: the vectorizers' features side by side
+    (as FeatureUnion stacks them), times the ridge's coefficients, plus its intercept."""
+
+    def __init__(self, vectorizers: list[TfidfVectorizer], coef: np.ndarray, intercept: np.ndarray):
+        self.vectorizers, self.coef, self.intercept = vectorizers, coef, intercept
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        features = scipy.sparse.hstack([v.transform(list(texts)) for v in self.vectorizers]).tocsr()
+        return np.asarray(features @ self.coef.T) + self.intercept
+
+
+def load_model(folder: Path) -> TfidfRidge:
+    """The fold's model, from the arrays and JSON that save_model wrote, once their SHA-256
+    matches foldtune.json's. Nothing is unpickled."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    run_dir = folder.parent.parent
+    if not (folder / WEIGHTS_FILE).is_file() and (folder / PICKLE_FILE).is_file():
+        raise CheckpointError(f"{folder / PICKLE_FILE} is a pickle written by an older foldtune; foldtune no longer "
+                              f"loads pickles (one can run any code): retrain the run with python train.py "
+                              f"--resume {run_dir}")
+    for name in (WEIGHTS_FILE, VECTORIZERS_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing; retrain the run with python train.py --resume {run_dir}")
+    verify_files(folder, meta)
     try:
-        return joblib.load(path)
-    except Exception as err:       # a damaged pickle raises anything from EOFError to KeyError
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); retrain this fold") from None
+        arrays = load_file(str(folder / WEIGHTS_FILE))
+        vectorizers = []
+        for spec in json.loads((folder / VECTORIZERS_FILE).read_text(encoding="utf-8")):
+            settings = {key: spec["settings"][key] for key in TRANSFORM_SETTINGS}    # no other: input stays text
+            settings["ngram_range"] = tuple(settings["ngram_range"])
+            vectorizer = TfidfVectorizer(**settings, vocabulary=spec["vocabulary"], dtype=np.float64)  # as fitted
+            vectorizer.idf_ = arrays[f"{spec['name']}.idf"]
+            vectorizers.append(vectorizer)
+        coef, intercept = arrays["ridge.coef"], arrays["ridge.intercept"]
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+            ValueError) as err:
+        raise CheckpointError(f"{folder} cannot be read ({type(err).__name__}: {err}); retrain the run with "
+                              f"python train.py --resume {run_dir}") from None
+    n_features = sum(len(v.vocabulary_) for v in vectorizers)
+    if coef.shape != (len(intercept), n_features):
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: ridge.coef has shape {coef.shape}, expected "
+                              f"({len(intercept)}, {n_features}) for the vocabularies of {folder / VECTORIZERS_FILE}")
+    return TfidfRidge(vectorizers, coef, intercept)
 
 
 def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
@@ -112,7 +172,7 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
 
 
 def predict_tfidf_folds(folders: Sequence[Path], texts: Sequence[str]) -> np.ndarray:
-    """The average of the folds' pipelines' predictions for `texts`."""
+    """The average of the folds' models' predictions for `texts`."""
     total = None
     for folder in folders:
         preds = np.asarray(load_model(folder).predict(list(texts)), dtype=np.float64)

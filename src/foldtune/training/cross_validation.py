@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import platform
@@ -31,12 +30,12 @@ import transformers
 from safetensors import SafetensorError, safe_open
 
 from foldtune import __version__
-from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, read_meta
+from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, changed_files, read_meta
 from foldtune.config import Config, ConfigError, config_diff, load_config, save_config
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.folds import assign_folds
 from foldtune.data.validate import load_test, load_train
-from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json
+from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json, file_sha256
 from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
 from foldtune.models.deberta_attention import fused_on
@@ -248,12 +247,15 @@ class PreparedRun:
         if not set(targets) <= set(oof.columns) or not np.isfinite(oof[targets].to_numpy(dtype=float)).all():
             return "oof.csv lacks finite predictions for every target"
         try:
-            read_meta(fold_dir / "best")
+            meta = read_meta(fold_dir / "best")
             with safe_open(str(fold_dir / "best" / WEIGHTS_FILE), framework="pt") as weights:
                 if not list(weights.keys()):
                     return "best/model.safetensors holds no tensors"
+            changed = changed_files(fold_dir / "best", meta)
         except (CheckpointError, OSError, SafetensorError) as err:
             return f"best checkpoint unreadable ({err})"
+        if changed:
+            return f"{changed[0]} does not match the SHA-256 recorded when it was written"
         return None
 
     def load_fold_result(self, fold: int) -> FoldResult:
@@ -395,14 +397,6 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
     if failed:
         raise failed[0]
     return results
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int],

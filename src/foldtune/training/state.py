@@ -2,8 +2,9 @@
 
 A state is one `torch.save` file of tensors and plain Python values, loaded back with
 `weights_only=True` (no code runs on load): model, optimizer, schedule, grad scaler,
-weight average, random generators, data order and position, step and best score. They
-are written atomically to `fold_k/state/state-<step>.pt` every `save_state_steps` steps,
+weight average, random generators, data order and position, step and best score, and
+the SHA-256 of all of these, checked on load (torch.load reads bytes changed in place
+without a word). They are written atomically to `fold_k/state/state-<step>.pt` every `save_state_steps` steps,
 at each epoch end and on a stop signal; the newest `keep_states` are kept, and all of
 them are removed once the fold has finished (its best checkpoint stays).
 """
@@ -11,6 +12,7 @@ them are removed once the fold has finished (its best checkpoint stays).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import shutil
@@ -63,10 +65,36 @@ def state_files(fold_dir: str | Path) -> list[Path]:
     return sorted(folder.glob("state-*.pt")) if folder.is_dir() else []
 
 
+def content_sha256(state: dict) -> str:
+    """SHA-256 of a state's contents: the dtype, shape and bytes of every tensor and the
+    repr of every other value, in order. Equal before torch.save and after torch.load."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)};".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):         # a round trip may turn one into the other
+            digest.update(f"sequence {len(value)};".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
 def save_state(fold_dir: str | Path, state: dict, keep: int) -> Path:
     path = Path(fold_dir) / STATE_DIR / f"state-{state['step']:07d}.pt"
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        torch.save({"format": FORMAT, **state, "sha256": content_sha256(state)}, tmp)
     for old in state_files(fold_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -77,13 +105,21 @@ def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a truncated zip, a pickle weights_only refuses, a disk error
-        older = [p.name for p in state_files(path.parent.parent) if p != path]
-        what = (f"delete it to resume from the previous state ({older[-1]})" if older
-                else "delete it to train this fold again from the start")
-        raise StateError(f"training state {path} cannot be read ({type(err).__name__}: {err}); {what}") from None
+        raise StateError(f"training state {path} cannot be read ({type(err).__name__}: {err}); "
+                         f"{_what_to_do(path)}") from None
     if state.get("format") != FORMAT:
         raise StateError(f"training state {path} has format {state.get('format')!r}, this foldtune reads {FORMAT}")
+    recorded = state.pop("sha256", None)        # None: saved before states recorded it
+    if recorded is not None and content_sha256({k: v for k, v in state.items() if k != "format"}) != recorded:
+        raise StateError(f"training state {path} does not match the SHA-256 recorded when it was written (the "
+                         f"file changed after it was saved); {_what_to_do(path)}")
     return state
+
+
+def _what_to_do(path: Path) -> str:
+    older = [p.name for p in state_files(path.parent.parent) if p != path]
+    return (f"delete it to resume from the previous state ({older[-1]})" if older
+            else "delete it to train this fold again from the start")
 
 
 _REMOVALS: list[threading.Thread] = []
