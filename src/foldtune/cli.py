@@ -78,7 +78,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     setup_console_logging()
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
     from foldtune.checkpoint import CheckpointError
-    from foldtune.config import ConfigError, load_config
+    from foldtune.config import ConfigError, ConfigOrigin, load_config
     from foldtune.data.validate import DataError
     from foldtune.ensemble import EnsembleError
     from foldtune.training.state import StateError
@@ -116,7 +116,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         fold_parallel, why = _process_mode(args, cfg, len(folds))
-        frame = load_inputs(cfg, fold_parallel)
+        frame = load_inputs(cfg, fold_parallel, ConfigOrigin(config, tuple(overrides)))
         launch = current_launch()
         _quiet_other_processes(fold_parallel)
         # one run folder for all the processes: its name has the main one's clock
