@@ -37,7 +37,7 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.folds import assign_folds
 from foldtune.data.demo import write_demo_files
 from foldtune.data.validate import check_data_files, load_test, load_train
-from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json
+from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json, remove_orphans
 from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
 from foldtune.models.deberta_attention import fused_on
@@ -45,6 +45,7 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import preload_plotting, write_report_or_warn
+from foldtune.run_lock import RunLock
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
 from foldtune.training.precision import resolve_device, resolve_precision
@@ -94,13 +95,20 @@ def ensure_demo_files(cfg: Config) -> None:
         log.info("wrote the demo data set: %s", path)
 
 
-def new_run_dir(cfg: Config, config_name: str) -> Path:
+def new_run_dir(cfg: Config, config_name: str) -> RunLock:
+    """Create the new run's folder and lock it for this process (run_lock.py); the lock's
+    `folder` is the run folder. Call on the main process only."""
     name = cfg.output.name or f"{config_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output.dir) / name
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    # Locked before the check: of two processes starting one name, one gets the folder and
+    # the other an error naming it.
+    lock = RunLock(run_dir, "training").acquire()
+    if (run_dir / "config.yaml").exists():
+        lock.release()
+        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
+    remove_orphans(run_dir)
+    return lock
 
 
 def parse_folds_arg(text: str | None, n_splits: int) -> list[int]:
@@ -593,6 +601,7 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
                     ", ".join(key for key, _, _ in changes))
         current_launch().run_on_main(lambda: save_config(cfg, run_dir / "config.yaml"))
     folds = parse_folds_arg(folds_arg, cfg.folds.n_splits) if folds_arg else run_info["folds"]
+    current_launch().run_on_main(lambda: remove_orphans(run_dir))      # what a killed process left
     return run_cross_validation(cfg, run_dir, folds, frame, resume=True, fold_parallel=fold_parallel)
 
 
