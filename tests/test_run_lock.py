@@ -1,5 +1,5 @@
-"""One process at a time in a run folder (run_lock.py), and what killed processes left there
-(files.remove_orphans at a resume)."""
+"""One process at a time in a run folder (run_lock.py), what killed processes left there
+(files.remove_orphans at a resume), and each run's train.log holding its own lines only."""
 
 from __future__ import annotations
 
@@ -162,3 +162,12 @@ def test_a_resume_tidies_what_ended_processes_left_and_keeps_what_live_ones_writ
     left = sorted(str(p.relative_to(run)) for p in run.rglob(".*"))
     assert left == sorted(str(p.relative_to(run)) for p in kept)
 
+
+def test_a_second_run_in_one_process_does_not_write_into_the_first_ones_log(work, capsys):
+    assert train_main(["--config", "tfidf.yaml", "--name", "first"]) == 0
+    assert train_main(["--config", "tfidf.yaml", "--name", "second"]) == 0
+    first = Path("runs/first/train.log").read_text()
+    second = Path("runs/second/train.log").read_text()
+    assert "run folder: runs/first" in first and "done: runs/first" in first
+    assert "runs/second" not in first
+    assert "runs/first" not in second and "done: runs/second" in second

@@ -39,11 +39,19 @@ def _fail(err: Exception) -> int:
     return 2
 
 
-def _log_to_run_folder(run_dir: Path) -> None:
+def _log_to_run_folder(run_dir: Path) -> logging.Handler:
+    """The run's lines also go to its train.log, until the returned handler is closed
+    (_stop_logging_to): a second run in this process must not write into the first's."""
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.info("run folder: %s", run_dir)
+    return handler
+
+
+def _stop_logging_to(handler: logging.Handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +96,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     install_signal_handlers()
     run_dir = None
     run_lock = NO_LOCK                                      # released however the run ends
+    run_log: logging.Handler = logging.NullHandler()        # closed however the run ends
     fold_parallel = args.fold_parallel
     try:
         from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
@@ -110,7 +119,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                 # locked before its log gets a line: a refused resume writes nothing there
                 run_lock = current_launch().run_on_main(lambda: RunLock(run_dir, "resume").acquire())
                 if current_launch().is_main:
-                    _log_to_run_folder(run_dir)
+                    run_log = _log_to_run_folder(run_dir)
                     _log_process_mode(fold_parallel, why)
             resume_run(run_dir, args.overrides, args.folds, args.force, fold_parallel)
             return 0
@@ -128,7 +137,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         run_lock = launch.run_on_main(lambda: new_run_dir(cfg, Path(config).stem))
         run_dir = run_lock.folder
         if launch.is_main:
-            _log_to_run_folder(run_dir)
+            run_log = _log_to_run_folder(run_dir)
             _log_process_mode(fold_parallel, why)
         if cfg.distill.teacher is not None:
             from foldtune.distill import run_distillation
@@ -153,6 +162,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from foldtune.training.distributed import close_launch
 
         run_lock.release()
+        _stop_logging_to(run_log)
         close_launch()
     return 0
 
