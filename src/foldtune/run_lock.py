@@ -31,6 +31,8 @@ log = logging.getLogger("foldtune")
 LOCK_FILE = ".foldtune.lock"
 # The holder writes its lock right after creating it: a reader that finds it empty waits this long.
 _WRITE_WAIT_S = 1.0
+# The lock files this process holds: its own pid in one of them is not a process before it.
+_HELD: set[Path] = set()
 
 
 class RunLockError(RuntimeError):
@@ -51,11 +53,11 @@ class RunLock:
         self._owner: dict | None = None       # what this process wrote into the lock, while it holds it
 
     def acquire(self) -> "RunLock":
+        if not os.access(self.folder, os.W_OK):
+            return self             # a read-only folder (a Kaggle input): nothing there can be overwritten
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
                  "started": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
                  "token": os.urandom(8).hex()}
-        if not os.access(self.folder, os.W_OK):
-            return self             # a read-only folder (a Kaggle input): no process can write there
         for _ in range(3):          # again only when the lock changed hands meanwhile
             if self._create(owner):
                 self._owner = owner
@@ -152,7 +154,7 @@ class RunLock:
 
 
 class NoLock:
-    """What the processes that work under another's lock hold: nothing to release."""
+    """No lock held (yet, or by this process: it works under its main process's lock)."""
 
     def release(self) -> None:
         pass
@@ -160,12 +162,10 @@ class NoLock:
 
 NO_LOCK = NoLock()
 
-# The lock files this process holds: its own pid in one of them is not a process before it.
-_HELD: set[Path] = set()
-
 
 def _describe(holder: dict) -> str:
-    return f"pid {holder['pid']} on host {holder['host']} ({holder.get('purpose', '?')} since {holder.get('started', '?')})"
+    what, since = holder.get("purpose", "?"), holder.get("started", "?")
+    return f"pid {holder['pid']} on host {holder['host']} ({what} since {since})"
 
 
 def _busy_message(lock: RunLock, holder: dict) -> str:
