@@ -207,3 +207,24 @@ def accelerate_launch(args: list[str], cwd: Path, wait: bool = True, cpu: bool =
     if not wait:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of a process that runs (not this one) while the test does."""
+    import subprocess
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    yield sleeper.pid
+    sleeper.kill()
+    sleeper.wait()
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

@@ -2,6 +2,7 @@
 (the replays themselves are tested on a GPU in test_gpu.py)."""
 
 import json
+import os
 import threading
 
 import pytest
@@ -195,7 +196,7 @@ def test_states_removed_in_the_background_are_gone_at_once_for_a_resume(tmp_path
     for fold in (0, 1):
         (tmp_path / f"fold_{fold}" / STATE_DIR).mkdir(parents=True)
         (tmp_path / f"fold_{fold}" / STATE_DIR / "state-0000004.pt").write_bytes(b"x" * 1000)
-    (tmp_path / "fold_1" / f"{STATE_DIR}.removed").mkdir()      # left by an earlier process
+    (tmp_path / "fold_1" / f".{STATE_DIR}.tmp-{os.getpid()}").mkdir()     # an earlier process of this pid
     remove_states(tmp_path / "fold_0", wait=False)
     remove_states(tmp_path / "fold_1", wait=False)
     assert state_files(tmp_path / "fold_0") == [] and state_files(tmp_path / "fold_1") == []

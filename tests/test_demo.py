@@ -1,5 +1,6 @@
 """Tests for the built-in synthetic demo data set (foldtune.data.demo)."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -115,3 +116,77 @@ def test_targets_are_learnable_from_text(demo):
     model_score = _mcrmse(y, pred)
     print(f"MCRMSE ridge={model_score:.4f} mean-predictor={baseline:.4f}")
     assert model_score <= 0.8 * baseline
+
+
+# --- the demo's files: written only at the demo's own paths, where absent ------------------
+
+@pytest.fixture
+def user_data(tmp_path, monkeypatch):
+    """A user's kdata/train.csv and kdata/test.csv (not the demo's), the current folder their parent."""
+    (tmp_path / "kdata").mkdir()
+    train, test = make_demo(n_train=20, n_test=4, seed=1)
+    train.to_csv(tmp_path / "kdata" / "train.csv", index=False)
+    test.to_csv(tmp_path / "kdata" / "test.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    return {p.name: p.read_bytes() for p in (tmp_path / "kdata").iterdir()}
+
+
+@pytest.mark.parametrize(("train_file", "test_file", "missing"), [
+    ("kdata/train.csv", "kdata/tset.csv", "data.test_file"),
+    ("kdata/trian.csv", "kdata/test.csv", "data.train_file"),
+])
+def test_a_typo_in_a_data_path_is_an_error_that_writes_nothing(user_data, tmp_path, capsys, train_file, test_file,
+                                                              missing):
+    from foldtune.cli import train_main
+
+    # configs/default.yaml, data.demo: true, with only the paths overridden
+    assert train_main([f"data.train_file={train_file}", f"data.test_file={test_file}", "model.type=tfidf_ridge",
+                       "tfidf.min_df=1"]) == 2
+    typo = train_file if missing == "data.train_file" else test_file
+    assert capsys.readouterr().err == (f"error: {missing}: {(tmp_path / typo).resolve()} does not exist "
+                                       "(set on the command line)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kdata"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kdata").iterdir()} == user_data
+
+
+def test_a_missing_data_file_names_the_yaml_file_that_set_it(user_data, tmp_path, capsys):
+    from foldtune.cli import train_main
+
+    (tmp_path / "mine.yaml").write_text("data:\n  demo: true\n  train_file: kdata/train.csv\n"
+                                        "  test_file: kdata/test_v2.csv\nmodel:\n  type: tfidf_ridge\n")
+    assert train_main(["--config", "mine.yaml"]) == 2
+    assert capsys.readouterr().err == (f"error: data.test_file: {(tmp_path / 'kdata/test_v2.csv').resolve()} does not "
+                                       "exist (set in mine.yaml)\n")
+
+
+def test_the_demo_writes_its_own_absent_files_and_never_over_a_present_one(tmp_path, monkeypatch):
+    from foldtune.cli import DEFAULT_CONFIG
+    from foldtune.config import load_config
+    from foldtune.training.cross_validation import load_inputs
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEFAULT_CONFIG, ["model.type=tfidf_ridge"])
+    demo_train, demo_test = make_demo()
+    assert len(load_inputs(cfg)) == 600                 # nothing there: the whole demo
+    pd.testing.assert_frame_equal(pd.read_csv("data/demo/test.csv"), demo_test)
+    # the user's own essays where the demo's train.csv goes: kept, and only the test file written
+    make_demo(n_train=20, n_test=0, seed=1)[0].to_csv("data/demo/train.csv", index=False)
+    Path("data/demo/test.csv").unlink()
+    mine = Path("data/demo/train.csv").read_bytes()
+    assert len(load_inputs(cfg)) == 20
+    assert Path("data/demo/train.csv").read_bytes() == mine
+    pd.testing.assert_frame_equal(pd.read_csv("data/demo/test.csv"), demo_test)
+
+
+def test_the_demo_writes_no_test_file_for_a_users_train_file(user_data, tmp_path):
+    from foldtune.cli import DEFAULT_CONFIG
+    from foldtune.config import ConfigError, ConfigOrigin, load_config
+    from foldtune.training.cross_validation import load_inputs
+
+    overrides = ("data.train_file=kdata/train.csv", "model.type=tfidf_ridge")
+    with pytest.raises(ConfigError) as missing:
+        load_inputs(load_config(DEFAULT_CONFIG, overrides), origin=ConfigOrigin(DEFAULT_CONFIG, overrides))
+    assert str(missing.value) == (
+        f"data.test_file: {(tmp_path / 'data/demo/test.csv').resolve()} does not exist (set in {DEFAULT_CONFIG}); "
+        "the demo's essays are written there only by a demo run (data.demo: true with the demo's data.train_file)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kdata"]

@@ -39,11 +39,19 @@ def _fail(err: Exception) -> int:
     return 2
 
 
-def _log_to_run_folder(run_dir: Path) -> None:
+def _log_to_run_folder(run_dir: Path) -> logging.Handler:
+    """The run's lines also go to its train.log, until the returned handler is closed
+    (_stop_logging_to): a second run in this process must not write into the first's."""
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.info("run folder: %s", run_dir)
+    return handler
+
+
+def _stop_logging_to(handler: logging.Handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -78,14 +86,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     setup_console_logging()
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
     from foldtune.checkpoint import CheckpointError
-    from foldtune.config import ConfigError, load_config
+    from foldtune.config import ConfigError, ConfigOrigin, load_config
     from foldtune.data.validate import DataError
     from foldtune.ensemble import EnsembleError
+    from foldtune.run_lock import NO_LOCK, RunLock, RunLockError
     from foldtune.training.state import StateError
     from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
     install_signal_handlers()
     run_dir = None
+    run_lock = NO_LOCK                                      # released however the run ends
+    run_log: logging.Handler = logging.NullHandler()        # closed however the run ends
     fold_parallel = args.fold_parallel
     try:
         from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
@@ -104,9 +115,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             run_dir = Path(args.resume)
             fold_parallel, why = _resume_mode(args, run_dir, args.overrides)
             _quiet_other_processes(fold_parallel)
-            if current_launch().is_main and run_dir.is_dir():      # else resume_run says what is wrong
-                _log_to_run_folder(run_dir)
-                _log_process_mode(fold_parallel, why)
+            if run_dir.is_dir():        # else resume_run says what is wrong
+                # locked before its log gets a line: a refused resume writes nothing there
+                run_lock = current_launch().run_on_main(lambda: RunLock(run_dir, "resume").acquire())
+                if current_launch().is_main:
+                    run_log = _log_to_run_folder(run_dir)
+                    _log_process_mode(fold_parallel, why)
             resume_run(run_dir, args.overrides, args.folds, args.force, fold_parallel)
             return 0
         config = args.config or str(DEFAULT_CONFIG)
@@ -116,13 +130,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         fold_parallel, why = _process_mode(args, cfg, len(folds))
-        frame = load_inputs(cfg, fold_parallel)
+        frame = load_inputs(cfg, fold_parallel, ConfigOrigin(config, tuple(overrides)))
         launch = current_launch()
         _quiet_other_processes(fold_parallel)
-        # one run folder for all the processes: its name has the main one's clock
-        run_dir = launch.run_on_main(lambda: new_run_dir(cfg, Path(config).stem))
+        # one run folder for all the processes, locked by the main one: its name has the main one's clock
+        run_lock = launch.run_on_main(lambda: new_run_dir(cfg, Path(config).stem))
+        run_dir = run_lock.folder
         if launch.is_main:
-            _log_to_run_folder(run_dir)
+            run_log = _log_to_run_folder(run_dir)
             _log_process_mode(fold_parallel, why)
         if cfg.distill.teacher is not None:
             from foldtune.distill import run_distillation
@@ -132,7 +147,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             run_cross_validation(cfg, run_dir, folds, frame, fold_parallel=fold_parallel)
         if launch.is_main:      # the others' folds are done, not the run
             log.info("done: %s in %.1f s", run_dir, time.perf_counter() - started)
-    except (ConfigError, DataError, CheckpointError, StateError, EnsembleError) as err:
+    except (ConfigError, DataError, CheckpointError, StateError, EnsembleError, RunLockError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
         again = (f"accelerate launch --multi_gpu --num_processes {launched_world_size()} train.py"
@@ -146,6 +161,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     finally:
         from foldtune.training.distributed import close_launch
 
+        run_lock.release()
+        _stop_logging_to(run_log)
         close_launch()
     return 0
 

@@ -47,7 +47,8 @@ class DataConfig:
     # conclusion of an essay says much of its quality), head_fraction of max_len first.
     truncation: Literal["head", "head_tail"] = "head"
     head_fraction: float = 0.25
-    # Write the built-in demo essays to train_file and test_file when they do not exist.
+    # Write the built-in demo essays to the demo's own files (train_file and test_file at
+    # their defaults, data/demo/) where they are absent; a path the user chose is never written.
     demo: bool = False
 
     def __post_init__(self) -> None:
@@ -496,6 +497,35 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except ConfigError as err:
         source = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{err}{source}") from None
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where a run's config came from, to say in an error where a value was set: its YAML
+    file (None: the dataclass defaults) and the command line's overrides."""
+
+    path: str | Path | None = None
+    overrides: tuple[str, ...] = ()
+
+    def of(self, key: str) -> str:
+        """'set on the command line', 'set in <file>' or 'the default', for a dotted key."""
+        parts = key.split(".")
+        for text in reversed(self.overrides):       # the last override of a key is the one that holds
+            path, value = parse_override(text)
+            if parts[:len(path)] == path and _holds(value, parts[len(path):]):
+                return "set on the command line"
+        if self.path is not None and _holds(read_yaml(self.path), parts):
+            return f"set in {self.path}"
+        return "the default"
+
+
+def _holds(values: Any, parts: list[str]) -> bool:
+    """Whether nested mappings `values` have a value at the key path `parts`."""
+    for part in parts:
+        if not isinstance(values, Mapping) or part not in values:
+            return False
+        values = values[part]
+    return True
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:

@@ -35,6 +35,7 @@ from foldtune.checkpoint import (FILES_KEY, WEIGHTS_FILE, CheckpointError, check
                                  verify_files, write_meta)
 from foldtune.files import atomic_directory, atomic_write_json
 from foldtune.inference import fold_checkpoints
+from foldtune.run_lock import RunLock, RunLockError
 
 log = logging.getLogger("foldtune")
 
@@ -89,12 +90,18 @@ def copy_weights(source: Path, target: Path, fp16: bool) -> None:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = False) -> Path:
-    """Write `out_dir`: the run's folds, files, a foldtune wheel and the notebook (see the module doc)."""
+    """Write `out_dir`: the run's folds, files, a foldtune wheel and the notebook (see the module doc).
+    The run folder is locked meanwhile (run_lock.py): a run still training is not exported."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
     if out_dir.resolve() == run_dir.resolve():
         raise ExportError("the export folder must not be the run folder")
+    with RunLock(run_dir, "export"):
+        return _write_export(run_dir, out_dir, fp16)
+
+
+def _write_export(run_dir: Path, out_dir: Path, fp16: bool) -> Path:
     folders = fold_checkpoints(run_dir)          # every fold the run trained, or a CheckpointError naming one
     check_same_tokenizer(folders)                # the notebook averages them: refused there, refused now
     root = source_root()
@@ -142,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export_run(args.run_dir, args.out_dir, args.fp16)
-    except (ExportError, CheckpointError, OSError) as err:
+    except (ExportError, CheckpointError, RunLockError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(out)

@@ -2,7 +2,8 @@
 
 Each writer fills a temporary name beside the target, flushes it to disk and renames
 it into place, so a crash, a kill or a full disk in the middle of a save leaves the
-previous file (or folder) as it was.
+previous file (or folder) as it was. A process killed mid-write leaves its temporary
+behind: remove_orphans tidies those of processes that have ended.
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
+
+log = logging.getLogger("foldtune")
+
+# The temporaries of atomic_path and atomic_directory: `.NAME.tmp-PID` (being written)
+# and `.NAME.old-PID` (the folder NAME replaces, until the new one is in place).
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)")
 
 
 def _default_file_mode() -> int:
@@ -107,6 +116,60 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # another user's process
+        return True
+    except OverflowError:               # no pid is that large
+        return False
+    return True
+
+
+def remove_orphans(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Tidy the temporaries that ended processes (killed mid-write) left in `folder` and
+    the folders below it, or (name given) those of `folder / name` only; return them.
+
+    A temporary of a process that still runs is its write in progress and stays. A
+    `.NAME.old-PID` folder whose NAME is missing is the only complete copy (its process
+    ended between moving it aside and renaming the new one in): it is renamed back.
+    """
+    tidied = []
+    for parent, dirs, files in os.walk(folder):
+        parent = Path(parent)
+        found = [parent / entry for entry in dirs + files if _orphan_of(entry, name)]
+        # an orphan folder goes whole; with a name, this folder only
+        dirs[:] = [d for d in dirs if parent / d not in found and name is None]
+        # the newest `.old` first: where NAME is missing, the copy put back is the latest
+        for orphan in sorted(found, key=lambda p: (p.name.rsplit("-", 1)[0], -p.lstat().st_mtime)):
+            match = _TEMPORARY.fullmatch(orphan.name)
+            target = parent / match["name"]
+            if match["kind"] == "old" and not os.path.lexists(target):
+                os.replace(orphan, target)
+                log.warning("%s was missing: put back its previous copy %s, left by a process that ended",
+                            target, orphan.name)
+            elif orphan.is_dir() and not orphan.is_symlink():
+                shutil.rmtree(orphan, ignore_errors=True)
+                log.info("removed %s, left by a process that ended", orphan)
+            else:
+                orphan.unlink(missing_ok=True)
+                log.info("removed %s, left by a process that ended", orphan)
+            tidied.append(orphan)
+    return tidied
+
+
+def _orphan_of(entry: str, name: str | None) -> bool:
+    """Whether `entry` is a temporary (of `name`, given one) whose process has ended."""
+    match = _TEMPORARY.fullmatch(entry)
+    return (match is not None and (name is None or match["name"] == name)
+            and not process_alive(int(match["pid"])))
 
 
 class BackgroundWriter:

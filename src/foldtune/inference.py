@@ -19,7 +19,7 @@ from foldtune.checkpoint import (CONFIG_FILE, META_FILE, CheckpointError, check_
 from foldtune.config import load_config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, length_sorted_batches, round_up
 from foldtune.data.dataset import TextDataset, encode_texts
-from foldtune.files import atomic_write_csv
+from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
 from foldtune.training.precision import Precision, resolve_device, resolve_precision
@@ -311,6 +311,7 @@ def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, ta
         raise ValueError(f"predictions of {bad} row(s) are NaN or infinite; the submission was not written")
     frame = pd.DataFrame(preds, columns=list(target_columns))
     frame.insert(0, id_column, list(ids))
+    remove_orphans(Path(path).parent, Path(path).name)     # the temporaries of an earlier, killed write
     atomic_write_csv(path, frame)
     return frame
 

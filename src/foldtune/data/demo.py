@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from foldtune.config import DataConfig
 from foldtune.files import atomic_write_csv
 
 TARGETS = ("cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions")
@@ -284,3 +285,36 @@ def write_demo(directory, n_train: int = 600, n_test: int = 150, seed: int = 0) 
     atomic_write_csv(paths[0], train)
     atomic_write_csv(paths[1], test)
     return paths
+
+
+# The demo's own files: DataConfig's default paths (configs/default.yaml names the same).
+DEMO_TRAIN_FILE, DEMO_TEST_FILE = DataConfig.train_file, DataConfig.test_file
+
+
+def is_demo_file(path: str | Path, own: str) -> bool:
+    return Path(path).resolve() == Path(own).resolve()
+
+
+def demo_files(data: DataConfig) -> dict[str, Path]:
+    """The data files the demo provides, by key: with data.demo on and the demo's own
+    train_file, each of train_file and test_file that is at the demo's own path. A path
+    the user chose is never the demo's, and a user's train_file never gets a demo test file."""
+    if not data.demo or not is_demo_file(data.train_file, DEMO_TRAIN_FILE):
+        return {}
+    files = {"data.train_file": Path(data.train_file)}
+    if data.test_file is not None and is_demo_file(data.test_file, DEMO_TEST_FILE):
+        files["data.test_file"] = Path(data.test_file)
+    return files
+
+
+def write_demo_files(data: DataConfig) -> list[Path]:
+    """Write those of the demo's files (demo_files) that are absent; return them. A file
+    that exists is never written over, whatever it holds."""
+    absent = {key: path for key, path in demo_files(data).items() if not path.exists()}
+    if not absent:
+        return []
+    train, test = make_demo()
+    frames = {"data.train_file": train, "data.test_file": test}
+    for key, path in absent.items():
+        atomic_write_csv(path, frames[key])
+    return list(absent.values())

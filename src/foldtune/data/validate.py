@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from foldtune.config import DataConfig, FoldsConfig
+from foldtune.config import ConfigError, ConfigOrigin, DataConfig, FoldsConfig
+from foldtune.data.demo import DEMO_TEST_FILE, DEMO_TRAIN_FILE, demo_files, is_demo_file
 
 MAX_EXAMPLES = 5
 
@@ -137,6 +138,23 @@ def _parse_folds(frame: pd.DataFrame, data: DataConfig, folds: FoldsConfig) -> t
         return numbers, [f"column '{folds.column}': no rows in fold(s) {', '.join(map(str, empty))} "
                          f"of folds.n_splits={folds.n_splits}"]
     return numbers.astype("int64"), []
+
+
+def check_data_files(data: DataConfig, origin: ConfigOrigin | None = None) -> None:
+    """Each data file the config names exists, or is one of the demo's to write (demo_files).
+
+    A missing file is a typo or a wrong folder: the error names the key, the absolute
+    path and (origin given) where the value was set."""
+    provided = demo_files(data)
+    for key, value, demo_path in (("data.train_file", data.train_file, DEMO_TRAIN_FILE),
+                                  ("data.test_file", data.test_file, DEMO_TEST_FILE)):
+        if value is None or key in provided or Path(value).is_file():
+            continue
+        what = "is a folder, not a CSV file" if Path(value).is_dir() else "does not exist"
+        where = f" ({origin.of(key)})" if origin is not None else ""
+        demo = ("; the demo's essays are written there only by a demo run (data.demo: true with the demo's "
+                "data.train_file)" if is_demo_file(value, demo_path) else "")
+        raise ConfigError(f"{key}: {Path(value).resolve()} {what}{where}{demo}")
 
 
 def load_train(path: str | Path, data: DataConfig, folds: FoldsConfig) -> pd.DataFrame:

@@ -31,11 +31,12 @@ from safetensors import SafetensorError, safe_open
 
 from foldtune import __version__
 from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, changed_files, read_meta
-from foldtune.config import Config, ConfigError, config_diff, load_config, save_config
+from foldtune.config import Config, ConfigError, ConfigOrigin, config_diff, load_config, save_config
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.folds import assign_folds
-from foldtune.data.validate import load_test, load_train
-from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json, file_sha256
+from foldtune.data.demo import write_demo_files
+from foldtune.data.validate import check_data_files, load_test, load_train
+from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json, file_sha256, remove_orphans
 from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
 from foldtune.models.deberta_attention import fused_on
@@ -43,6 +44,7 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import preload_plotting, write_report_or_warn
+from foldtune.run_lock import RunLock
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
 from foldtune.training.precision import resolve_device, resolve_precision
@@ -86,28 +88,26 @@ def check_names(cfg: Config) -> None:
 
 
 def ensure_demo_files(cfg: Config) -> None:
-    """Write the built-in demo essays where the config expects its files, if absent."""
-    from foldtune.data.demo import make_demo
-
-    train_path = Path(cfg.data.train_file)
-    test_path = Path(cfg.data.test_file) if cfg.data.test_file else None
-    if train_path.exists() and (test_path is None or test_path.exists()):
-        return
-    train, test = make_demo()
-    atomic_write_csv(train_path, train)
-    if test_path is not None:
-        atomic_write_csv(test_path, test)
-    log.info("wrote the demo data set: %s (%d rows)%s", train_path, len(train),
-             f", {test_path} ({len(test)} rows)" if test_path else "")
+    """Write the built-in demo essays to the demo's own files that are absent (never to a
+    path the user chose, never over a file: data/demo.py)."""
+    for path in write_demo_files(cfg.data):
+        log.info("wrote the demo data set: %s", path)
 
 
-def new_run_dir(cfg: Config, config_name: str) -> Path:
+def new_run_dir(cfg: Config, config_name: str) -> RunLock:
+    """Create the new run's folder and lock it for this process (run_lock.py); the lock's
+    `folder` is the run folder. Call on the main process only."""
     name = cfg.output.name or f"{config_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output.dir) / name
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    # Locked before the check: of two processes starting one name, one gets the folder and
+    # the other an error naming it.
+    lock = RunLock(run_dir, "training").acquire()
+    if (run_dir / "config.yaml").exists():
+        lock.release()
+        raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
+    remove_orphans(run_dir)
+    return lock
 
 
 def parse_folds_arg(text: str | None, n_splits: int) -> list[int]:
@@ -146,15 +146,17 @@ def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: floa
     return "\n".join(body)
 
 
-def load_inputs(cfg: Config, fold_parallel: bool = False) -> pd.DataFrame:
+def load_inputs(cfg: Config, fold_parallel: bool = False, origin: ConfigOrigin | None = None) -> pd.DataFrame:
     """Check the config's names and both data files; return the training rows.
 
     Everything a user can get wrong in the inputs fails here, before a run folder is
     made or a model is loaded. Under accelerate launch every process checks the same
-    inputs, so all of them fail together.
+    inputs, so all of them fail together. origin: where the config came from, for the
+    error of a missing data file.
     """
     check_names(cfg)
     check_launch(cfg, launched_world_size(), fold_parallel)
+    check_data_files(cfg.data, origin)
     if cfg.data.demo:
         current_launch().run_on_main(lambda: ensure_demo_files(cfg))
     frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
@@ -582,7 +584,7 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
         lines = "; ".join(f"{key}: {old!r} (saved) -> {new!r}" for key, old, new in changes)
         raise ConfigError(f"the config differs from the one {run_dir} was trained with: {lines}. "
                           "Resuming would mix two configs in one run; pass --force to do it anyway")
-    frame = load_inputs(cfg, fold_parallel)
+    frame = load_inputs(cfg, fold_parallel, ConfigOrigin(run_dir / "config.yaml", tuple(overrides)))
     run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     recorded = run_info.get("train_file_sha256")
     if recorded and recorded != file_sha256(cfg.data.train_file) and not force:
@@ -593,6 +595,7 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
                     ", ".join(key for key, _, _ in changes))
         current_launch().run_on_main(lambda: save_config(cfg, run_dir / "config.yaml"))
     folds = parse_folds_arg(folds_arg, cfg.folds.n_splits) if folds_arg else run_info["folds"]
+    current_launch().run_on_main(lambda: remove_orphans(run_dir))      # what a killed process left
     return run_cross_validation(cfg, run_dir, folds, frame, resume=True, fold_parallel=fold_parallel)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import random
 import shutil
 import threading
@@ -134,8 +135,10 @@ def remove_states(fold_dir: str | Path, wait: bool = True) -> None:
     if wait or not folder.is_dir():
         shutil.rmtree(folder, ignore_errors=True)
         return
-    doomed = folder.with_name(STATE_DIR + ".removed")
-    shutil.rmtree(doomed, ignore_errors=True)       # left by a process that ended before deleting it
+    # a temporary's name: if this process ends before deleting it, the next start or resume
+    # removes it (files.remove_orphans)
+    doomed = folder.with_name(f".{STATE_DIR}.tmp-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)       # left by an earlier process of the same pid
     folder.rename(doomed)
     thread = threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True},
                               name="remove-states")
