@@ -105,3 +105,24 @@ def test_a_cached_hub_model_is_checked_in_the_cache(tiny_bert, tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"^model.name 'foldtune/no-weights': the folder .*/snapshots/0{40} "
                                           r"has no weights \(one of model.safetensors,"):
         check_backbone("foldtune/no-weights")
+
+
+def test_online_a_name_the_hub_does_not_give_is_named_without_offline_words(monkeypatch):
+    """With HF_HUB_OFFLINE unset the message says what the hub answered, not that nothing is downloaded."""
+    from huggingface_hub import constants
+
+    from foldtune.models import regressor
+
+    def not_on_the_hub(name, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'\nIf this is a private repository, make sure to pass a token")
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(regressor.AutoConfig, "from_pretrained", not_on_the_hub)
+    with pytest.raises(ConfigError) as err:
+        regressor.check_backbone("microsft/deberta-v3-base")
+    assert str(err.value) == (
+        "model.name 'microsft/deberta-v3-base': not a local folder, and the Hugging Face hub did not give it "
+        "(microsft/deberta-v3-base is not a local folder and is not a valid model identifier listed on "
+        "'https://huggingface.co/models'); a local path must be a folder with config.json, the tokenizer's files "
+        "(tokenizer.json, or vocab.txt, spm.model...) and model.safetensors")

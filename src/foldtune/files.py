@@ -31,9 +31,8 @@ class WriteError(OSError):
         return f"could not write {self.filename}: {self.strerror}"
 
 
-NO_SPACE = "no space left on the device"
-_CAUSES = {errno.ENOSPC: NO_SPACE, errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-           errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 _BY_TEXT = {os.strerror(code): code for code in _CAUSES}
 # Below this many bytes free, a write that failed without saying why failed for want of space.
 FULL_BYTES = 1 << 20
@@ -58,15 +57,11 @@ def write_failure(err: BaseException, path: str | Path) -> WriteError | None:
         code = _BY_TEXT.get(match.group(1).strip())
     elif re.search(r"unexpected pos \d+|file write failed", text):
         code = errno.ENOSPC if _free_bytes(Path(path).parent) < FULL_BYTES else None
-        if code is None:
-            return WriteError(path, text.strip().splitlines()[-1])
     else:
         return None
-    if code in _CAUSES:
-        return WriteError(path, _CAUSES[code], code)
-    if isinstance(err, OSError):
-        return WriteError(path, err.strerror or text, code)
-    return WriteError(path, os.strerror(code) if code is not None else text, code)
+    if code is None:
+        return WriteError(path, text.strip().splitlines()[-1])
+    return WriteError(path, _CAUSES.get(code, os.strerror(code)), code)
 
 
 def as_write_error(err: OSError) -> WriteError | None:

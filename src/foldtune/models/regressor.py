@@ -87,7 +87,7 @@ def check_backbone(name: str) -> None:
 def _offline_switch() -> str:
     """The variable that keeps transformers offline, as it is set."""
     for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(variable):
+        if os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE"):     # as huggingface_hub reads it
             return f"{variable}={os.environ[variable]}"
     return "HF_HUB_OFFLINE"
 
