@@ -89,6 +89,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from foldtune.config import ConfigError, ConfigOrigin, load_config
     from foldtune.data.validate import DataError
     from foldtune.ensemble import EnsembleError
+    from foldtune.files import as_write_error
     from foldtune.run_lock import NO_LOCK, RunLock, RunLockError
     from foldtune.training.state import StateError
     from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
@@ -150,14 +151,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError, RunLockError) as err:
         return _fail(err)
     except TrainingInterrupted as stop:
-        again = (f"accelerate launch --multi_gpu --num_processes {launched_world_size()} train.py"
-                 if launched_world_size() > 1 else "python train.py")
-        mode = ""
-        if launched_world_size() > 1:
-            mode = " --fold-parallel" if fold_parallel else " --data-parallel"
-        print(f"{stop}: the training state is saved. Continue with: {again} --resume {run_dir}{mode}",
+        print(f"{stop}: the training state is saved. Continue with: {_resume_command(run_dir, fold_parallel)}",
               file=sys.stderr)
         return stop.exit_code
+    except OSError as err:
+        failure = as_write_error(err)
+        if failure is None:
+            raise
+        print(f"error: {failure}. {_after_write_failure(failure, run_dir, fold_parallel)}", file=sys.stderr)
+        return 1
     finally:
         from foldtune.training.distributed import close_launch
 
@@ -165,6 +167,32 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         _stop_logging_to(run_log)
         close_launch()
     return 0
+
+
+def _resume_command(run_dir: Path | None, fold_parallel: bool) -> str:
+    from foldtune.training.distributed import launched_world_size
+
+    again = (f"accelerate launch --multi_gpu --num_processes {launched_world_size()} train.py"
+             if launched_world_size() > 1 else "python train.py")
+    mode = ""
+    if launched_world_size() > 1:
+        mode = " --fold-parallel" if fold_parallel else " --data-parallel"
+    return f"{again} --resume {run_dir}{mode}"
+
+
+def _after_write_failure(failure: OSError, run_dir: Path | None, fold_parallel: bool) -> str:
+    """What to do after a write failed: mend the cause, then resume the run (or, when its
+    folder holds no config yet, start it again)."""
+    import errno
+
+    mend = {errno.ENOSPC: "Free space on the device", errno.EDQUOT: "Free space on the device",
+            errno.EROFS: "Make the folder writable", errno.EACCES: "Make the folder writable",
+            errno.EPERM: "Make the folder writable"}.get(failure.errno)
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        again = f"continue with: {_resume_command(run_dir, fold_parallel)}"
+    else:
+        again = "start the run again"
+    return f"{mend}, then {again}" if mend else again[0].upper() + again[1:]
 
 
 def _start_warm_up(args: argparse.Namespace) -> None:

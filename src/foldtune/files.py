@@ -3,12 +3,14 @@
 Each writer fills a temporary name beside the target, flushes it to disk and renames
 it into place, so a crash, a kill or a full disk in the middle of a save leaves the
 previous file (or folder) as it was. A process killed mid-write leaves its temporary
-behind: remove_orphans tidies those of processes that have ended.
+behind: remove_orphans tidies those of processes that have ended. A write that fails
+raises WriteError, which names the file and the cause in words.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -26,6 +28,71 @@ log = logging.getLogger("foldtune")
 # The temporaries of atomic_path and atomic_directory: `.NAME.tmp-PID` (being written)
 # and `.NAME.old-PID` (the folder NAME replaces, until the new one is in place).
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)")
+
+
+class WriteError(OSError):
+    """A file or folder that could not be written: its path and the cause, in words."""
+
+    def __init__(self, path: str | Path, cause: str, code: int | None = None):
+        super().__init__(code, cause, str(path))
+
+    def __str__(self) -> str:
+        return f"could not write {self.filename}: {self.strerror}"
+
+
+_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_BY_TEXT = {os.strerror(code): code for code in _CAUSES}
+# Below this many bytes free, a write that failed without saying why failed for want of space.
+FULL_BYTES = 1 << 20
+
+
+def write_failure(err: BaseException, path: str | Path) -> WriteError | None:
+    """The WriteError for `err`, raised while writing `path`; None if err is not a failed write.
+
+    Writers say it differently: an OSError has its errno; safetensors writes "(os error
+    28)"; torch.save writes "strerror: Read-only file system" when it cannot open the file
+    and, when the disk fills up under it, "unexpected pos 576 vs 534" or "file write
+    failed", which this reads as no space when the device has (next to) none left.
+    """
+    if isinstance(err, WriteError):
+        return err
+    text = str(err)
+    if isinstance(err, OSError) and err.errno is not None:
+        code = err.errno
+    elif match := re.search(r"\(os error (\d+)\)", text):
+        code = int(match.group(1))
+    elif match := re.search(r"strerror: (.+)$", text, re.MULTILINE):
+        code = _BY_TEXT.get(match.group(1).strip())
+    elif re.search(r"unexpected pos \d+|file write failed", text):
+        code = errno.ENOSPC if _free_bytes(Path(path).parent) < FULL_BYTES else None
+    else:
+        return None
+    if code is None:
+        return WriteError(path, text.strip().splitlines()[-1])
+    return WriteError(path, _CAUSES.get(code, os.strerror(code)), code)
+
+
+def as_write_error(err: OSError) -> WriteError | None:
+    """err as a WriteError: when it is one, or when its cause (no space, read-only,
+    permission) and file show a write that failed outside these writers (a log file, a
+    folder); else None."""
+    if isinstance(err, WriteError):
+        return err
+    if err.errno in _CAUSES and err.filename is not None:
+        return WriteError(err.filename, _CAUSES[err.errno], err.errno)
+    return None
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes free for this user on the device of `folder` (or the nearest folder above that exists)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return FULL_BYTES
+    return stats.f_bavail * stats.f_frsize
 
 
 def _default_file_mode() -> int:
@@ -51,14 +118,16 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as err:
+        raise write_failure(err, path) or err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -95,12 +164,12 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     `.old` name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         mode = _default_file_mode()
         for child in tmp.iterdir():
@@ -111,8 +180,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
                     os.fsync(fh.fileno())
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():            # the previous folder goes back
+                os.replace(old, path)
+            raise
         _fsync_dir(path.parent)
+    except Exception as err:
+        raise write_failure(err, path) or err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

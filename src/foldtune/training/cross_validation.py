@@ -41,7 +41,7 @@ from foldtune.losses import LOSSES
 from foldtune.metrics import score_report
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
-from foldtune.models.regressor import load_tokenizer
+from foldtune.models.regressor import check_backbone, load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import preload_plotting, write_report_or_warn
 from foldtune.run_lock import RunLock
@@ -147,7 +147,7 @@ def format_table(fold_reports: dict[int, dict], oof_report: dict, baseline: floa
 
 
 def load_inputs(cfg: Config, fold_parallel: bool = False, origin: ConfigOrigin | None = None) -> pd.DataFrame:
-    """Check the config's names and both data files; return the training rows.
+    """Check the config's names, its backbone and both data files; return the training rows.
 
     Everything a user can get wrong in the inputs fails here, before a run folder is
     made or a model is loaded. Under accelerate launch every process checks the same
@@ -155,6 +155,8 @@ def load_inputs(cfg: Config, fold_parallel: bool = False, origin: ConfigOrigin |
     error of a missing data file.
     """
     check_names(cfg)
+    if cfg.model.type == "transformer":
+        check_backbone(cfg.model.name)
     check_launch(cfg, launched_world_size(), fold_parallel)
     check_data_files(cfg.data, origin)
     if cfg.data.demo:

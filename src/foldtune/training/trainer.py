@@ -470,7 +470,7 @@ class FoldTrainer:
             atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
         extra = f", averaged {candidates[1][2]['mcrmse']:.4f}" if len(candidates) > 1 else ""
         log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.data.fold, self.step,
-                 epoch, train_loss, trained["mcrmse"], extra, f" (best: {best}, saved)" if best else "")
+                 epoch, train_loss, trained["mcrmse"], extra, f" (best: {best})" if best else "")
 
     def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> None:
         """Copy the weights now and write the best checkpoint folder in the background."""
@@ -489,7 +489,15 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
-        self._submit(checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta))
+        job = checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta)
+        fold, step = self.data.fold, self.step
+
+        def write() -> None:
+            folder = job()
+            # said once the folder is written: a write that fails ends the run instead
+            log.info("fold %d: checkpoint of step %d saved to %s", fold, step, folder)
+
+        self._submit(write)
 
     def _write_oof(self) -> None:
         if not self.group.is_main:
