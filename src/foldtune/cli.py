@@ -218,6 +218,16 @@ def _quiet_other_processes(fold_parallel: bool) -> None:
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:
+    """infer.py. Ctrl-C ends it with one line and exit status 130; the submission is
+    written whole or not at all (files.py), so none is left half-written."""
+    try:
+        return _infer(argv)
+    except KeyboardInterrupt:
+        print("infer.py: interrupted (Ctrl-C); no submission was written", file=sys.stderr)
+        return 130
+
+
+def _infer(argv: Sequence[str] | None) -> int:
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError
     from foldtune.data.validate import DataError
