@@ -5,6 +5,7 @@ refuse it suggesting only options they accept."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -48,15 +49,17 @@ def test_a_fold_still_training_is_refused_naming_it(training, tmp_path, capsys):
 @pytest.mark.parametrize("state", ["still training", "no checkpoint yet"])
 def test_allow_missing_folds_averages_the_finished_ones_with_one_warning(state, training, tmp_path, capsys):
     run, work = training
+    why = "no fold_1/result.json, so still training or stopped"
     if state == "no checkpoint yet":
         shutil.rmtree(run / "fold_1" / "best")
+        why = "no checkpoint fold_1/best"
     texts = pd.read_csv(work / "test.csv")["full_text"].tolist()
     fold_0, meta = predict_run(run, texts, device="cpu", folds=[0])
     capsys.readouterr()
     assert infer_main(["--run", str(run), "--out", str(tmp_path / "sub.csv"), "--device", "cpu",
                        "--allow-missing-folds"]) == 0
     err = capsys.readouterr().err
-    assert err.count("fold 1 of") == 1 and "fold 1 of" in err and "left out of the average" in err
+    assert err.count("fold 1 of") == 1 and f"fold 1 of {run} is left out ({why})\n" in err
     assert "1 fold(s) averaged" in err
     got = pd.read_csv(tmp_path / "sub.csv").iloc[:, 1:].to_numpy()
     np.testing.assert_allclose(got, np.clip(fold_0, *meta["target_range"]), rtol=0, atol=1e-6)
@@ -80,7 +83,20 @@ def test_infer_without_run_takes_the_latest_finished_run(training, tmp_path, cap
     assert not (tmp_path / "other.csv").exists()
 
 
-def test_export_refuses_a_fold_still_training_or_leaves_it_out_when_asked(training, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def logged():
+    """The lines foldtune logs during the test (whatever handlers earlier tests installed)."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("foldtune")
+    log.addHandler(handler)
+    yield lines
+    log.removeHandler(handler)
+
+
+def test_export_refuses_a_fold_still_training_or_leaves_it_out_when_asked(training, tmp_path, capsys, monkeypatch,
+                                                                         logged):
     from foldtune import export
 
     run, work = training
@@ -92,8 +108,8 @@ def test_export_refuses_a_fold_still_training_or_leaves_it_out_when_asked(traini
     # the option the message names is one export accepts (the wheel: not what is tested here)
     monkeypatch.setattr(export, "build_wheel", lambda out_dir, root=None: out_dir / "foldtune.whl")
     assert export.main([str(run), str(tmp_path / "kaggle"), "--allow-missing-folds"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("fold 1 of") == 1 and "left out" in err
+    assert [line for line in logged if "fold 1" in line] == [
+        f"fold 1 of {run} is left out (no fold_1/result.json, so still training or stopped)"]
     exported = tmp_path / "kaggle"
     assert sorted(p.name for p in exported.glob("fold_*")) == ["fold_0"]
     assert (exported / "fold_0" / "result.json").read_bytes() == (run / "fold_0" / "result.json").read_bytes()

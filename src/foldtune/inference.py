@@ -96,7 +96,7 @@ def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False,
     run_dir = Path(run_dir)
     folders, unfinished = _finished_checkpoints(run_dir, allow_missing, only)
     for fold, why in unfinished.items():
-        log.warning("fold %d of %s left out of the average: %s", fold, run_dir, why)
+        log.warning("fold %d of %s is left out (%s)", fold, run_dir, why)
     return folders
 
 
