@@ -47,6 +47,7 @@ from foldtune.data.validate import load_train
 from foldtune.inference import inference_precision, predict
 from foldtune.metrics import score_report
 from foldtune.models.compress import count_parameters, parse_layers
+from foldtune.run_files import read_run_csv
 from foldtune.training.cross_validation import file_sha256
 from foldtune.training.precision import resolve_device
 
@@ -74,7 +75,7 @@ def read_rows(run_dir: Path, train_file: Path, fold: int):
         raise SystemExit(f"{train_file} is not the file {run_dir} trained on (SHA-256 differs from run.json)")
     frame = load_train(train_file, cfg.data, cfg.folds)
     id_column = cfg.data.id_column
-    folds = pd.read_csv(run_dir / "folds.csv", dtype={id_column: str})
+    folds = read_run_csv(run_dir / "folds.csv", id_column)
     fold_of = dict(zip(folds[id_column], folds["fold"]))
     fold_column = frame[id_column].map(fold_of).to_numpy()
     if pd.isna(fold_column).any():
@@ -88,7 +89,7 @@ def training_rows(run_dir: Path, cfg, frame: pd.DataFrame, fold_column: np.ndarr
     names = list(cfg.data.target_columns)
     table_file = run_dir / "student_targets.csv"
     if table_file.is_file():
-        table = pd.read_csv(table_file, dtype={cfg.data.id_column: str})
+        table = read_run_csv(table_file, cfg.data.id_column)
         table = table[table["source"] == "train"]
         text_of = dict(zip(frame[cfg.data.id_column], frame[cfg.data.text_column]))
         return [text_of[i] for i in table[cfg.data.id_column]], table[names].to_numpy(dtype=np.float32)

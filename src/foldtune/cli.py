@@ -263,9 +263,20 @@ def _quiet_other_processes(fold_parallel: bool) -> None:
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:
+    """infer.py. Ctrl-C ends it with one line and exit status 130; the submission is
+    written whole or not at all (files.py), so none is left half-written."""
+    try:
+        return _infer(argv)
+    except KeyboardInterrupt:
+        print("infer.py: interrupted (Ctrl-C); no submission was written", file=sys.stderr)
+        return 130
+
+
+def _infer(argv: Sequence[str] | None) -> int:
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError
     from foldtune.data.validate import DataError
+    from foldtune.inference import UnfinishedFolds
 
     parser = argparse.ArgumentParser(
         prog="infer.py", description="Average the fold checkpoints of one or more runs into a submission CSV.",
@@ -292,7 +303,8 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-clip", action="store_true", help="do not clip predictions to the training targets' range")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--allow-missing-folds", action="store_true",
-                        help="average the folds that have a readable checkpoint, with a warning for the others")
+                        help="average the finished folds that have a readable checkpoint, with a warning naming the "
+                             "others")
     args = parser.parse_args(argv)
 
     setup_console_logging()
@@ -318,10 +330,16 @@ def infer_main(argv: Sequence[str] | None = None) -> int:
         if fold_weights is not None and len(fold_weights) != len(run_dirs):
             raise ValueError(f"--fold-weights given {len(fold_weights)} time(s) for {len(run_dirs)} --run(s): "
                              "give it once per --run, in the same order")
-        log.info("run folder(s): %s", ", ".join(map(str, run_dirs)))
+        log.info("run folder(s): %s" if args.run else "using the latest finished run: %s",
+                 ", ".join(map(str, run_dirs)))
         out = run_inference(run_dirs, args.test, args.out, args.batch_size, clip=not args.no_clip, device=args.device,
                             allow_missing_folds=args.allow_missing_folds, weights=weights, fold_weights=fold_weights,
                             max_len=args.max_len, precision=args.precision)
+    except UnfinishedFolds as err:
+        # --run may leave them out; --blend takes its runs whole
+        print(f"error: {err}" + ("" if args.blend else ", or pass --allow-missing-folds to average the others"),
+              file=sys.stderr)
+        return 2
     except (ConfigError, DataError, CheckpointError, EnsembleError, ValueError) as err:
         return _fail(err)
     print(out)

@@ -13,6 +13,8 @@ model before compression (benchmarks/compress.py scores a compressed student).
       compress.json                      what was done to each fold; parameters and bytes before and after
       fold_<k>/best/                     the compressed checkpoint; its foldtune.json records the
                                          factorised modules ("low_rank") and "compression"
+      fold_<k>/result.json               the source fold's (it marks the fold finished for inference;
+                                         its scores are the uncompressed model's)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from foldtune.config import ConfigError, load_config
 from foldtune.files import atomic_directory, atomic_write_json
 from foldtune.inference import fold_checkpoints
 from foldtune.models.compress import compress, parse_layers
+from foldtune.run_files import RESULT_FILE
 
 RUN_FILES = ("config.yaml", "folds.csv")
 SUMMARY_FILE = "compress.json"
@@ -68,6 +71,7 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
             checkpoint_job(target, model, AutoTokenizer.from_pretrained(str(folder)),
                            load_config(folder / CONFIG_FILE), meta)()
             done["bytes_after"] = (target / WEIGHTS_FILE).stat().st_size
+            shutil.copy2(folder.parent / RESULT_FILE, target.parent / RESULT_FILE)
             summary["folds"][str(meta["fold"])] = done
         # the copy holds exactly these folds, whatever the source's run.json asked for
         run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (

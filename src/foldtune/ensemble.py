@@ -30,6 +30,7 @@ from foldtune.config import Config, load_config
 from foldtune.files import atomic_write_json
 from foldtune.metrics import score_report
 from foldtune.registry import Registry
+from foldtune.run_files import read_run_csv
 
 BLEND_FORMAT = "foldtune-blend/1"
 # Exact least squares tries every subset of members as the support of the weights.
@@ -166,7 +167,7 @@ def load_member(run_dir: str | Path) -> Member:
             raise EnsembleError(f"{run_dir} has no {name}: is it a finished foldtune run?")
     cfg = load_config(run_dir / "config.yaml")
     id_column = cfg.data.id_column
-    oof = pd.read_csv(run_dir / "oof.csv", dtype={id_column: str})
+    oof = read_run_csv(run_dir / "oof.csv", id_column)
     missing = [c for c in [id_column, "fold", *cfg.data.target_columns] if c not in oof.columns]
     if missing:
         raise EnsembleError(f"{run_dir / 'oof.csv'} lacks the column(s) {missing}")

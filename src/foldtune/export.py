@@ -4,6 +4,7 @@
       config.yaml, run.json, scores.json, oof.csv, report.md   the run's own files (what exists)
       fold_<k>/best/        every fold's checkpoint: model.safetensors (fp32, or fp16 with --fp16),
                             config.json (the backbone's architecture), tokenizer files, foldtune.yaml/json
+      fold_<k>/result.json  the fold's scores: it marks the fold finished for inference
       foldtune-<v>-py3-none-any.whl   foldtune itself, for `pip install --no-index --no-deps`
       inference.ipynb       the notebook that writes submission.csv from this folder
       export.json           what was exported, from where, in which dtype
@@ -34,7 +35,8 @@ from foldtune import __version__
 from foldtune.checkpoint import (FILES_KEY, WEIGHTS_FILE, CheckpointError, check_same_tokenizer, read_meta,
                                  verify_files, write_meta)
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.inference import fold_checkpoints
+from foldtune.inference import UnfinishedFolds, fold_checkpoints
+from foldtune.run_files import RESULT_FILE
 from foldtune.run_lock import RunLock, RunLockError
 
 log = logging.getLogger("foldtune")
@@ -89,20 +91,22 @@ def copy_weights(source: Path, target: Path, fp16: bool) -> None:
     save_file(tensors, str(target), metadata={"format": "pt", "foldtune_dtype": "float16"})
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = False) -> Path:
-    """Write `out_dir`: the run's folds, files, a foldtune wheel and the notebook (see the module doc).
-    The run folder is locked meanwhile (run_lock.py): a run still training is not exported."""
+def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = False,
+               allow_missing_folds: bool = False) -> Path:
+    """Write `out_dir`: the run's finished folds, files, a foldtune wheel and the notebook (see
+    the module doc). An unfinished fold is refused, or with allow_missing_folds left out. The
+    run folder is locked meanwhile (run_lock.py): a run still training is not exported."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (no config.yaml)")
     if out_dir.resolve() == run_dir.resolve():
         raise ExportError("the export folder must not be the run folder")
     with RunLock(run_dir, "export"):
-        return _write_export(run_dir, out_dir, fp16)
+        return _write_export(run_dir, out_dir, fp16, allow_missing_folds)
 
 
-def _write_export(run_dir: Path, out_dir: Path, fp16: bool) -> Path:
-    folders = fold_checkpoints(run_dir)          # every fold the run trained, or a CheckpointError naming one
+def _write_export(run_dir: Path, out_dir: Path, fp16: bool, allow_missing_folds: bool) -> Path:
+    folders = fold_checkpoints(run_dir, allow_missing_folds)   # the finished folds, or an error naming the others
     check_same_tokenizer(folders)                # the notebook averages them: refused there, refused now
     root = source_root()
     with atomic_directory(out_dir) as tmp:
@@ -118,6 +122,7 @@ def _write_export(run_dir: Path, out_dir: Path, fp16: bool) -> Path:
             # a tfidf_ridge fold's arrays stay float64: small, and in float16 they would predict otherwise
             copy_weights(folder / WEIGHTS_FILE, target / WEIGHTS_FILE, fp16 and meta.get("model_type") != "tfidf_ridge")
             write_meta(target, meta, list(meta.get(FILES_KEY) or [WEIGHTS_FILE]))     # the copies' SHA-256
+            shutil.copy2(folder.parent / RESULT_FILE, target.parent / RESULT_FILE)
             folds.append(meta["fold"])
         # The export holds exactly these folds, whatever run.json asked for.
         run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (
@@ -145,10 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write (replaced whole if it exists)")
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size; "
                                                             "loaded back in float32)")
+    parser.add_argument("--allow-missing-folds", action="store_true",
+                        help="export the finished folds, with a warning for the others (default: refuse)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export_run(args.run_dir, args.out_dir, args.fp16)
+        out = export_run(args.run_dir, args.out_dir, args.fp16, args.allow_missing_folds)
+    except UnfinishedFolds as err:
+        print(f"error: {err}, or pass --allow-missing-folds to export the others", file=sys.stderr)
+        return 2
     except (ExportError, CheckpointError, RunLockError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

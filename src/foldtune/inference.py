@@ -22,6 +22,7 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
+from foldtune.run_files import RESULT_FILE, fold_finished
 from foldtune.training.precision import Precision, resolve_device, resolve_precision
 from foldtune.training.turn import to_host
 
@@ -39,42 +40,87 @@ def run_folds(run_dir: str | Path) -> list[int]:
     return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/best"))
 
 
-def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False,
-                     only: Sequence[int] | None = None) -> list[Path]:
-    """The best checkpoint folder of every fold the run trains (or of the folds `only`),
-    in fold order.
+class UnfinishedFolds(CheckpointError):
+    """Folds a run was asked to train that have not finished; `reasons` says why, per fold.
 
-    A fold the run was asked to train (run.json) without a finished checkpoint stops
-    inference, naming it; with allow_missing it is left out with a warning.
+    The message says how to finish them; a command that can leave them out (infer.py
+    --run, export) adds its own option for that.
     """
-    run_dir = Path(run_dir)
+
+    def __init__(self, run_dir: Path, reasons: dict[int, str]):
+        self.run_dir, self.reasons = run_dir, reasons
+        why = "; ".join(f"fold {fold}: {reason}" for fold, reason in reasons.items())
+        super().__init__(f"fold(s) {sorted(reasons)} of {run_dir} have no finished checkpoint ({why}): finish them "
+                         f"with `python train.py --resume {run_dir}`")
+
+
+def _why_unfinished(run_dir: Path, fold: int) -> str | None:
+    """None for a finished fold with a checkpoint; else what is missing."""
+    if not (run_dir / f"fold_{fold}" / "best" / META_FILE).is_file():
+        return f"no checkpoint fold_{fold}/best"
+    if not fold_finished(run_dir, fold):
+        return f"no fold_{fold}/{RESULT_FILE}, so still training or stopped"
+    return None
+
+
+def _finished_checkpoints(run_dir: Path, allow_missing: bool,
+                          only: Sequence[int] | None) -> tuple[list[Path], dict[int, str]]:
+    """(the finished folds' checkpoint folders, the unfinished folds left out with why);
+    raises for an unfinished fold unless allow_missing. Says nothing: see fold_checkpoints."""
     expected = run_folds(run_dir)
     if only is not None:
         absent = sorted(set(only) - set(expected))
         if absent:
             raise CheckpointError(f"{run_dir} did not train fold(s) {absent} (it has {expected})")
         expected = sorted(only)
-    folders = [run_dir / f"fold_{f}" / "best" for f in expected]
-    missing = [f for f, folder in zip(expected, folders) if not (folder / META_FILE).is_file()]
-    if missing and not allow_missing:
-        raise CheckpointError(f"fold(s) {missing} of {run_dir} have no finished checkpoint (fold_k/best): finish "
-                              f"them with `python train.py --resume {run_dir}`, or pass --allow-missing-folds to "
-                              "average the others")
-    for fold in missing:
-        log.warning("fold %d of %s has no checkpoint: left out of the average", fold, run_dir)
-    folders = [folder for f, folder in zip(expected, folders) if f not in missing]
+    unfinished = {fold: why for fold in expected if (why := _why_unfinished(run_dir, fold)) is not None}
+    if unfinished and not allow_missing:
+        raise UnfinishedFolds(run_dir, unfinished)
+    folders = [run_dir / f"fold_{fold}" / "best" for fold in expected if fold not in unfinished]
     if not folders:
-        raise CheckpointError(f"{run_dir} holds no fold checkpoint (fold_*/best): has the run trained a fold?")
+        raise CheckpointError(f"{run_dir} holds no finished fold (fold_k/best and fold_k/{RESULT_FILE}): "
+                              "has the run finished a fold?")
+    return folders, unfinished
+
+
+def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False,
+                     only: Sequence[int] | None = None) -> list[Path]:
+    """The best checkpoint folder of every fold the run trains (or of the folds `only`),
+    in fold order.
+
+    Only a finished fold is used: one whose fold_k/result.json exists, written once the
+    fold has ended (its fold_k/best alone may be an early epoch's while it trains). A fold
+    the run was asked to train (run.json) that has not finished stops inference, naming
+    it (UnfinishedFolds); with allow_missing it is left out with a warning.
+    """
+    run_dir = Path(run_dir)
+    folders, unfinished = _finished_checkpoints(run_dir, allow_missing, only)
+    for fold, why in unfinished.items():
+        log.warning("fold %d of %s is left out (%s)", fold, run_dir, why)
     return folders
 
 
+def run_finished(run_dir: str | Path) -> bool:
+    """Every fold the run was asked to train (run.json) has finished (see fold_checkpoints)."""
+    run_dir = Path(run_dir)
+    try:
+        folds = run_folds(run_dir)
+    except (OSError, ValueError, KeyError, TypeError):      # run.json unreadable: not a run to use
+        return False
+    return bool(folds) and all(_why_unfinished(run_dir, fold) is None for fold in folds)
+
+
 def latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The most recently started run that has at least one fold checkpoint."""
+    """The most recently started finished run (run_finished: every fold of its run.json has
+    its fold_k/result.json); a run still training, or stopped, is passed over."""
     runs_dir = Path(runs_dir)
-    candidates = [p.parent for p in runs_dir.glob("*/config.yaml") if any(p.parent.glob("fold_*/best"))]
-    if not candidates:
-        raise CheckpointError(f"no trained run under {runs_dir}/: run `python train.py` first, or pass --run")
-    return max(candidates, key=lambda p: (p / "config.yaml").stat().st_mtime)
+    runs = [p.parent for p in runs_dir.glob("*/config.yaml")]
+    finished = [run for run in runs if run_finished(run)]
+    if not finished:
+        others = f" ({len(runs)} unfinished: finish one with `python train.py --resume RUN`)" if runs else ""
+        raise CheckpointError(f"no finished run under {runs_dir}/{others}: run `python train.py` first, or pass "
+                              "--run")
+    return max(finished, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
 def padded_batches(dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
@@ -250,8 +296,10 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
 
 
 def run_target_columns(run_dir: str | Path, allow_missing_folds: bool = False) -> list[str]:
-    """The targets a run predicts, read from its first fold checkpoint (nothing loaded)."""
-    return list(read_meta(fold_checkpoints(run_dir, allow_missing_folds)[0])["target_columns"])
+    """The targets a run predicts, read from its first fold checkpoint (nothing loaded;
+    the folds left out are named once, by predict_run)."""
+    folders, _ = _finished_checkpoints(Path(run_dir), allow_missing_folds, None)
+    return list(read_meta(folders[0])["target_columns"])
 
 
 def predict_runs(run_dirs: Sequence[str | Path], texts: Sequence[str], weights=None,

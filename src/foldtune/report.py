@@ -123,11 +123,12 @@ def plot_oof_vs_true(true: pd.DataFrame, pred: pd.DataFrame, targets: Sequence[s
 def _oof_with_truth(run_dir: Path, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     """OOF predictions and the true targets of the same rows, in the same order."""
     from foldtune.data.validate import read_csv_text
+    from foldtune.run_files import read_run_csv
 
     id_column, targets = cfg.data.id_column, list(cfg.data.target_columns)
-    oof = pd.read_csv(run_dir / "oof.csv", dtype={id_column: str})
+    oof = read_run_csv(run_dir / "oof.csv", id_column)
     train = read_csv_text(cfg.data.train_file)
-    train[id_column] = train[id_column].astype(str)
+    train[id_column] = train[id_column].str.strip()        # as training read them (data/validate.py)
     merged = oof.merge(train[[id_column, *targets]], on=id_column, suffixes=("", "_true"), validate="one_to_one")
     if len(merged) != len(oof):
         raise ValueError(f"{cfg.data.train_file} lacks {len(oof) - len(merged)} of the OOF ids")

@@ -44,6 +44,7 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import check_backbone, load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import preload_plotting, write_report_or_warn
+from foldtune.run_files import RESULT_FILE, read_run_csv
 from foldtune.run_lock import RunLock
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
@@ -55,7 +56,6 @@ from foldtune.training.turn import CUDA_TURN
 
 log = logging.getLogger("foldtune")
 
-RESULT_FILE = "result.json"      # per fold: its scores, written when it finishes
 TOKENS_FILE = "tokens.npz"       # token ids of every row, for fold processes
 THREADS_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while folds train in threads
 BUILDING = threading.Lock()      # one fold is built at a time: seeding sets the global generators
@@ -241,12 +241,12 @@ class PreparedRun:
         except (ValueError, KeyError, TypeError) as err:
             return f"{RESULT_FILE} unreadable ({err})"
         try:
-            oof = pd.read_csv(fold_dir / "oof.csv")
+            oof = read_run_csv(fold_dir / "oof.csv", self.cfg.data.id_column)
         except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             return f"oof.csv missing or unreadable ({err})"
         expected = self.frame[self.cfg.data.id_column].to_numpy()[self.fold_of == fold].tolist()
         id_column, targets = self.cfg.data.id_column, list(self.cfg.data.target_columns)
-        if id_column not in oof or oof[id_column].astype(str).tolist() != expected:
+        if id_column not in oof or oof[id_column].tolist() != expected:
             return "oof.csv does not hold exactly the fold's rows"
         if not set(targets) <= set(oof.columns) or not np.isfinite(oof[targets].to_numpy(dtype=float)).all():
             return "oof.csv lacks finite predictions for every target"
@@ -266,7 +266,8 @@ class PreparedRun:
         """A fold trained by another process, read back from its folder."""
         fold_dir = self.run_dir / f"fold_{fold}"
         summary = json.loads((fold_dir / RESULT_FILE).read_text(encoding="utf-8"))
-        oof = pd.read_csv(fold_dir / "oof.csv")[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
+        oof = read_run_csv(fold_dir / "oof.csv", self.cfg.data.id_column)
+        oof = oof[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
         return FoldResult(fold, summary["mcrmse"], summary["per_target"], summary["best_step"], oof,
                           np.flatnonzero(self.fold_of == fold), fold_dir / "best", summary["seconds"])
 
@@ -276,7 +277,7 @@ class PreparedRun:
         run_dir = Path(run_dir)
         cfg = load_config(run_dir / "config.yaml")
         frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
-        fold_of = pd.read_csv(run_dir / "folds.csv")["fold"].to_numpy(dtype=np.int64)
+        fold_of = read_run_csv(run_dir / "folds.csv", cfg.data.id_column)["fold"].to_numpy(dtype=np.int64)
         with np.load(run_dir / TOKENS_FILE) as saved:
             flat, offsets = saved["ids"], saved["offsets"]
         input_ids = [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
@@ -426,7 +427,7 @@ def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Seq
 
 def saved_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> np.ndarray:
     """The fold of each row as the run recorded it; the rows must be the same."""
-    saved = pd.read_csv(run_dir / "folds.csv", dtype={cfg.data.id_column: str})
+    saved = read_run_csv(run_dir / "folds.csv", cfg.data.id_column)
     if saved[cfg.data.id_column].tolist() != frame[cfg.data.id_column].tolist():
         raise ConfigError(f"{cfg.data.train_file} does not hold the rows of {run_dir / 'folds.csv'}: "
                           "the run cannot continue on other data")
@@ -492,6 +493,8 @@ def _finished_folds(prep: PreparedRun, folds_to_run: Sequence[int],
         else:
             if resume:
                 log.info("fold %d: to train (%s)", fold, reason)
+            # a fold is finished when its result is written (inference relies on it): none is left from before
+            (prep.run_dir / f"fold_{fold}" / RESULT_FILE).unlink(missing_ok=True)
             to_train.append(fold)
     return results, to_train
 
@@ -534,8 +537,6 @@ def _train_launched(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np
         prep.save_tokens()
         on_main["prep"] = prep
         on_main["results"], to_train = _finished_folds(prep, folds_to_run, resume)
-        for fold in to_train:   # a fold is finished when its result is written, so none is left from before
-            (run_dir / f"fold_{fold}" / RESULT_FILE).unlink(missing_ok=True)
         return to_train
 
     to_train = launch.run_on_main(prepare)
