@@ -187,3 +187,26 @@ def test_a_folder_that_cannot_be_renamed_in_leaves_the_previous_one(tmp_path, mo
             (tmp / "model.safetensors").write_text("new")
     assert [path.name for path in tmp_path.iterdir()] == ["best"]
     assert (best / "model.safetensors").read_text() == "previous"
+
+
+def test_infer_on_a_full_disk_ends_in_one_line_and_leaves_no_file(tiny_runs, tmp_path, mount, capsys):
+    from foldtune.cli import infer_main
+
+    _, run, _ = tiny_runs
+    out = tmp_path / "out"
+    out.mkdir()
+    mount("-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out))
+    fd = os.open(out / "filler", os.O_WRONLY | os.O_CREAT)     # the device full before the submission is written
+    try:
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(fd, b"\0" * 1024)
+        assert full.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    code = infer_main(["--run", str(run), "--out", str(out / "submission.csv"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert _last_line(err) == (f"error: could not write {out / 'submission.csv'}: no space left on the device; no "
+                               "submission was written (the folds are untouched): mend that, then run infer.py again")
+    assert sorted(p.name for p in out.iterdir()) == ["filler"]

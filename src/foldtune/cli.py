@@ -342,5 +342,14 @@ def _infer(argv: Sequence[str] | None) -> int:
         return 2
     except (ConfigError, DataError, CheckpointError, EnsembleError, ValueError) as err:
         return _fail(err)
+    except OSError as err:
+        from foldtune.files import as_write_error
+
+        failure = as_write_error(err)
+        if failure is None:
+            raise
+        print(f"error: {failure}; no submission was written (the folds are untouched): mend that, then run "
+              "infer.py again", file=sys.stderr)
+        return 1
     print(out)
     return 0
