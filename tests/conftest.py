@@ -125,6 +125,34 @@ def tiny_runs(tiny_deberta, tmp_path_factory) -> tuple[Path, Path, Path]:
     return work / "runs", run_a, run_b
 
 
+def assert_scores_match_oof(run_dir: Path, train) -> None:
+    """scores.json's OOF MCRMSE (overall, per target) and each fold's are those of the run's
+    oof.csv against the true targets of `train`, the run's whole train frame."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from foldtune.config import load_config
+    from foldtune.metrics import column_rmse
+
+    cfg = load_config(run_dir / "config.yaml")
+    id_column, targets = cfg.data.id_column, list(cfg.data.target_columns)
+    scores = json.loads((run_dir / "scores.json").read_text())
+    oof = pd.read_csv(run_dir / "oof.csv")
+    assert sorted(oof[id_column].tolist()) == sorted(train[id_column].tolist()) and scores["n_rows"] == len(train)
+    true = train.set_index(id_column).loc[oof[id_column], targets].to_numpy(dtype=np.float64)
+    pred = oof[targets].to_numpy(dtype=np.float64)
+    rmse = column_rmse(true, pred)
+    assert scores["oof"]["mcrmse"] == pytest.approx(rmse.mean(), abs=1e-6)
+    assert [scores["oof"]["per_target"][t] for t in targets] == pytest.approx(rmse.tolist(), abs=1e-6)
+    assert sorted(scores["folds"]) == sorted(str(f) for f in oof["fold"].unique())
+    for fold in oof["fold"].unique():
+        rows = (oof["fold"] == fold).to_numpy()
+        assert scores["folds"][str(fold)]["mcrmse"] == pytest.approx(column_rmse(true[rows], pred[rows]).mean(),
+                                                                     abs=1e-6)
+
+
 def tfidf_ridge_fit(texts, y, alpha, char_range):
     """The tfidf_ridge member fitted directly with scikit-learn: what a fold model must equal."""
     from sklearn.feature_extraction.text import TfidfVectorizer

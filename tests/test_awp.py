@@ -1,4 +1,5 @@
-"""AWP: restores the weights bitwise, changes the step, waits for its start epoch."""
+"""AWP: steps uphill by adv_lr of the weight norm within adv_eps, restores the weights bitwise,
+changes the step, waits for its start epoch."""
 
 import pytest
 import torch
@@ -90,3 +91,50 @@ def test_unmatched_parameter_filter_is_an_error(tiny_bert):
     model, opt = _setup(tiny_bert)
     with pytest.raises(ValueError, match="awp.params='nothing_like_this' matches no trainable parameter"):
         AWP(model, opt, AWPConfig(enabled=True, params="nothing_like_this"))
+
+
+# One weight row w = (3, 4) (norm 5), input x = (1, 1), target 0: loss (w.x)^2 = 49 and its
+# gradient 2 (w.x) x = (14, 14). The grad direction's step is adv_lr * |w| / |g| * g =
+# adv_lr * 5 / sqrt(2) * (1, 1), each weight held within adv_eps of its own size.
+X = torch.tensor([[1.0, 1.0]])
+
+
+def _one_row(adv_lr: float, adv_eps: float):
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    awp = AWP(model, opt, AWPConfig(enabled=True, adv_lr=adv_lr, adv_eps=adv_eps, start_epoch=1))
+    return model, opt, awp
+
+
+def _squared_loss(model):
+    loss = model(X).pow(2).sum()
+    loss.backward()
+    return loss.item()
+
+
+def test_the_attack_steps_uphill_by_adv_lr_of_the_weight_norm_within_adv_eps():
+    model, _, awp = _one_row(adv_lr=0.01, adv_eps=0.01)
+    assert _squared_loss(model) == 49.0
+    assert model.weight.grad.tolist() == [[14.0, 14.0]]
+    awp.attack()
+    step = 0.01 * 5 / 2 ** 0.5                                  # 0.0354 along (1, 1)
+    # the first weight may move 0.01 * 3 = 0.03 only; the second its whole step (< 0.04)
+    assert model.weight.tolist()[0] == pytest.approx([3.0 + 0.03, 4.0 + step], abs=1e-6)
+    with torch.no_grad():
+        assert model(X).pow(2).item() == pytest.approx((7.0 + 0.03 + step) ** 2, abs=1e-4)   # > 49: uphill
+
+
+def test_the_adversarial_step_adds_the_perturbed_gradient_and_puts_the_weights_back():
+    model, opt, awp = _one_row(adv_lr=0.01, adv_eps=0.01)
+    _squared_loss(model)
+    losses = []
+    assert awp.adversarial_step(epoch=0, closure=lambda: losses.append(_squared_loss(model))) is True
+    perturbed_sum = 7.0 + 0.03 + 0.01 * 5 / 2 ** 0.5
+    assert losses == [pytest.approx(perturbed_sum ** 2, abs=1e-4)]
+    assert model.weight.tolist() == [[3.0, 4.0]]                 # exactly the weights before the attack
+    total = 14.0 + 2 * perturbed_sum                             # both gradients, for the optimizer
+    assert model.weight.grad.tolist()[0] == pytest.approx([total, total], abs=1e-4)
+    opt.step()
+    assert model.weight.tolist()[0] == pytest.approx([3.0 - 0.1 * total, 4.0 - 0.1 * total], abs=1e-5)

@@ -94,7 +94,6 @@ def test_infer_writes_a_valid_fold_averaged_submission(trained_run):
     assert list(sub.columns) == ["text_id"] + TARGETS
     assert sub["text_id"].tolist() == test["text_id"].tolist()
     values = sub[TARGETS].to_numpy()
-    assert np.isfinite(values).all()
     low, high = train[TARGETS].to_numpy().min(), train[TARGETS].to_numpy().max()
     assert values.min() >= low and values.max() <= high      # clipped to the training targets' range
 

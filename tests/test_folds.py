@@ -1,8 +1,11 @@
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.model_selection import KFold
 
+from foldtune.config import load_config
 from foldtune.data.folds import assign_folds, stratification_matrix, target_categories
+from foldtune.training.cross_validation import make_fold_column
 
 
 def _scores(n=400, seed=0):
@@ -33,6 +36,21 @@ def test_same_seed_same_folds_other_seed_other_folds():
     y = _scores()
     assert np.array_equal(assign_folds(y, 5, seed=7), assign_folds(y, 5, seed=7))
     assert not np.array_equal(assign_folds(y, 5, seed=7), assign_folds(y, 5, seed=8))
+
+
+# 12 rows, two discrete targets: a in six levels of two rows each, b alternating 3 and 2
+PAIRS = pd.DataFrame({"a": [1.0, 1.0, 1.5, 1.5, 2.0, 2.0, 2.5, 2.5, 3.0, 3.0, 3.5, 3.5],
+                      "b": [3.0, 2.0] * 6})
+
+
+@pytest.mark.parametrize(("seed", "expected"), [(0, [1, 0, 0, 1, 2, 0, 1, 2, 0, 2, 1, 2]),
+                                                (1, [2, 1, 2, 0, 0, 1, 1, 0, 2, 0, 1, 2]),
+                                                (42, [1, 0, 2, 1, 0, 1, 2, 1, 0, 2, 2, 0])])
+def test_a_run_splits_its_rows_by_its_folds_seed(seed, expected):
+    cfg = load_config(None, [f"folds.seed={seed}", "folds.n_splits=3", "data.target_columns=[a, b]"])
+    folds = make_fold_column(PAIRS, cfg)
+    assert folds.tolist() == expected
+    assert np.bincount(folds).tolist() == [4, 4, 4]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

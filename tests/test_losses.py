@@ -47,7 +47,7 @@ def test_target_weights_are_normalised():
 def test_mcrmse_gradient_is_finite_at_a_perfect_prediction():
     pred = TRUE.clone().requires_grad_(True)
     build_loss(TrainingConfig(loss="mcrmse"), 2)(pred, TRUE).backward()
-    assert torch.isfinite(pred.grad).all()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))     # zero error, zero slope: no NaN from sqrt(0)
 
 
 @pytest.mark.parametrize("name,expected", [("mse", 1.3125), ("smooth_l1", (0.8125 + 0.25) / 2),

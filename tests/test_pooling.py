@@ -60,7 +60,6 @@ def test_no_pooling_reads_a_padded_position(name):
     assert out.shape == (3, pool.out_features) and out.dtype == torch.float32
     assert torch.equal(out, pool(poisoned[-1], mask, poisoned))
     assert torch.equal(out[2], torch.zeros(pool.out_features))          # fully padded row: zeros, no NaN
-    assert torch.isfinite(out).all()
 
 
 def test_max_cls_and_gem_values_by_hand():

@@ -104,6 +104,42 @@ def test_a_resumed_run_ends_with_the_uninterrupted_oof(stop_step, extra, train_c
     assert before == after
 
 
+def test_a_resumed_fold_trains_only_its_remaining_steps_from_the_saved_weights(train_csv, tiny_deberta, tmp_path,
+                                                                              monkeypatch):
+    # A seeded retrain from step 0 ends with the uninterrupted OOF too: count the steps
+    # trained after the resume, and change a weight in the saved state to see it carried.
+    run = tmp_path / "run"
+    _stop_at(monkeypatch, fold=0, step=4)
+    with pytest.raises(stopping.TrainingInterrupted):
+        run_cross_validation(_cfg(train_csv, tiny_deberta), run)
+    monkeypatch.undo()
+    stopping.clear_stop_request()
+    saved = state_files(run / "fold_0")[-1]
+    state = torch.load(saved, weights_only=True)
+    assert state["step"] == 4
+    changed = torch.tensor([0.5, -0.25, 1.0, 2.0, -1.5, 0.125])
+    state["model"]["head.linear.bias"] = changed
+    torch.save(state, saved)
+
+    steps, first_weights = [], {}
+    original = FoldTrainer._optimizer_step
+
+    def stepping(self):
+        if not steps:           # the weights the first step after the resume starts from
+            first_weights.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        original(self)
+        steps.append((self.data.fold, self.step))
+
+    monkeypatch.setattr(FoldTrainer, "_optimizer_step", stepping)
+    resume_run(run)
+    # 9 steps a fold (3 epochs of 3): fold 0 goes on from step 5, fold 1 trains them all
+    assert steps == [(0, s) for s in range(5, 10)] + [(1, s) for s in range(1, 10)]
+    assert torch.equal(first_weights["head.linear.bias"], changed)
+    assert first_weights.keys() == state["model"].keys()
+    for key, value in state["model"].items():
+        assert torch.equal(first_weights[key], value), key
+
+
 def test_states_rotate_and_the_best_checkpoint_stays(train_csv, tiny_deberta, tmp_path, monkeypatch):
     seen = []
     original = FoldTrainer._save_state

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import assert_scores_match_oof
 from foldtune.checkpoint import load_checkpoint, read_meta
 from foldtune.config import load_config
 from foldtune.data.dataset import TextDataset, encode_texts
@@ -51,12 +52,27 @@ def essays(tmp_path_factory):
     return work, train, test
 
 
-def _check_run(work: Path, run: Path, train: pd.DataFrame, test: pd.DataFrame) -> None:
+def _check_best_checkpoint(run: Path, fold: int) -> None:
+    """The fold kept its lowest validation score, of the trained or the averaged weights,
+    and scores.json gives the fold that score."""
+    metrics = pd.read_csv(run / f"fold_{fold}" / "metrics.csv")
+    meta = read_meta(run / f"fold_{fold}" / "best")
+    trained, averaged = metrics["val_mcrmse"].min(), metrics["averaged_val_mcrmse"].min()
+    assert meta["averaged_weights"] == (averaged < trained)
+    assert meta["val_mcrmse"] == pytest.approx(min(trained, averaged), abs=1e-9)
+    saved = metrics[metrics["best"].notna()].iloc[-1]          # the last evaluation that saved a checkpoint
+    assert (saved["step"], saved["best"]) == (meta["step"], "averaged" if meta["averaged_weights"] else "trained")
     scores = json.loads((run / "scores.json").read_text())
-    assert scores["n_rows"] == len(train) and np.isfinite(scores["oof"]["mcrmse"])
+    assert scores["folds"][str(fold)]["mcrmse"] == pytest.approx(meta["val_mcrmse"], abs=1e-9)
+
+
+def _check_run(work: Path, run: Path, train: pd.DataFrame, test: pd.DataFrame) -> None:
+    assert_scores_match_oof(run, train)
     cfg = load_config(run / "config.yaml")
     oof = pd.read_csv(run / "oof.csv").set_index("text_id")
+    test_preds = []
     for fold in (0, 1):
+        _check_best_checkpoint(run, fold)
         best = run / f"fold_{fold}" / "best"
         # the checkpoint kept is the one the fold's OOF predictions came from
         device = resolve_device(cfg.training.device)
@@ -71,12 +87,18 @@ def _check_run(work: Path, run: Path, train: pd.DataFrame, test: pd.DataFrame) -
                                         cfg.data.head_fraction).input_ids)
         preds = predict(model, data, 8, tokenizer.pad_token_id, device, precision)
         # exact in fp32; under bf16 autocast other batch shapes round differently
-        np.testing.assert_allclose(preds, rows[TARGETS].to_numpy(), atol=1e-5 if precision.dtype is None else 2e-2)
+        atol = 1e-5 if precision.dtype is None else 2e-2
+        np.testing.assert_allclose(preds, rows[TARGETS].to_numpy(), atol=atol)
+        test_data = TextDataset(encode_texts(tokenizer, test["full_text"].tolist(), cfg.data.max_len,
+                                             cfg.data.truncation, cfg.data.head_fraction).input_ids)
+        test_preds.append(predict(model, test_data, 8, tokenizer.pad_token_id, device, precision))
     result = _run([str(REPO / "infer.py"), "--run", str(run), "--test", "test.csv", "--out", "sub.csv"], work)
     assert result.returncode == 0, result.stderr
     sub = pd.read_csv(work / "sub.csv")
     assert list(sub.columns) == ["text_id"] + TARGETS and sub["text_id"].tolist() == test["text_id"].tolist()
-    assert np.isfinite(sub[TARGETS].to_numpy()).all()
+    # the folds' mean, clipped to the range of the training targets
+    low, high = train[TARGETS].to_numpy().min(), train[TARGETS].to_numpy().max()
+    np.testing.assert_allclose(sub[TARGETS].to_numpy(), np.clip(np.mean(test_preds, axis=0), low, high), atol=atol)
 
 
 def test_the_deberta_recipe_file_trains_with_a_tiny_backbone(essays, tiny_deberta_4):
@@ -111,5 +133,4 @@ def test_every_technique_at_once(essays, tiny_deberta_4):
     run = work / "runs" / "everything"
     metrics = pd.read_csv(run / "fold_1" / "metrics.csv")
     assert "averaged_val_mcrmse" in metrics.columns and np.isfinite(metrics["averaged_val_mcrmse"].iloc[-1])
-    assert read_meta(run / "fold_1" / "best")["averaged_weights"] in (True, False)
     _check_run(work, run, train, test)
