@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,9 @@ def test_checkpoint_round_trip_gives_identical_predictions(backbone, request, tm
     assert {p.name for p in (tmp_path / "best").iterdir()} >= {
         "model.safetensors", "config.json", "tokenizer.json", "foldtune.yaml", "foldtune.json"}
     loaded, loaded_meta = load_checkpoint(tmp_path / "best")
-    assert loaded_meta == meta
+    weights = tmp_path / "best" / "model.safetensors"
+    assert loaded_meta == {**meta, "files": {"model.safetensors": {
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "bytes": weights.stat().st_size}}}
     with torch.no_grad():
         assert torch.equal(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}),
                            loaded(**{k: batch[k] for k in ("input_ids", "attention_mask")}))

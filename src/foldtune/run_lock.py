@@ -84,6 +84,8 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
         except RunLockError:
             pass            # not a lock this process wrote: not its to remove
+        except OSError:
+            pass            # a folder turned read-only: the lock stays, stale once this process ends
         finally:
             _HELD.discard(self.path.resolve())
             self._owner = None
