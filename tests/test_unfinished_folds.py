@@ -117,6 +117,13 @@ def test_export_refuses_a_fold_still_training_or_leaves_it_out_when_asked(traini
     np.testing.assert_array_equal(predict_run(exported, texts, device="cpu")[0],
                                   predict_run(run, texts, device="cpu", folds=[0])[0])
 
+    # an export made before exports held result.json: the way out is a new export, not a resume
+    (exported / "fold_0" / "result.json").unlink()
+    with pytest.raises(UnfinishedFolds) as refused:
+        predict_run(exported, texts, device="cpu")
+    assert str(refused.value).endswith(f"no fold_0/result.json, so still training or stopped): export its run "
+                                       f"again into {exported} (python -m foldtune.export RUN {exported})")
+
 
 def test_compress_and_blends_do_not_suggest_an_option_they_lack(training, tmp_path, capsys):
     from foldtune.compress import main as compress_main

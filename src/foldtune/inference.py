@@ -50,8 +50,11 @@ class UnfinishedFolds(CheckpointError):
     def __init__(self, run_dir: Path, reasons: dict[int, str]):
         self.run_dir, self.reasons = run_dir, reasons
         why = "; ".join(f"fold {fold}: {reason}" for fold, reason in reasons.items())
-        super().__init__(f"fold(s) {sorted(reasons)} of {run_dir} have no finished checkpoint ({why}): finish them "
-                         f"with `python train.py --resume {run_dir}`")
+        # an export holds only what its run had finished (older exports lack result.json): export it again
+        remedy = (f"export its run again into {run_dir} (python -m foldtune.export RUN {run_dir})"
+                  if (Path(run_dir) / "export.json").is_file()
+                  else f"finish them with `python train.py --resume {run_dir}`")
+        super().__init__(f"fold(s) {sorted(reasons)} of {run_dir} have no finished checkpoint ({why}): {remedy}")
 
 
 def _why_unfinished(run_dir: Path, fold: int) -> str | None:
