@@ -95,6 +95,16 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_train_csv(tmp_path_factory) -> Path:
+    """24 demo essays with scores (no test file): runs that stop or fail before they learn."""
+    from foldtune.data.demo import make_demo
+
+    path = tmp_path_factory.mktemp("small-train") / "train.csv"
+    make_demo(n_train=24, n_test=0, seed=3)[0].to_csv(path, index=False)
+    return path
+
+
 def train_tiny_run(backbone: Path, work: Path, name: str, *overrides: str) -> Path:
     """A 2-fold, 1-epoch run of `backbone` on demo essays (work/train.csv, test.csv, written
     once), trained in this process into work/runs/<name>."""

@@ -14,16 +14,8 @@ import pytest
 
 from foldtune.cli import train_main
 from foldtune.config import ConfigError
-from foldtune.data.demo import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def csv(tmp_path_factory):
-    path = tmp_path_factory.mktemp("backbone-check") / "train.csv"
-    make_demo(n_train=24, n_test=0, seed=3)[0].to_csv(path, index=False)
-    return path
 
 
 def _args(model, csv, runs: Path) -> list[str]:
@@ -40,10 +32,11 @@ def _without(source: Path, folder: Path, names: set[str]) -> Path:
     return folder
 
 
-def test_a_typo_in_model_name_fails_in_one_line_before_the_run_folder(csv, tmp_path):
+def test_a_typo_in_model_name_fails_in_one_line_before_the_run_folder(small_train_csv, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *_args("microsft/deberta-v3-base", csv, runs)],
+    result = subprocess.run([sys.executable, str(REPO / "train.py"),
+                             *_args("microsft/deberta-v3-base", small_train_csv, runs)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
@@ -62,10 +55,11 @@ TOKENIZER = {"tokenizer.json", "tokenizer_config.json"}
     (TOKENIZER, "has no tokenizer files (one of tokenizer.json, vocab.txt, spm.model,"),
     ({"model.safetensors"}, "has no weights (one of model.safetensors, model.safetensors.index.json,"),
 ])
-def test_a_local_folder_missing_a_file_fails_before_the_run_folder(removed, named, csv, tiny_bert, tmp_path, capsys):
+def test_a_local_folder_missing_a_file_fails_before_the_run_folder(removed, named, small_train_csv, tiny_bert, tmp_path,
+                                                                  capsys):
     folder = _without(tiny_bert, tmp_path / "backbone", removed)
     runs = tmp_path / "runs"
-    assert train_main(_args(folder, csv, runs)) == 2
+    assert train_main(_args(folder, small_train_csv, runs)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: model.name '{folder}': the folder {folder} {named}"), err
     assert not runs.exists()

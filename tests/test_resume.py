@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_stopped_at
 
 from foldtune.config import ConfigError, load_config
 from foldtune.data.demo import make_demo
@@ -109,11 +110,7 @@ def test_a_resumed_fold_trains_only_its_remaining_steps_from_the_saved_weights(t
     # A seeded retrain from step 0 ends with the uninterrupted OOF too: count the steps
     # trained after the resume, and change a weight in the saved state to see it carried.
     run = tmp_path / "run"
-    _stop_at(monkeypatch, fold=0, step=4)
-    with pytest.raises(stopping.TrainingInterrupted):
-        run_cross_validation(_cfg(train_csv, tiny_deberta), run)
-    monkeypatch.undo()
-    stopping.clear_stop_request()
+    run_stopped_at(monkeypatch, _cfg(train_csv, tiny_deberta), run, fold=0, step=4)
     saved = state_files(run / "fold_0")[-1]
     state = torch.load(saved, weights_only=True)
     assert state["step"] == 4
@@ -179,11 +176,7 @@ def test_a_damaged_finished_fold_is_trained_again(uninterrupted, tmp_path, train
 def test_a_damaged_state_names_the_file_and_what_to_do(train_csv, tiny_deberta, tmp_path, monkeypatch,
                                                        uninterrupted):
     run = tmp_path / "run"
-    _stop_at(monkeypatch, fold=0, step=4)
-    with pytest.raises(stopping.TrainingInterrupted):
-        run_cross_validation(_cfg(train_csv, tiny_deberta), run)
-    monkeypatch.undo()
-    stopping.clear_stop_request()
+    run_stopped_at(monkeypatch, _cfg(train_csv, tiny_deberta), run, fold=0, step=4)
     newest = state_files(run / "fold_0")[-1]
     newest.write_bytes(newest.read_bytes()[:500])
     with pytest.raises(StateError, match=rf"training state {newest} cannot be read .*delete it to resume from "

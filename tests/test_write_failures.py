@@ -16,16 +16,8 @@ import pytest
 import torch
 
 from foldtune.cli import train_main
-from foldtune.data.demo import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def csv(tmp_path_factory):
-    path = tmp_path_factory.mktemp("write-failures") / "train.csv"
-    make_demo(n_train=24, n_test=0, seed=3)[0].to_csv(path, index=False)
-    return path
 
 
 def _args(model, csv, runs: Path, *overrides: str) -> list[str]:
@@ -67,14 +59,15 @@ def _last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
 
-def test_a_full_disk_at_the_first_checkpoint_ends_in_one_line(csv, tiny_deberta, tmp_path, mount):
+def test_a_full_disk_at_the_first_checkpoint_ends_in_one_line(small_train_csv, tiny_deberta, tmp_path, mount):
     # 96 KiB hold the run's small files, not the first checkpoint (~165 KiB)
     runs = tmp_path / "runs"
     runs.mkdir()
     mount("-t", "tmpfs", "-o", "size=96k", "tmpfs", str(runs))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(REPO / "train.py"),
-                             *_args(tiny_deberta, csv, runs, "training.eval_steps=1", "training.save_state_steps=0")],
+                             *_args(tiny_deberta, small_train_csv, runs, "training.eval_steps=1",
+                                    "training.save_state_steps=0")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     run = runs / "x"
     assert result.returncode == 1, result.stderr[-3000:]
@@ -87,14 +80,15 @@ def test_a_full_disk_at_the_first_checkpoint_ends_in_one_line(csv, tiny_deberta,
     assert {"config.yaml", "run.json", "folds.csv"} <= {path.name for path in run.iterdir()}
 
 
-def test_a_full_disk_at_a_training_state_keeps_the_one_before_and_resume_finishes(csv, tiny_deberta, tmp_path,
-                                                                                  mount, capsys):
+def test_a_full_disk_at_a_training_state_keeps_the_one_before_and_resume_finishes(small_train_csv, tiny_deberta,
+                                                                                  tmp_path, mount, capsys):
     # 640 KiB hold the small files and one state (~460 KiB), not the next one beside it
     runs = tmp_path / "runs"
     runs.mkdir()
     mount("-t", "tmpfs", "-o", "size=640k", "tmpfs", str(runs))
     run, states = runs / "x", runs / "x" / "fold_0" / "state"
-    assert train_main(_args(tiny_deberta, csv, runs, "training.eval_steps=0", "training.save_state_steps=1")) == 1
+    assert train_main(_args(tiny_deberta, small_train_csv, runs, "training.eval_steps=0",
+                            "training.save_state_steps=1")) == 1
     assert _last_line(capsys.readouterr().err) == (
         f"error: could not write {states}/state-0000002.pt: no space left on the device. "
         f"Free space on the device, then continue with: python train.py --resume {run}")
@@ -109,7 +103,7 @@ def test_a_full_disk_at_a_training_state_keeps_the_one_before_and_resume_finishe
     assert (run / "scores.json").is_file()
 
 
-def test_a_read_only_run_folder_ends_in_one_line(csv, tiny_deberta, tmp_path, mount, monkeypatch, capsys):
+def test_a_read_only_run_folder_ends_in_one_line(small_train_csv, tiny_deberta, tmp_path, mount, monkeypatch, capsys):
     """The run folder turns read-only just before the first checkpoint is written (the
     logs, open already, go on)."""
     from foldtune.training.trainer import FoldTrainer
@@ -123,7 +117,7 @@ def test_a_read_only_run_folder_ends_in_one_line(csv, tiny_deberta, tmp_path, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(FoldTrainer, "save_checkpoint", read_only_first)
-    assert train_main(_args(tiny_deberta, csv, tmp_path / "runs", "training.eval_steps=1")) == 1
+    assert train_main(_args(tiny_deberta, small_train_csv, tmp_path / "runs", "training.eval_steps=1")) == 1
     assert _last_line(capsys.readouterr().err) == (
         f"error: could not write {run}/fold_0/best: read-only file system. "
         f"Make the folder writable, then continue with: python train.py --resume {run}")
