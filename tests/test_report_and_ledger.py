@@ -91,7 +91,7 @@ def test_ledger_lists_runs_with_the_changed_key_failed_and_broken_ones(tiny_runs
     assert f"  {scores_b['oof']['mcrmse']:.4f}  " in row_b
     folds_b = sorted(fold["mcrmse"] for fold in scores_b["folds"].values())
     assert f"  {folds_b[0]:.3f}-{folds_b[1]:.3f}  " in row_b
-    assert row_b.endswith("training.lr 0.0001->0.0005")
+    assert row_b.endswith("  training.lr 0.0001->0.0005")
     assert next(line for line in lines if line.startswith("c ")).split()[4:] == ["failed", "-", "-"]
     assert lines[-4:-2] == ["", "config.yaml unreadable: data set and targets unknown"]
     assert lines[-1].split()[:2] == ["d", "?"] and "  broken  " in lines[-1]
@@ -158,27 +158,23 @@ def hand_made_runs(tmp_path, live_pid):
                    {0: 0.47}, (0, 1), lock_pid=ended_pid())
     _hand_made_run(runs, "r6", "2026-12-01T13:00:00", "bbbb2222" * 8, (*OTHER, "training.lr=2e-4"), None, {},
                    (0,), lock_pid=live_pid)
-    _hand_made_run(runs, LONG_NAME, "2026-12-01T13:30:00", "bbbb2222" * 8,
-                   (*OTHER, "training.lr=2e-4", f"model.name={LONG_BACKBONE}", "data.max_len=1024"), 0.25,
-                   {0: 0.2, 1: 0.3}, (0, 1))
     return runs
 
 
 LEDGER_BY_DATE = """\
-7 run(s), grouped by data set and targets; oldest first in a group; changes: from the group's run started before
+6 run(s), grouped by data set and targets; oldest first in a group; changes: from the group's run started before
 
 data set train.csv (sha256 aaaa1111), targets cohesion, syntax, vocabulary, phraseology, grammar, conventions
-run                           started      backbone            OOF             fold range   changed from the previous r…
-r1                            12-01 10:00  all-MiniLM-L6-v2    0.5000          0.480-0.520  -
-r3                            12-01 11:00  all-MiniLM-L6-v2    0.4500          0.440-0.460  training.lr 0.0001->0.0003
-r4                            12-01 12:00  all-MiniLM-L6-v2    failed          -            model.pooling 'mean'->'atte…
-r5                            12-01 12:30  all-MiniLM-L6-v2    unfinished 1/2  0.470        model.pooling 'attention'->…
+run  started      backbone          OOF             fold range   changed from the previous run
+r1   12-01 10:00  all-MiniLM-L6-v2  0.5000          0.480-0.520  -
+r3   12-01 11:00  all-MiniLM-L6-v2  0.4500          0.440-0.460  training.lr 0.0001->0.0003
+r4   12-01 12:00  all-MiniLM-L6-v2  failed          -            model.pooling mean->attention
+r5   12-01 12:30  all-MiniLM-L6-v2  unfinished 1/2  0.470        model.pooling attention->mean
 
 data set other.csv (sha256 bbbb2222), targets a, b
-run                           started      backbone            OOF             fold range   changed from the previous r…
-r2                            12-01 10:30  all-MiniLM-L6-v2    0.3000          0.300-0.300  -
-r6                            12-01 13:00  all-MiniLM-L6-v2    training        -            -
-ellipse_deberta_v3_large_aw…  12-01 13:30  a-very-long-backb…  0.2500          0.200-0.300  data.max_len 512->1024, mod…"""
+run  started      backbone          OOF             fold range   changed from the previous run
+r2   12-01 10:30  all-MiniLM-L6-v2  0.3000          0.300-0.300  -
+r6   12-01 13:00  all-MiniLM-L6-v2  training        -            -"""
 
 
 def test_ledger_groups_runs_by_data_set_and_compares_with_the_same_groups_previous_run(hand_made_runs, capsys):
@@ -191,18 +187,19 @@ def test_ledger_groups_runs_by_data_set_and_compares_with_the_same_groups_previo
 def test_ledger_sorted_by_oof_keeps_the_groups_and_their_changes(hand_made_runs, capsys):
     assert runs_main([str(hand_made_runs), "--sort", "oof"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == LEDGER_BY_DATE.splitlines()[0].replace("oldest first", "best OOF first")
-    by_date = {line.split()[0]: line for line in LEDGER_BY_DATE.splitlines() if line}
-    assert [line.split()[0] if line else "" for line in lines[4:]] == [
-        "r3", "r1", "r4", "r5", "", "data", "run", "ellipse_deberta_v3_large_aw…", "r2", "r6"]
-    assert lines[4] == by_date["r3"] and lines[5] == by_date["r1"]         # changes: still from r1 to r3
-    assert lines[11] == by_date[LONG_NAME[:27] + "…"] and lines[13] == by_date["r6"]
+    by_date = LEDGER_BY_DATE.splitlines()
+    assert lines[0] == by_date[0].replace("oldest first", "best OOF first")
+    # r3 before r1, each with its own changes (r3's still from r1); r4 and r5 after them, by start
+    assert lines[1:] == [by_date[i] for i in (1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11, 12)]
 
 
 def test_every_ledger_line_fits_120_characters_with_long_values_cut(hand_made_runs, capsys):
+    _hand_made_run(hand_made_runs, LONG_NAME, "2026-12-01T13:30:00", "bbbb2222" * 8,
+                   (*OTHER, "training.lr=2e-4", f"model.name={LONG_BACKBONE}", "data.max_len=1024"), 0.25,
+                   {0: 0.2, 1: 0.3}, (0, 1))
     assert runs_main([str(hand_made_runs)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) == 120
-    long_row = next(line for line in lines if line.startswith(LONG_NAME[:27]))
-    assert long_row.startswith(LONG_NAME[:27] + "…  ") and "  a-very-long-backb…  " in long_row
-    assert long_row.endswith("…") and len(long_row) == 120
+    # the run's name keeps its start and its time, the backbone its start, the changes what fits
+    assert lines[-1] == ("ellipse_deberta…-20261201-133000  12-01 13:30  a-very-long-backb…  0.2500          "
+                         "0.200-0.300  data.max_len 512->1024,…")

@@ -38,7 +38,7 @@ IGNORED_KEYS = ("output.name", "output.dir")
 LINE_WIDTH = 120
 CUT = "…"                   # ends a value cut to fit
 # The most a column takes; "changed from the previous run" takes the rest of the line.
-COLUMN_LIMITS = {"run": 28, "started": 11, "backbone": 18, "OOF": 16, "fold range": 11}
+COLUMN_LIMITS = {"run": 32, "started": 11, "backbone": 18, "OOF": 16, "fold range": 11}
 VALUE_LIMIT = 24            # a config value in the changes column
 COLUMN_GAP = "  "
 
@@ -173,9 +173,23 @@ def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(width - len(CUT), 0)] + CUT
 
 
+def cut_middle(text: str, width: int) -> str:
+    """text, or its start, CUT and its end when it is longer than width: a run name keeps
+    the time that ends a default name (config-YYYYmmdd-HHMMSS), which tells runs apart."""
+    if len(text) <= width:
+        return text
+    head = (width - len(CUT)) // 2
+    return text[:head] + CUT + text[len(text) - (width - len(CUT) - head):]
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) and value else repr(value)
+
+
 def format_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
     """`training.lr 0.0001->0.0003, ...`: each key with its value before and now."""
-    return ", ".join(f"{key} {cut(repr(old), VALUE_LIMIT)}->{cut(repr(new), VALUE_LIMIT)}" for key, old, new in changes)
+    return ", ".join(f"{key} {cut(_value(old), VALUE_LIMIT)}->{cut(_value(new), VALUE_LIMIT)}"
+                     for key, old, new in changes)
 
 
 def group_title(group: Sequence[RunEntry]) -> str:
@@ -208,7 +222,9 @@ def format_ledger(entries: Sequence[RunEntry], sort: str = "date") -> str:
     widths.append(LINE_WIDTH - sum(widths) - len(COLUMN_GAP) * len(widths))
 
     def line(cells: Sequence[str]) -> str:
-        return COLUMN_GAP.join(cut(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        name, *others = cells
+        return COLUMN_GAP.join([cut_middle(name, widths[0]).ljust(widths[0]),
+                                *(cut(c, w).ljust(w) for c, w in zip(others, widths[1:]))]).rstrip()
 
     order = "best OOF first" if sort == "oof" else "oldest first"
     lines = [cut(f"{len(rows)} run(s), grouped by data set and targets; {order} in a group; changes: from the "
