@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import foldtune
 from foldtune import inference
 from foldtune.cli import infer_main
 from foldtune.config import load_config, save_config
@@ -67,6 +68,20 @@ def test_run_predictions_are_clipped_to_the_range_or_kept_raw(declared, low, hig
     np.testing.assert_array_equal(_submitted(root / "clipped.csv"), [[low, high], [3.5, low]])
     assert infer_main(["--run", str(run), "--out", str(root / "raw.csv"), "--no-clip"]) == 0
     np.testing.assert_array_equal(_submitted(root / "raw.csv"), RAW)
+
+
+@pytest.mark.parametrize(("declared", "low", "high"), [(("data.target_range=[1, 5]",), 1.0, 5.0), ((), 2.0, 4.0)])
+def test_foldtune_predict_clips_as_infer_py_or_keeps_raw(declared, low, high, root, monkeypatch):
+    run = _run(root, "r", *declared)
+    _predicting(monkeypatch, {"r": RAW})
+    scores = foldtune.predict(run, ["one essay", "another essay"])
+    assert list(scores.columns) == ["a", "b"] and scores.index.tolist() == [0, 1]
+    np.testing.assert_array_equal(scores.to_numpy(), [[low, high], [3.5, low]])
+    np.testing.assert_array_equal(foldtune.predict(run, ["one essay", "another essay"], clip=False).to_numpy(), RAW)
+    # a frame with the run's id and text columns: the submission infer.py writes
+    submission = foldtune.predict(run, pd.read_csv(root / "test.csv"))
+    assert infer_main(["--run", str(run), "--out", str(root / "sub.csv")]) == 0
+    assert submission.equals(read_csv_text(root / "sub.csv").astype({"a": np.float32, "b": np.float32}))
 
 
 def test_blend_members_are_clipped_before_they_are_blended(root, monkeypatch):

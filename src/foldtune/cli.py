@@ -54,7 +54,30 @@ def _stop_logging_to(handler: logging.Handler) -> None:
     handler.close()
 
 
+class _TrainCall:
+    """Who runs _train: train.py prints a user's mistake in one line and ends with an exit
+    status; foldtune.train (train_run) gets the exception raised and the run folder."""
+
+    def __init__(self, raise_errors: bool):
+        self.raise_errors = raise_errors
+        self.run_dir: Path | None = None
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
+    return _train(argv, _TrainCall(raise_errors=False))
+
+
+def train_run(argv: Sequence[str]) -> Path:
+    """What train.py does with these arguments (the same checks, run lock and logging to
+    the run folder), for the Python API: a mistake, a stop or a failed write raises its
+    exception (ConfigError, DataError, TrainingInterrupted, WriteError...), and the run
+    folder is returned."""
+    call = _TrainCall(raise_errors=True)
+    _train(argv, call)
+    return call.run_dir
+
+
+def _train(argv: Sequence[str] | None, call: _TrainCall) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
         epilog="examples: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
@@ -149,8 +172,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if launch.is_main:      # the others' folds are done, not the run
             log.info("done: %s in %.1f s", run_dir, time.perf_counter() - started)
     except (ConfigError, DataError, CheckpointError, StateError, EnsembleError, RunLockError) as err:
+        if call.raise_errors:
+            raise
         return _fail(err)
     except TrainingInterrupted as stop:
+        if call.raise_errors:
+            raise
         print(f"{stop}: the training state is saved. Continue with: {_resume_command(run_dir, fold_parallel)}",
               file=sys.stderr)
         return stop.exit_code
@@ -158,11 +185,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         failure = as_write_error(err)
         if failure is None:
             raise
+        if call.raise_errors:
+            raise failure from err
         print(f"error: {failure}. {_after_write_failure(failure, run_dir, fold_parallel)}", file=sys.stderr)
         return 1
     finally:
         from foldtune.training.distributed import close_launch
 
+        call.run_dir = run_dir
         run_lock.release()
         _stop_logging_to(run_log)
         close_launch()

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from foldtune.checkpoint import (CONFIG_FILE, META_FILE, CheckpointError, check_same_tokenizer, load_checkpoint,
                                  read_meta)
-from foldtune.config import load_config
+from foldtune.config import DataConfig, load_config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, length_sorted_batches, round_up
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv, remove_orphans
@@ -349,8 +349,15 @@ def predict_runs(run_dirs: Sequence[str | Path], texts: Sequence[str], weights=N
 
 def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, target_columns: Sequence[str],
                      id_column: str) -> pd.DataFrame:
-    """Check the submission (one row per id, the id and target header, finite values)
-    and write it atomically; a failed check writes nothing."""
+    """Check the submission (submission_frame) and write it atomically; a failed check writes nothing."""
+    frame = submission_frame(ids, preds, target_columns, id_column)
+    remove_orphans(Path(path).parent, Path(path).name)     # the temporaries of an earlier, killed write
+    atomic_write_csv(path, frame)
+    return frame
+
+
+def submission_frame(ids: Sequence, preds: np.ndarray, target_columns: Sequence[str], id_column: str) -> pd.DataFrame:
+    """The id column and the targets, checked: one row per id, a column per target, finite values."""
     if len(ids) != len(preds) or len(set(ids)) != len(ids):
         raise ValueError(f"submission needs one row per id: {len(ids)} ids ({len(set(ids))} distinct), "
                          f"{len(preds)} prediction rows")
@@ -362,9 +369,29 @@ def write_submission(path: str | Path, ids: Sequence[str], preds: np.ndarray, ta
         raise ValueError(f"predictions of {bad} row(s) are NaN or infinite; the submission was not written")
     frame = pd.DataFrame(preds, columns=list(target_columns))
     frame.insert(0, id_column, list(ids))
-    remove_orphans(Path(path).parent, Path(path).name)     # the temporaries of an earlier, killed write
-    atomic_write_csv(path, frame)
     return frame
+
+
+def clip_range(data: DataConfig, meta: dict) -> tuple[float, float]:
+    """Where predictions are clipped: the config's declared data.target_range if it has
+    one, else the range the training targets spanned (the fold checkpoints' metadata)."""
+    low, high = data.target_range or meta["target_range"]
+    return low, high
+
+
+def predict_clipped(run_dirs: Sequence[str | Path], texts: Sequence[str], clip: bool = True, weights=None,
+                    batch_size: int | None = None, device: str = "auto", precision: str = "auto",
+                    allow_missing_folds: bool = False, max_len: int | None = None,
+                    fold_weights: Sequence[Sequence[float] | None] | None = None) -> tuple[np.ndarray, dict]:
+    """predict_runs, clipped to clip_range of the first run's config (clip False: raw);
+    the metadata's "clip_range" says where (None when not clipped)."""
+    cfg = load_config(Path(run_dirs[0]) / "config.yaml")
+    preds, meta = predict_runs(run_dirs, texts, weights, batch_size, device, precision, allow_missing_folds, max_len,
+                               fold_weights)
+    if not clip:
+        return preds, {**meta, "clip_range": None}
+    low, high = clip_range(cfg.data, meta)
+    return np.clip(preds, low, high), {**meta, "clip_range": (low, high)}
 
 
 def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | Path | None, out: str | Path | None,
@@ -389,18 +416,15 @@ def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | P
         raise ValueError(f"no test file given and {run_dirs[0]}/config.yaml names none: pass --test FILE")
     test = load_test(test_file, cfg.data)
     started = time.perf_counter()
-    preds, meta = predict_runs(run_dirs, test[cfg.data.text_column].tolist(), weights, batch_size, device,
-                               precision, allow_missing_folds, max_len, fold_weights)
+    preds, meta = predict_clipped(run_dirs, test[cfg.data.text_column].tolist(), clip, weights, batch_size, device,
+                                  precision, allow_missing_folds, max_len, fold_weights)
     _log_speed(len(test), time.perf_counter() - started,
                f"{meta['n_folds']} fold(s) of {', '.join(map(str, run_dirs))}")
-    # the declared range if the config has one, else the range the training targets spanned
-    low, high = cfg.data.target_range or meta["target_range"]
-    if clip:
-        preds = np.clip(preds, low, high)
     out = Path(out) if out else run_dirs[0] / "submission.csv"
     write_submission(out, test[cfg.data.id_column].tolist(), preds, meta["target_columns"], cfg.data.id_column)
+    clipped = meta["clip_range"]
     log.info("wrote %s: %d rows, %d run(s), %d fold(s) averaged%s", out, len(test), len(run_dirs), meta["n_folds"],
-             f", clipped to [{low:g}, {high:g}]" if clip else "")
+             f", clipped to [{clipped[0]:g}, {clipped[1]:g}]" if clipped else "")
     return out
 
 
@@ -433,7 +457,7 @@ def run_blend_inference(blend_file: str | Path, test_file: str | Path | None, ou
             raise EnsembleError(f"{run} predicts {meta['target_columns']}, the blend {blend_file} expects "
                                 f"{blend['target_columns']}")
         if clip:
-            preds = np.clip(preds, *(cfg.data.target_range or meta["target_range"]))
+            preds = np.clip(preds, *clip_range(cfg.data, meta))
         members.append(preds)
         _log_speed(len(texts), time.perf_counter() - member_started, f"{meta['n_folds']} fold(s) of {run}")
     blended = apply_weights(np.stack(members), blend_weights(blend)).astype(np.float32)

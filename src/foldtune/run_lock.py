@@ -155,6 +155,19 @@ class RunLock:
             guard.unlink(missing_ok=True)
 
 
+def live_holder(folder: str | Path) -> dict | None:
+    """What the lock of `folder` says of its holder (pid, host, purpose, started), while
+    that process may still run: None when there is no lock, when its process has ended on
+    this host (a stale lock), or when it stays unreadable. A holder on another host counts
+    as running: this host cannot tell."""
+    lock = RunLock(folder, "read")
+    try:
+        holder = lock._read_holder()
+    except RunLockError:
+        return None
+    return None if holder is None or lock._ended(holder) else holder
+
+
 class NoLock:
     """No lock held (yet, or by this process: it works under its main process's lock)."""
 
