@@ -1,6 +1,6 @@
 """Size, speed and held-out score of a compressed student, at several ranks and layer subsets.
 
-Each variant is written by `foldtune.compress` into --out-dir (a run folder), loaded back
+Each variant is written by `foldtune compress` into --out-dir (a run folder), loaded back
 through the checkpoint path that infer.py uses, timed and scored:
 
     python benchmarks/compress.py --run runs/student_h0 [--train ../shared/data/ellipse/train.csv] \\

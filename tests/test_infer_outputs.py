@@ -104,7 +104,7 @@ def _last_line(err: str) -> str:
     return err.rstrip("\n").splitlines()[-1]
 
 
-INTERRUPTED = "infer.py: interrupted (Ctrl-C); no submission was written"
+INTERRUPTED = "foldtune infer: interrupted (Ctrl-C); no submission was written"   # infer_main called from Python
 
 
 def _infer_interrupted(args: list[str]) -> int:

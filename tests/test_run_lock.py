@@ -70,7 +70,7 @@ def test_a_resume_or_an_export_of_a_run_in_use_is_refused_and_writes_nothing(wor
     before = contents(run)
     assert train_main(["--resume", str(run)]) == 2
     assert capsys.readouterr().err == f"error: {busy(run, live_pid)}\n"
-    assert export_main([str(run), "kaggle"]) == 2
+    assert export_main(["--run", str(run), "--out", "kaggle"]) == 2
     assert capsys.readouterr().err == f"error: {busy(run, live_pid)}\n"
     assert contents(run) == before
     assert not Path("kaggle").exists()

@@ -122,7 +122,7 @@ def test_export_refuses_a_fold_still_training_or_leaves_it_out_when_asked(traini
     with pytest.raises(UnfinishedFolds) as refused:
         predict_run(exported, texts, device="cpu")
     assert str(refused.value).endswith(f"no fold_0/result.json, so still training or stopped): export its run "
-                                       f"again into {exported} (python -m foldtune.export RUN {exported})")
+                                       f"again into {exported} (foldtune export --run RUN --out {exported})")
 
 
 def test_compress_and_blends_do_not_suggest_an_option_they_lack(training, tmp_path, capsys):

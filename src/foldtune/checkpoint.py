@@ -257,7 +257,7 @@ def _remedy(folder: Path) -> str:
     it was trained, or exported (export.json) or compressed (compress.json) from a run."""
     run_dir = folder.parent.parent
     if (run_dir / "export.json").is_file():
-        return f"export its run again: python -m foldtune.export RUN {run_dir}"
+        return f"export its run again: foldtune export --run RUN --out {run_dir}"
     if (run_dir / "compress.json").is_file():
         return f"compress its run again (the source named in {run_dir / 'compress.json'}) into {run_dir}"
     return f"retrain the fold with python train.py --resume {run_dir}"

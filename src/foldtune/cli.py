@@ -1,8 +1,10 @@
-"""Command lines of train.py and infer.py (also installed as foldtune-train and foldtune-infer)."""
+"""Command lines of train.py, infer.py and `foldtune distill` (also `foldtune train`, `foldtune infer`,
+foldtune-train and foldtune-infer: commands.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
+
+from foldtune.commands import as_typed, prog_of
 
 log = logging.getLogger("foldtune")
 
@@ -63,8 +67,9 @@ class _TrainCall:
         self.run_dir: Path | None = None
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    return _train(argv, _TrainCall(raise_errors=False))
+def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = _train_parser(prog or prog_of("train")).parse_intermixed_args(argv)
+    return _train(args, _TrainCall(raise_errors=False))
 
 
 def train_run(argv: Sequence[str]) -> Path:
@@ -73,15 +78,15 @@ def train_run(argv: Sequence[str]) -> Path:
     exception (ConfigError, DataError, TrainingInterrupted, WriteError...), and the run
     folder is returned."""
     call = _TrainCall(raise_errors=True)
-    _train(argv, call)
+    _train(_train_parser("foldtune.train").parse_intermixed_args(argv), call)
     return call.run_dir
 
 
-def _train(argv: Sequence[str] | None, call: _TrainCall) -> int:
+def _train_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
-        epilog="examples: python train.py --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
-               "          python train.py --resume runs/ellipse_minilm-20261125-101500\n"
+        prog=prog, description="Train every fold of a config; write checkpoints, OOF predictions and scores.",
+        epilog=f"examples: {as_typed(prog)} --config configs/ellipse_minilm.yaml training.lr=3e-5 folds.n_splits=3\n"
+               f"          {as_typed(prog)} --resume runs/ellipse_minilm-20261125-101500\n"
                "          accelerate launch --multi_gpu --num_processes 2 train.py --config C.yaml  "
                "(the mode that pays for the model's size)\n"
                "          accelerate launch --multi_gpu --num_processes 2 train.py --fold-parallel --config C.yaml\n"
@@ -102,10 +107,39 @@ def _train(argv: Sequence[str] | None, call: _TrainCall) -> int:
     mode.add_argument("--data-parallel", action="store_true",
                       help="under accelerate launch: train every fold on all the processes together, each taking a "
                            "share of every batch")
+    # Options may come before, between or after the overrides (parse_intermixed_args).
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    # Options may come before, between or after the overrides.
-    args = parser.parse_intermixed_args(argv)
+    return parser
 
+
+def distill_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`foldtune distill`: a train run with a teacher (distill.teacher), so one student
+    model; the config's other keys apply as in any run (README: Distillation)."""
+    prog = prog or prog_of("distill")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train one student model on targets alpha * true + (1 - alpha) * teacher, the\n"
+                               "teacher a blend file or a run: a train run with distill.teacher set.",
+        epilog=f"examples: {prog} --teacher runs/blend.json --config configs/ellipse_minilm_student.yaml\n"
+               f"          {prog} --config configs/ellipse_minilm_student.yaml distill.holdout_fold=null  "
+               "(the model to ship)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default=None, metavar="BLEND_OR_RUN",
+                        help="blend.json (foldtune ensemble) or a run folder (default: the config's distill.teacher)")
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--name", default=None, help="run folder name under output.dir (default: config-time)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. distill.alpha=0.25 distill.holdout_fold=null")
+    args = parser.parse_intermixed_args(argv)
+    # quoted: the override's value is read as YAML, and a path is text whatever it looks like
+    teacher = [f"distill.teacher={json.dumps(args.teacher)}"] if args.teacher is not None else []
+    as_train = argparse.Namespace(config=args.config, folds=None, name=args.name, resume=None, force=False,
+                                  fold_parallel=False, data_parallel=False, overrides=[*args.overrides, *teacher])
+    return _train(as_train, _TrainCall(raise_errors=False), student=True)
+
+
+def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) -> int:
+    """Train the run `args` ask for (train_main's arguments); a student run (foldtune distill)
+    must have a teacher."""
     setup_console_logging()
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
     from foldtune.checkpoint import CheckpointError
@@ -150,6 +184,9 @@ def _train(argv: Sequence[str] | None, call: _TrainCall) -> int:
         config = args.config or str(DEFAULT_CONFIG)
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
         cfg = load_config(config, overrides)
+        if student and cfg.distill.teacher is None:
+            raise ConfigError(f"{config} has no distill.teacher: give the teacher with --teacher BLEND_OR_RUN "
+                              "(a blend.json written by foldtune ensemble, or a run folder)")
         if cfg.distill.teacher is not None and args.folds:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
@@ -292,31 +329,28 @@ def _quiet_other_processes(fold_parallel: bool) -> None:
         log.setLevel(logging.WARNING)
 
 
-def infer_main(argv: Sequence[str] | None = None) -> int:
+def infer_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """infer.py. Ctrl-C ends it with one line and exit status 130; the submission is
     written whole or not at all (files.py), so none is left half-written."""
+    prog = prog or prog_of("infer")
     try:
-        return _infer(argv)
+        return _infer(argv, prog)
     except KeyboardInterrupt:
-        print("infer.py: interrupted (Ctrl-C); no submission was written", file=sys.stderr)
+        print(f"{prog}: interrupted (Ctrl-C); no submission was written", file=sys.stderr)
         return 130
 
 
-def _infer(argv: Sequence[str] | None) -> int:
-    from foldtune.checkpoint import CheckpointError
-    from foldtune.config import ConfigError
-    from foldtune.data.validate import DataError
-    from foldtune.inference import UnfinishedFolds
-
+def _infer(argv: Sequence[str] | None, prog: str) -> int:
     parser = argparse.ArgumentParser(
-        prog="infer.py", description="Average the fold checkpoints of one or more runs into a submission CSV.",
-        epilog="example: python infer.py --run runs/A --run runs/B --weights 0.6,0.4 --max-len 1024 --precision fp16",
+        prog=prog, description="Average the fold checkpoints of one or more runs into a submission CSV.",
+        epilog=f"example: {as_typed(prog)} --run runs/A --run runs/B --weights 0.6,0.4 --max-len 1024 "
+               "--precision fp16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=None,
                         help="run folder (or exported folder); repeat to average runs (default: the latest under "
                              "runs/)")
     parser.add_argument("--blend", default=None, metavar="BLEND_JSON",
-                        help="blend the runs of this file (python -m foldtune.ensemble) with its per-target weights")
+                        help="blend the runs of this file (foldtune ensemble) with its per-target weights")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the latest run (default: %(default)s)")
     parser.add_argument("--weights", default=None,
                         help="one weight per --run, e.g. 0.6,0.4 (normalised to sum to one; default: equal)")
@@ -336,6 +370,12 @@ def _infer(argv: Sequence[str] | None) -> int:
                         help="average the finished folds that have a readable checkpoint, with a warning naming the "
                              "others")
     args = parser.parse_args(argv)
+
+    # imported once the arguments are read: --help answers before torch is loaded
+    from foldtune.checkpoint import CheckpointError
+    from foldtune.config import ConfigError
+    from foldtune.data.validate import DataError
+    from foldtune.inference import UnfinishedFolds
 
     setup_console_logging()
     try:

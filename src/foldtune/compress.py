@@ -1,4 +1,4 @@
-"""A smaller copy of a run: `python -m foldtune.compress --run RUN --out OUT --rank 64`.
+"""A smaller copy of a run: `foldtune compress --run RUN --out OUT --rank 64`.
 
 Every fold checkpoint of RUN is loaded, compressed (models/compress.py: fewer encoder
 layers with --keep-layers, SVD factors of the word embeddings and of the encoder's
@@ -27,11 +27,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from foldtune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_job, load_checkpoint
+from foldtune.commands import Once, as_typed, prog_of
 from foldtune.config import ConfigError, load_config
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.inference import fold_checkpoints
-from foldtune.models.compress import compress, parse_layers
 from foldtune.run_files import RESULT_FILE
 
 RUN_FILES = ("config.yaml", "folds.csv")
@@ -44,6 +42,10 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
     """Write `out_dir`, a compressed copy of the run (see the module doc), of every fold
     or of the folds `folds` only; return compress.json."""
     from transformers import AutoTokenizer
+
+    from foldtune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_job, load_checkpoint
+    from foldtune.inference import fold_checkpoints
+    from foldtune.models.compress import compress
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -83,6 +85,8 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
 
 def describe(done: dict) -> str:
     """One line: layers, ranks, parameters and weight-file bytes before and after."""
+    from foldtune.checkpoint import WEIGHTS_FILE
+
     parts = []
     if len(done["kept_layers"]) < done["of_layers"]:
         parts.append(f"layers {','.join(map(str, done['kept_layers']))} of {done['of_layers']} kept")
@@ -100,15 +104,16 @@ def describe(done: dict) -> str:
     return line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    prog = prog or prog_of("compress")
     parser = argparse.ArgumentParser(
-        prog="python -m foldtune.compress",
+        prog=prog,
         description="Write a smaller copy of a run: fewer encoder layers and/or low-rank (SVD) factors of the word "
                     "embeddings and the encoder's linear layers. The copy is a run folder for infer.py --run.",
-        epilog="examples: python -m foldtune.compress --run runs/student --out runs/student_r64 --rank 64\n"
-               "          python -m foldtune.compress --run runs/student --out runs/student_l3 --keep-layers 0,2,4",
+        epilog=f"examples: {as_typed(prog)} --run runs/student --out runs/student_r64 --rank 64\n"
+               f"          {as_typed(prog)} --run runs/student --out runs/student_l3 --keep-layers 0,2,4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a finished transformer run folder")
+    parser.add_argument("--run", required=True, action=Once, help="a finished transformer run folder")
     parser.add_argument("--out", required=True, help="the compressed run folder to write (replaced if it exists)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rank", type=int, help="rank of every factorised matrix")
@@ -117,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-embedding", action="store_true", help="leave the word embeddings whole")
     parser.add_argument("--no-linear", action="store_true", help="leave the encoder's linear layers whole")
     args = parser.parse_args(argv)
+    from foldtune.checkpoint import CheckpointError
+    from foldtune.models.compress import parse_layers
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         keep = parse_layers(args.keep_layers) if args.keep_layers is not None else None

@@ -288,7 +288,7 @@ class DistillConfig:
     """A student trained on the training essays with targets mixed from the true scores
     and a teacher's predictions (off while teacher is null)."""
 
-    # A blend.json (python -m foldtune.ensemble) or a run folder; null: no distillation.
+    # A blend.json (foldtune ensemble) or a run folder; null: no distillation.
     teacher: str | None = None
     # Student target = alpha * true + (1 - alpha) * teacher.
     alpha: float = 0.5

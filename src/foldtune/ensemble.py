@@ -1,6 +1,6 @@
 """Blend runs trained on the same folds, with per-target weights fitted on their OOF.
 
-    python -m foldtune.ensemble runs/A runs/B runs/C --out blend.json [--method nnls|hill]
+    foldtune ensemble --run runs/A --run runs/B --run runs/C --out blend.json [--method nnls|hill]
 
 Each target gets its own weights: non-negative and summing to one. Two scores come out:
 the in-sample OOF MCRMSE (weights fitted on every OOF row, then scored on the same rows:
@@ -21,16 +21,19 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 
+from foldtune.commands import prog_of, runs_from_positionals
 from foldtune.config import Config, load_config
 from foldtune.files import atomic_write_json
 from foldtune.metrics import score_report
 from foldtune.registry import Registry
 from foldtune.run_files import read_run_csv
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BLEND_FORMAT = "foldtune-blend/1"
 # Exact least squares tries every subset of members as the support of the weights.
@@ -281,7 +284,7 @@ def read_blend(path: str | Path) -> tuple[dict, list[Path]]:
     """A blend file and its members' run folders (resolved from the file's folder)."""
     path = Path(path)
     if not path.is_file():
-        raise EnsembleError(f"blend file {path} not found: write one with python -m foldtune.ensemble")
+        raise EnsembleError(f"blend file {path} not found: write one with foldtune ensemble")
     try:
         blend = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -317,23 +320,26 @@ def format_report(blend: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m foldtune.ensemble",
+        prog=prog or prog_of("ensemble"),
         description="Fit per-target blend weights on the OOF predictions of runs trained on the same folds; "
                     "report the in-sample and the honest (weights from the other folds) OOF MCRMSE.")
-    parser.add_argument("runs", nargs="+", help="run folders (each with oof.csv and config.yaml)")
+    parser.add_argument("--run", action="append", help="a run folder (with oof.csv and config.yaml); repeat for "
+                                                         "each run to blend")
+    parser.add_argument("positional", nargs="*", help=argparse.SUPPRESS)   # RUN ...: before --run
     parser.add_argument("--out", required=True, help="blend file to write, e.g. blend.json")
     parser.add_argument("--method", default="nnls", help="nnls (exact least squares on the simplex) or hill "
                                                          "(greedy selection with replacement); default: nnls")
     parser.add_argument("--train", default=None, help="train CSV with the true targets (default: the first "
                                                       "run's data.train_file)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    runs_from_positionals(parser, args)
     from foldtune.config import ConfigError
     from foldtune.data.validate import DataError
 
     try:
-        blend = build_blend(args.runs, args.out, args.method, args.train)
+        blend = build_blend(args.run, args.out, args.method, args.train)
     except (EnsembleError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""A run as a folder to upload as a Kaggle dataset: `python -m foldtune.export RUN_DIR OUT_DIR [--fp16]`.
+"""A run as a folder to upload as a Kaggle dataset: `foldtune export --run RUN_DIR --out OUT_DIR [--fp16]`.
 
     OUT_DIR/
       config.yaml, run.json, scores.json, oof.csv, report.md   the run's own files (what exists)
@@ -28,14 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from foldtune import __version__
-from foldtune.checkpoint import (FILES_KEY, WEIGHTS_FILE, CheckpointError, check_same_tokenizer, read_meta,
-                                 verify_files, write_meta)
+from foldtune.commands import Once, prog_of, warn_deprecated
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.inference import UnfinishedFolds, fold_checkpoints
 from foldtune.run_files import RESULT_FILE
 from foldtune.run_lock import RunLock, RunLockError
 
@@ -84,6 +79,9 @@ def build_wheel(out_dir: Path, root: Path | None = None) -> Path:
 
 def copy_weights(source: Path, target: Path, fp16: bool) -> None:
     """The checkpoint's weights; with fp16, floating tensors stored in float16 (half the size)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     if not fp16:
         shutil.copy2(source, target)
         return
@@ -106,6 +104,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = False,
 
 
 def _write_export(run_dir: Path, out_dir: Path, fp16: bool, allow_missing_folds: bool) -> Path:
+    from foldtune.checkpoint import FILES_KEY, WEIGHTS_FILE, check_same_tokenizer, read_meta, verify_files, write_meta
+    from foldtune.inference import fold_checkpoints
+
     folders = fold_checkpoints(run_dir, allow_missing_folds)   # the finished folds, or an error naming the others
     check_same_tokenizer(folders)                # the notebook averages them: refused there, refused now
     root = source_root()
@@ -141,21 +142,36 @@ def _write_export(run_dir: Path, out_dir: Path, fp16: bool, allow_missing_folds:
     return out_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m foldtune.export",
+        prog=prog or prog_of("export"),
         description="Write a self-contained folder of a run (weights, tokenizer, config, foldtune wheel, "
                     "inference notebook) to upload as a Kaggle dataset.")
-    parser.add_argument("run_dir", help="a finished run folder, e.g. runs/ellipse_minilm-20261125-101500")
-    parser.add_argument("out_dir", help="folder to write (replaced whole if it exists)")
+    parser.add_argument("--run", action=Once, help="a finished run folder, e.g. runs/ellipse_minilm-20261125-101500")
+    parser.add_argument("--out", help="folder to write (replaced whole if it exists)")
+    # RUN_DIR OUT_DIR, the spelling before --run and --out: kept for one release
+    parser.add_argument("positional", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size; "
                                                             "loaded back in float32)")
     parser.add_argument("--allow-missing-folds", action="store_true",
                         help="export the finished folds, with a warning for the others (default: refuse)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.positional:
+        if len(args.positional) != 2 or args.run is not None or args.out is not None:
+            parser.error(f"unrecognized arguments: {' '.join(args.positional)} (give the run as --run RUN_DIR "
+                         "and the folder to write as --out OUT_DIR)")
+        args.run, args.out = args.positional
+        warn_deprecated(parser.prog, args.positional, ["--run", args.run, "--out", args.out])
+    if args.run is None or args.out is None:
+        parser.error("the following arguments are required: "
+                     + ", ".join(option for option, value in (("--run", args.run), ("--out", args.out))
+                                 if value is None))
+    from foldtune.checkpoint import CheckpointError
+    from foldtune.inference import UnfinishedFolds
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export_run(args.run_dir, args.out_dir, args.fp16, args.allow_missing_folds)
+        out = export_run(args.run, args.out, args.fp16, args.allow_missing_folds)
     except UnfinishedFolds as err:
         print(f"error: {err}, or pass --allow-missing-folds to export the others", file=sys.stderr)
         return 2

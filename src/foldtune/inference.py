@@ -51,7 +51,7 @@ class UnfinishedFolds(CheckpointError):
         self.run_dir, self.reasons = run_dir, reasons
         why = "; ".join(f"fold {fold}: {reason}" for fold, reason in reasons.items())
         # an export holds only what its run had finished (older exports lack result.json): export it again
-        remedy = (f"export its run again into {run_dir} (python -m foldtune.export RUN {run_dir})"
+        remedy = (f"export its run again into {run_dir} (foldtune export --run RUN --out {run_dir})"
                   if (Path(run_dir) / "export.json").is_file()
                   else f"finish them with `python train.py --resume {run_dir}`")
         super().__init__(f"fold(s) {sorted(reasons)} of {run_dir} have no finished checkpoint ({why}): {remedy}")

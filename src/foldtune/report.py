@@ -5,7 +5,7 @@
       plots/learning_curves.png  train loss and validation MCRMSE against the step, a line per fold
       plots/oof_vs_true.png      OOF prediction against the true score, a panel per target
 
-Written at the end of every run (new or resumed); `python -m foldtune.report RUN_DIR`
+Written at the end of every run (new or resumed); `foldtune report --run RUN_DIR`
 writes it again. Plotting uses matplotlib's object API with the Agg canvas: no
 display, no global backend switch.
 """
@@ -20,13 +20,16 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
+from foldtune.commands import prog_of, runs_from_positionals
 from foldtune.config import load_config
 from foldtune.files import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("foldtune")
 
@@ -78,6 +81,7 @@ def preload_plotting() -> threading.Thread:
 
 def plot_learning_curves(run_dir: Path, folds: Sequence[int], path: Path) -> Path:
     """Train loss and validation MCRMSE against the optimizer step, one line per fold."""
+    import pandas as pd
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
@@ -194,26 +198,30 @@ def write_report_or_warn(run_dir: str | Path) -> Path | None:
         path = write_report(run_dir)
     except Exception as err:
         log.warning("could not write the report of %s (%s: %s); the scores and checkpoints are unaffected. "
-                    "Retry with: python -m foldtune.report %s", run_dir, type(err).__name__, err, run_dir)
+                    "Retry with: foldtune report --run %s", run_dir, type(err).__name__, err, run_dir)
         return None
     log.info("report: %s", path)
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m foldtune.report",
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or prog_of("report"),
                                      description="Write report.md and its plots for a finished run.")
-    parser.add_argument("run_dir", help="run folder, e.g. runs/ellipse_minilm-20261125-101500")
-    args = parser.parse_args(argv)
+    parser.add_argument("--run", action="append",
+                        help="run folder, e.g. runs/ellipse_minilm-20261125-101500; repeat to report on each")
+    parser.add_argument("positional", nargs="*", help=argparse.SUPPRESS)   # RUN_DIR: before --run
+    args = parser.parse_intermixed_args(argv)
+    runs_from_positionals(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = write_report(args.run_dir)
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {args.run_dir} has no finished run to report on ({type(err).__name__}: {err})",
-              file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    failed = 0
+    for run_dir in args.run:
+        try:
+            print(write_report(run_dir))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: {run_dir} has no finished run to report on ({type(err).__name__}: {err})",
+                  file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ column as the exact text written.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 RESULT_FILE = "result.json"      # per fold: its scores, written when the fold has finished
 
@@ -19,6 +21,8 @@ RESULT_FILE = "result.json"      # per fold: its scores, written when the fold h
 def read_run_csv(path: str | Path, id_column: str) -> pd.DataFrame:
     """A CSV a run wrote (folds.csv, oof.csv, ...): numbers parsed as usual, the id column
     (when present) exactly as written."""
+    import pandas as pd     # here: the commands that import this module answer --help without it
+
     frame = pd.read_csv(path)
     if id_column in frame.columns:
         # a second read of one column: pandas cannot turn NA detection off for one column only

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from foldtune.commands import prog_of, warn_deprecated
 from foldtune.config import Config, ConfigError, config_diff, load_config
 from foldtune.run_files import RESULT_FILE
 from foldtune.run_lock import live_holder
@@ -245,20 +246,26 @@ def diff_runs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:
     return config_diff(load_config(Path(a) / "config.yaml"), load_config(Path(b) / "config.yaml"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m foldtune.runs",
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or prog_of("runs"),
                                      description="List the runs of a folder, grouped by data set and targets: start, "
                                                  "backbone, OOF MCRMSE or status (training, unfinished, failed, "
                                                  "broken), fold score range, and the config keys changed since the "
                                                  "group's run started before.")
-    parser.add_argument("runs_dir", nargs="?", default="runs", help="folder of run folders (default: %(default)s)")
+    parser.add_argument("--runs-dir", help="folder of run folders (default: runs)")
+    parser.add_argument("positional", nargs="?", help=argparse.SUPPRESS)   # RUNS_DIR: before --runs-dir
     parser.add_argument("--sort", choices=["date", "oof"], default="date",
                         help="order in each group; date: oldest first; oof: finished runs by OOF MCRMSE, best first, "
                              "then the others oldest first (default: %(default)s)")
     parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="print the config differences of two runs "
                                                                     "(paths, or names under RUNS_DIR)")
-    args = parser.parse_args(argv)
-    runs_dir = Path(args.runs_dir)
+    args = parser.parse_intermixed_args(argv)
+    if args.positional is not None:
+        if args.runs_dir is not None:
+            parser.error(f"unrecognized arguments: {args.positional} (the folder is --runs-dir {args.runs_dir})")
+        warn_deprecated(parser.prog, [args.positional], ["--runs-dir", args.positional])
+        args.runs_dir = args.positional
+    runs_dir = Path(args.runs_dir or "runs")
     try:
         if args.diff:
             a, b = (_resolve(name, runs_dir) for name in args.diff)
