@@ -69,6 +69,8 @@ def demo_folder(tmp_path, monkeypatch, tiny_deberta):
 
 
 def test_the_readme_examples_train_a_run_and_score_texts_as_infer_py_does(demo_folder, capsys):
+    # as in a fresh Python session (an earlier test's train.py run may have left its handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     namespace: dict = {}
     exec(readme_example("train"), namespace)
     exec(readme_example("predict"), namespace)
