@@ -87,7 +87,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError, ConfigOrigin, load_config
-    from foldtune.data.validate import DataError
+    from foldtune.data.validate import DataError, with_folds_of_column
     from foldtune.ensemble import EnsembleError
     from foldtune.files import as_write_error
     from foldtune.run_lock import NO_LOCK, RunLock, RunLockError
@@ -126,12 +126,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = args.config or str(DEFAULT_CONFIG)
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
-        cfg = load_config(config, overrides)
+        origin = ConfigOrigin(config, tuple(overrides))
+        cfg = with_folds_of_column(load_config(config, overrides), origin)     # before --folds is read
         if cfg.distill.teacher is not None and args.folds:
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         fold_parallel, why = _process_mode(args, cfg, len(folds))
-        frame = load_inputs(cfg, fold_parallel, ConfigOrigin(config, tuple(overrides)))
+        frame = load_inputs(cfg, fold_parallel, origin)
         launch = current_launch()
         _quiet_other_processes(fold_parallel)
         # one run folder for all the processes, locked by the main one: its name has the main one's clock

@@ -75,7 +75,8 @@ class DataConfig:
 class FoldsConfig:
     n_splits: int = 5
     seed: int = 42
-    # Name of a column of the train file that already holds each row's fold (0 .. n_splits-1).
+    # Name of a column of the train file that already holds each row's fold, numbered 0..K-1;
+    # n_splits is then K, read from the file (data/validate.py: with_folds_of_column).
     column: str | None = None
     # Targets with more distinct values than this are cut into this many quantile bins
     # before stratifying; discrete scores (1.0, 1.5, ... 5.0) are used as they are.
