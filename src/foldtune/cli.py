@@ -17,6 +17,13 @@ log = logging.getLogger("foldtune")
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = _REPO_CONFIGS / "default.yaml" if (_REPO_CONFIGS / "default.yaml").is_file() else Path("configs/default.yaml")
 
+# Where a relative path leads: a user who keeps configs/ and data/ side by side may expect
+# the config file's folder.
+TRAIN_PATHS = ("relative paths, on the command line and in the config (data files, a model.name folder, output.dir,\n"
+               "distill.teacher), are resolved from the working directory, not from the config file's folder")
+INFER_PATHS = ("relative paths (--run, --test, --blend, --out, and a run's data.test_file) are resolved from the "
+               "working directory")
+
 
 class _TqdmHandler(logging.Handler):
     """Log lines that do not tear the progress bars."""
@@ -62,7 +69,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                "          accelerate launch --multi_gpu --num_processes 2 train.py --config C.yaml  "
                "(the mode that pays for the model's size)\n"
                "          accelerate launch --multi_gpu --num_processes 2 train.py --fold-parallel --config C.yaml\n"
-               "          accelerate launch --multi_gpu --num_processes 2 train.py --data-parallel --config C.yaml",
+               "          accelerate launch --multi_gpu --num_processes 2 train.py --data-parallel --config C.yaml\n\n"
+               f"{TRAIN_PATHS}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
@@ -86,7 +94,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     setup_console_logging()
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
     from foldtune.checkpoint import CheckpointError
-    from foldtune.config import ConfigError, ConfigOrigin, load_config
+    from foldtune.config import ConfigError, ConfigOrigin, load_config, path_problem
     from foldtune.data.validate import DataError, with_folds_of_column
     from foldtune.ensemble import EnsembleError
     from foldtune.files import as_write_error
@@ -116,7 +124,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             run_dir = Path(args.resume)
             fold_parallel, why = _resume_mode(args, run_dir, args.overrides)
             _quiet_other_processes(fold_parallel)
-            if run_dir.is_dir():        # else resume_run says what is wrong
+            if (run_dir / "config.yaml").is_file():     # a run folder; else resume_run says what is wrong
                 # locked before its log gets a line: a refused resume writes nothing there
                 run_lock = current_launch().run_on_main(lambda: RunLock(run_dir, "resume").acquire())
                 if current_launch().is_main:
@@ -125,6 +133,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             resume_run(run_dir, args.overrides, args.folds, args.force, fold_parallel)
             return 0
         config = args.config or str(DEFAULT_CONFIG)
+        problem = path_problem(config, "a YAML file")
+        if problem is not None:
+            raise ConfigError(f"{'--config' if args.config else 'the default config (no --config given)'}: {problem}")
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
         origin = ConfigOrigin(config, tuple(overrides))
         cfg = with_folds_of_column(load_config(config, overrides), origin)     # before --folds is read
@@ -281,7 +292,8 @@ def _infer(argv: Sequence[str] | None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="infer.py", description="Average the fold checkpoints of one or more runs into a submission CSV.",
-        epilog="example: python infer.py --run runs/A --run runs/B --weights 0.6,0.4 --max-len 1024 --precision fp16",
+        epilog="example: python infer.py --run runs/A --run runs/B --weights 0.6,0.4 --max-len 1024 "
+               f"--precision fp16\n\n{INFER_PATHS}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=None,
                         help="run folder (or exported folder); repeat to average runs (default: the latest under "

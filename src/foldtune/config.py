@@ -507,10 +507,25 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     return values
 
 
+def path_problem(path: str | Path, kind: str) -> str | None:
+    """'/abs/x.csv does not exist' (or 'is a folder, not a CSV file'), None when `path`
+    is the `kind` it should be ('a CSV file', 'a run folder': a folder if kind ends in
+    'folder'). The path is absolute: a relative one is resolved from the working
+    directory, which the user may not have had in mind."""
+    path = Path(path)
+    folder = kind.endswith("folder")
+    if path.is_dir() if folder else path.is_file():
+        return None
+    if not path.exists():
+        return f"{path.resolve()} does not exist"
+    return f"{path.resolve()} is a {'file' if folder else 'folder'}, not {kind}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    problem = path_problem(path, "a YAML file")
+    if problem is not None:
+        raise ConfigError(f"config file {problem}")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

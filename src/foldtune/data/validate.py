@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from foldtune.config import Config, ConfigError, ConfigOrigin, DataConfig, FoldsConfig
+from foldtune.config import Config, ConfigError, ConfigOrigin, DataConfig, FoldsConfig, path_problem
 from foldtune.data.demo import DEMO_TEST_FILE, DEMO_TRAIN_FILE, demo_files, is_demo_file
 
 MAX_EXAMPLES = 5
@@ -35,8 +35,9 @@ class DataError(ValueError):
 def read_csv_text(path: str | Path) -> pd.DataFrame:
     """Every cell as a string, exactly as written (no NaN guessing); UTF-8, BOM allowed."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, ["file not found"])
+    problem = path_problem(path, "a CSV file")
+    if problem is not None:
+        raise DataError(path, [problem])
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -149,13 +150,13 @@ def check_data_files(data: DataConfig, origin: ConfigOrigin | None = None) -> No
     provided = demo_files(data)
     for key, value, demo_path in (("data.train_file", data.train_file, DEMO_TRAIN_FILE),
                                   ("data.test_file", data.test_file, DEMO_TEST_FILE)):
-        if value is None or key in provided or Path(value).is_file():
+        problem = None if value is None or key in provided else path_problem(value, "a CSV file")
+        if problem is None:
             continue
-        what = "is a folder, not a CSV file" if Path(value).is_dir() else "does not exist"
         where = f" ({origin.of(key)})" if origin is not None else ""
         demo = ("; the demo's essays are written there only by a demo run (data.demo: true with the demo's "
                 "data.train_file)" if is_demo_file(value, demo_path) else "")
-        raise ConfigError(f"{key}: {Path(value).resolve()} {what}{where}{demo}")
+        raise ConfigError(f"{key}: {problem}{where}{demo}")
 
 
 def with_folds_of_column(cfg: Config, origin: ConfigOrigin) -> Config:
