@@ -130,5 +130,6 @@ def test_evaluations_from_a_later_epoch_skip_the_early_ones_and_change_no_traini
     assert metrics[1].index.tolist() == [4, 6, 8, 10, 12]       # the first epoch: its end only
     np.testing.assert_allclose(metrics[1]["val_mcrmse"], metrics[0]["val_mcrmse"].loc[[4, 6, 8, 10, 12]],
                                rtol=0, atol=1e-7)
-    with pytest.raises(ConfigError, match=r"'training.eval_steps_from_epoch': expected an integer >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"'training.eval_steps_from_epoch' set on the command line: "
+                                          r"expected an integer >= 0, got -1"):
         load_config(None, common + ["training.eval_steps_from_epoch=-1"])

@@ -230,5 +230,5 @@ def test_train_py_resuming_a_folder_that_does_not_exist_says_so(tmp_path, capsys
     from foldtune.cli import train_main
 
     assert train_main(["--resume", str(tmp_path / "absent")]) == 2
-    assert f"{tmp_path / 'absent'} is not a run folder (no config.yaml): nothing to resume" in capsys.readouterr().err
+    assert f"--resume: {tmp_path / 'absent'} does not exist: nothing to resume" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()

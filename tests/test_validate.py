@@ -77,7 +77,7 @@ def test_not_utf8_names_the_line(tmp_path):
 def test_empty_and_missing_files(tmp_path):
     with pytest.raises(DataError, match="the file is empty"):
         load_train(_write(tmp_path, "\n"), DATA, FOLDS)
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=f"{tmp_path.resolve() / 'nope.csv'} does not exist"):
         load_train(tmp_path / "nope.csv", DATA, FOLDS)
 
 

@@ -21,6 +21,13 @@ log = logging.getLogger("foldtune")
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = _REPO_CONFIGS / "default.yaml" if (_REPO_CONFIGS / "default.yaml").is_file() else Path("configs/default.yaml")
 
+# Where a relative path leads: a user who keeps configs/ and data/ side by side may expect
+# the config file's folder.
+TRAIN_PATHS = ("relative paths, on the command line and in the config (data files, a model.name folder, output.dir,\n"
+               "distill.teacher), are resolved from the working directory, not from the config file's folder")
+INFER_PATHS = ("relative paths (--run, --test, --blend, --out, and a run's data.test_file) are resolved from the "
+               "working directory")
+
 
 class _TqdmHandler(logging.Handler):
     """Log lines that do not tear the progress bars."""
@@ -90,7 +97,8 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
                "          accelerate launch --multi_gpu --num_processes 2 train.py --config C.yaml  "
                "(the mode that pays for the model's size)\n"
                "          accelerate launch --multi_gpu --num_processes 2 train.py --fold-parallel --config C.yaml\n"
-               "          accelerate launch --multi_gpu --num_processes 2 train.py --data-parallel --config C.yaml",
+               "          accelerate launch --multi_gpu --num_processes 2 train.py --data-parallel --config C.yaml\n\n"
+               f"{TRAIN_PATHS}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--folds", default=None, help="train only these folds, e.g. 0,2 (default: all)")
@@ -143,8 +151,8 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
     setup_console_logging()
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
     from foldtune.checkpoint import CheckpointError
-    from foldtune.config import ConfigError, ConfigOrigin, load_config
-    from foldtune.data.validate import DataError
+    from foldtune.config import ConfigError, ConfigOrigin, load_config, path_problem
+    from foldtune.data.validate import DataError, with_folds_of_column
     from foldtune.ensemble import EnsembleError
     from foldtune.files import as_write_error
     from foldtune.run_lock import NO_LOCK, RunLock, RunLockError
@@ -173,7 +181,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
             run_dir = Path(args.resume)
             fold_parallel, why = _resume_mode(args, run_dir, args.overrides)
             _quiet_other_processes(fold_parallel)
-            if run_dir.is_dir():        # else resume_run says what is wrong
+            if (run_dir / "config.yaml").is_file():     # a run folder; else resume_run says what is wrong
                 # locked before its log gets a line: a refused resume writes nothing there
                 run_lock = current_launch().run_on_main(lambda: RunLock(run_dir, "resume").acquire())
                 if current_launch().is_main:
@@ -182,8 +190,12 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
             resume_run(run_dir, args.overrides, args.folds, args.force, fold_parallel)
             return 0
         config = args.config or str(DEFAULT_CONFIG)
+        problem = path_problem(config, "a YAML file")
+        if problem is not None:
+            raise ConfigError(f"{'--config' if args.config else 'the default config (no --config given)'}: {problem}")
         overrides = list(args.overrides) + ([f"output.name={args.name}"] if args.name else [])
-        cfg = load_config(config, overrides)
+        origin = ConfigOrigin(config, tuple(overrides))
+        cfg = with_folds_of_column(load_config(config, overrides), origin)     # before --folds is read
         if student and cfg.distill.teacher is None:
             raise ConfigError(f"{config} has no distill.teacher: give the teacher with --teacher BLEND_OR_RUN "
                               "(a blend.json written by foldtune ensemble, or a run folder)")
@@ -191,7 +203,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
             raise ConfigError("a distillation run trains one student (distill.holdout_fold): --folds does not apply")
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         fold_parallel, why = _process_mode(args, cfg, len(folds))
-        frame = load_inputs(cfg, fold_parallel, ConfigOrigin(config, tuple(overrides)))
+        frame = load_inputs(cfg, fold_parallel, origin)
         launch = current_launch()
         _quiet_other_processes(fold_parallel)
         # one run folder for all the processes, locked by the main one: its name has the main one's clock
@@ -344,7 +356,7 @@ def _infer(argv: Sequence[str] | None, prog: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Average the fold checkpoints of one or more runs into a submission CSV.",
         epilog=f"example: {as_typed(prog)} --run runs/A --run runs/B --weights 0.6,0.4 --max-len 1024 "
-               "--precision fp16",
+               f"--precision fp16\n\n{INFER_PATHS}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=None,
                         help="run folder (or exported folder); repeat to average runs (default: the latest under "

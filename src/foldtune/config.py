@@ -24,12 +24,19 @@ COMPETITION_TARGETS = ("cohesion", "syntax", "vocabulary", "phraseology", "gramm
 
 
 class ConfigError(ValueError):
-    """A config key, value or file that cannot be used; the message says which and why."""
+    """A config key, value or file that cannot be used; the message says which and why.
+
+    key: the dotted config key the message names (quoted), so that load_config can add
+    where that key was set: on the command line or in the YAML file."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}", key)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class DataConfig:
 class FoldsConfig:
     n_splits: int = 5
     seed: int = 42
-    # Name of a column of the train file that already holds each row's fold (0 .. n_splits-1).
+    # Name of a column of the train file that already holds each row's fold, numbered 0..K-1;
+    # n_splits is then K, read from the file (data/validate.py: with_folds_of_column).
     column: str | None = None
     # Targets with more distinct values than this are cut into this many quantile bins
     # before stratifying; discrete scores (1.0, 1.5, ... 5.0) are used as they are.
@@ -354,9 +362,33 @@ def _check_cuda_graphs(cfg: "Config") -> None:
 # --- building a Config from plain data -------------------------------------------------
 
 
-def _did_you_mean(name: str, valid: Sequence[str]) -> str:
+# Names users bring from Hugging Face's TrainingArguments and other fold scripts, which
+# no spelling distance leads to.
+_KNOWN_AS = {"learning_rate": "lr", "n_folds": "n_splits", "num_folds": "n_splits", "fp16": "precision",
+             "bf16": "precision"}
+
+
+def _closest_key(name: str, valid: Sequence[str]) -> str | None:
+    """The valid key a mistyped `name` most likely meant, or None.
+
+    A valid key whose words are words of the name comes first (lr_rate -> lr,
+    train_batch_size -> batch_size, num_train_epochs -> epochs): spelling distance alone
+    finds nothing there, or a worse key (eval_batch_size)."""
+    if _KNOWN_AS.get(name) in valid:
+        return _KNOWN_AS[name]
+    words = name.split("_")
+    inside = [key for key in valid
+              if any(words[i:i + len(key.split("_"))] == key.split("_") for i in range(len(words)))]
+    if inside:
+        return max(inside, key=len)
     close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str, valid: Sequence[str], prefix: str) -> str:
+    """' (did you mean 'training.lr'?)': the whole dotted key, as the user would type it."""
+    close = _closest_key(name, valid)
+    return f" (did you mean '{prefix}{close}'?)" if close else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -407,10 +439,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     for key in values:
         if key not in names:
             where = f"section '{prefix}'" if prefix else "the top level"
-            raise ConfigError(
-                f"unknown config key '{prefix + '.' if prefix else ''}{key}'{_did_you_mean(key, names)}; "
-                f"valid keys in {where}: {', '.join(names)}"
-            )
+            dotted = f"{prefix}." if prefix else ""
+            raise ConfigError(f"unknown config key '{dotted}{key}'{_did_you_mean(key, names, dotted)}; "
+                              f"valid keys in {where}: {', '.join(names)}", f"{dotted}{key}")
     kwargs = {}
     for name in names:
         if name not in values:
@@ -446,11 +477,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'training.lr=3e-5' -> (['training', 'lr'], 3e-05 as YAML reads it)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+        raise ConfigError(f"override '{text}' on the command line is not of the form section.key=value, "
+                          "e.g. training.lr=3e-5")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".")]
     if not all(path):
-        raise ConfigError(f"override '{text}' has an empty key")
+        raise ConfigError(f"override '{text}' on the command line has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -468,16 +500,32 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{'.'.join(path[:i + 1])}' is not a section")
+                raise ConfigError(f"override '{text}' on the command line: '{'.'.join(path[:i + 1])}' "
+                                  "is not a section")
             node = child
         node[path[-1]] = value
     return values
 
 
+def path_problem(path: str | Path, kind: str) -> str | None:
+    """'/abs/x.csv does not exist' (or 'is a folder, not a CSV file'), None when `path`
+    is the `kind` it should be ('a CSV file', 'a run folder': a folder if kind ends in
+    'folder'). The path is absolute: a relative one is resolved from the working
+    directory, which the user may not have had in mind."""
+    path = Path(path)
+    folder = kind.endswith("folder")
+    if path.is_dir() if folder else path.is_file():
+        return None
+    if not path.exists():
+        return f"{path.resolve()} does not exist"
+    return f"{path.resolve()} is a {'file' if folder else 'folder'}, not {kind}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    problem = path_problem(path, "a YAML file")
+    if problem is not None:
+        raise ConfigError(f"config file {problem}")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -490,13 +538,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The run's config: dataclass defaults, then the YAML file, then dotted overrides."""
-    values = read_yaml(path) if path is not None else {}
+    """The run's config: dataclass defaults, then the YAML file, then dotted overrides.
+
+    An error about a key says where the key was set: 'set on the command line' or
+    'set in <file>' (ConfigOrigin)."""
+    values = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
     try:
-        return config_from_dict(apply_overrides(values, overrides))
+        return config_from_dict(values)
     except ConfigError as err:
-        source = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{err}{source}") from None
+        raise ConfigError(_placed(err, ConfigOrigin(path, tuple(overrides))), err.key) from None
+
+
+def _placed(err: ConfigError, origin: "ConfigOrigin") -> str:
+    """err's message with where its key was set after the key's first mention; a check
+    across keys (or of a default) names the config file, if any."""
+    where = origin.of(err.key) if err.key is not None else "the default"
+    if where != "the default":
+        return str(err).replace(f"'{err.key}'", f"'{err.key}' {where}", 1)
+    return f"{err} (in {origin.path})" if origin.path is not None else str(err)
 
 
 @dataclass(frozen=True)
@@ -512,7 +571,8 @@ class ConfigOrigin:
         parts = key.split(".")
         for text in reversed(self.overrides):       # the last override of a key is the one that holds
             path, value = parse_override(text)
-            if parts[:len(path)] == path and _holds(value, parts[len(path):]):
+            inside = path[:len(parts)] == parts     # trainig.lr=1 sets the (unknown) section 'trainig'
+            if inside or parts[:len(path)] == path and _holds(value, parts[len(path):]):
                 return "set on the command line"
         if self.path is not None and _holds(read_yaml(self.path), parts):
             return f"set in {self.path}"

@@ -88,7 +88,8 @@ def load_teacher(path: str | Path) -> Teacher:
         ones = np.ones((len(targets), 1))
         return Teacher(path, [path], ones, {int(k): ones for k in np.unique(fold_of)}, targets, ids, fold_of, oof)
     if not path.is_file():
-        raise ConfigError(f"distill.teacher: {path} is neither a run folder nor a blend file")
+        what = "is neither a run folder nor a blend file" if path.exists() else "does not exist"
+        raise ConfigError(f"distill.teacher: {path.resolve()} {what}")
     blend, runs = read_blend(path)
     members = [load_member(r) for r in runs]
     ids, fold_of, oof = aligned_oof(members)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from foldtune.commands import prog_of, runs_from_positionals
-from foldtune.config import Config, load_config
+from foldtune.config import Config, load_config, path_problem
 from foldtune.files import atomic_write_json
 from foldtune.metrics import score_report
 from foldtune.registry import Registry
@@ -283,8 +283,9 @@ def build_blend(run_dirs: Sequence[str | Path], out: str | Path, method: str = "
 def read_blend(path: str | Path) -> tuple[dict, list[Path]]:
     """A blend file and its members' run folders (resolved from the file's folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise EnsembleError(f"blend file {path} not found: write one with foldtune ensemble")
+    problem = path_problem(path, "a blend file")
+    if problem is not None:
+        raise EnsembleError(f"blend file {problem}: write one with foldtune ensemble")
     try:
         blend = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from foldtune.checkpoint import (CONFIG_FILE, META_FILE, CheckpointError, check_same_tokenizer, load_checkpoint,
                                  read_meta)
-from foldtune.config import DataConfig, load_config
+from foldtune.config import ConfigError, DataConfig, load_config, path_problem
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, DynamicPadding, length_sorted_batches, round_up
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv, remove_orphans
@@ -405,16 +405,15 @@ def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | P
     The first run's config names the test file (by default), its columns and the
     default output (<run>/submission.csv).
     """
-    from foldtune.data.validate import load_test
-
     run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]
     if not run_dirs:
         raise ValueError("no run to predict with")
+    for folder in run_dirs:
+        problem = path_problem(folder, "a run folder")
+        if problem is not None:
+            raise ConfigError(f"--run: {problem}")
     cfg = load_config(run_dirs[0] / "config.yaml")
-    test_file = test_file or cfg.data.test_file
-    if test_file is None:
-        raise ValueError(f"no test file given and {run_dirs[0]}/config.yaml names none: pass --test FILE")
-    test = load_test(test_file, cfg.data)
+    test = _read_test(test_file, run_dirs[0], cfg.data)
     started = time.perf_counter()
     preds, meta = predict_clipped(run_dirs, test[cfg.data.text_column].tolist(), clip, weights, batch_size, device,
                                   precision, allow_missing_folds, max_len, fold_weights)
@@ -428,6 +427,22 @@ def run_inference(run_dir: str | Path | Sequence[str | Path], test_file: str | P
     return out
 
 
+def _read_test(test_file: str | Path | None, run_dir: Path, data: DataConfig) -> pd.DataFrame:
+    """The rows to predict: --test's file, else the one the run's config names; a file
+    that is absent is named with its absolute path and where it was named."""
+    from foldtune.data.validate import load_test
+
+    named_by = "--test"
+    if not test_file:
+        if data.test_file is None:
+            raise ValueError(f"no test file given and {run_dir}/config.yaml names none: pass --test FILE")
+        test_file, named_by = data.test_file, f"data.test_file of {run_dir / 'config.yaml'} (no --test given)"
+    problem = path_problem(test_file, "a CSV file")
+    if problem is not None:
+        raise ConfigError(f"{named_by}: {problem}")
+    return load_test(test_file, data)
+
+
 def _log_speed(n_texts: int, seconds: float, what: str) -> None:
     log.info("predicted %d texts with %s in %.1f s (%.1f s per 1,000 texts; tokenizing and loading included)",
              n_texts, what, seconds, 1000 * seconds / max(n_texts, 1))
@@ -437,16 +452,12 @@ def run_blend_inference(blend_file: str | Path, test_file: str | Path | None, ou
                         batch_size: int | None = None, clip: bool = True, device: str = "auto") -> Path:
     """`infer.py --blend`: each member run's fold average (clipped as `infer.py --run`
     clips it), then per target the weighted sum with the blend file's weights."""
-    from foldtune.data.validate import load_test
     from foldtune.ensemble import EnsembleError, apply_weights, blend_weights, read_blend
 
     blend, runs = read_blend(blend_file)
     cfgs = [load_config(run / "config.yaml") for run in runs]
     data = cfgs[0].data
-    test_file = test_file or data.test_file
-    if test_file is None:
-        raise ValueError(f"no test file given and {runs[0]}/config.yaml names none: pass --test FILE")
-    test = load_test(test_file, data)
+    test = _read_test(test_file, runs[0], data)
     texts = test[data.text_column].tolist()
     members = []
     started = time.perf_counter()

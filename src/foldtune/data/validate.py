@@ -7,6 +7,7 @@ hand-assembled CSV in one pass instead of one crash per problem.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import io
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from foldtune.config import ConfigError, ConfigOrigin, DataConfig, FoldsConfig
+from foldtune.config import Config, ConfigError, ConfigOrigin, DataConfig, FoldsConfig, path_problem
 from foldtune.data.demo import DEMO_TEST_FILE, DEMO_TRAIN_FILE, demo_files, is_demo_file
 
 MAX_EXAMPLES = 5
@@ -34,8 +35,9 @@ class DataError(ValueError):
 def read_csv_text(path: str | Path) -> pd.DataFrame:
     """Every cell as a string, exactly as written (no NaN guessing); UTF-8, BOM allowed."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, ["file not found"])
+    problem = path_problem(path, "a CSV file")
+    if problem is not None:
+        raise DataError(path, [problem])
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -148,13 +150,48 @@ def check_data_files(data: DataConfig, origin: ConfigOrigin | None = None) -> No
     provided = demo_files(data)
     for key, value, demo_path in (("data.train_file", data.train_file, DEMO_TRAIN_FILE),
                                   ("data.test_file", data.test_file, DEMO_TEST_FILE)):
-        if value is None or key in provided or Path(value).is_file():
+        problem = None if value is None or key in provided else path_problem(value, "a CSV file")
+        if problem is None:
             continue
-        what = "is a folder, not a CSV file" if Path(value).is_dir() else "does not exist"
         where = f" ({origin.of(key)})" if origin is not None else ""
         demo = ("; the demo's essays are written there only by a demo run (data.demo: true with the demo's "
                 "data.train_file)" if is_demo_file(value, demo_path) else "")
-        raise ConfigError(f"{key}: {Path(value).resolve()} {what}{where}{demo}")
+        raise ConfigError(f"{key}: {problem}{where}{demo}")
+
+
+def with_folds_of_column(cfg: Config, origin: ConfigOrigin) -> Config:
+    """cfg with folds.n_splits the number of folds in the train file's folds.column.
+
+    A file that numbers its own folds says how many there are: a 2-fold column needs no
+    folds.n_splits=2. The folds must be numbered 0..K-1 (as the run's fold_<k> folders
+    and --folds are), else the error lists the numbers found. A folds.n_splits set in the
+    config or on the command line (origin) that differs is an error naming both: that
+    user expects another split, and runs on other folds do not compare. A file
+    that cannot be read, or a column that is absent, is left to load_train to report."""
+    path = Path(cfg.data.train_file)
+    if cfg.folds.column is None or not path.is_file():
+        return cfg
+    frame = read_csv_text(path)
+    if cfg.folds.column not in frame.columns:
+        return cfg
+    numbers = pd.to_numeric(frame[cfg.folds.column].str.strip(), errors="coerce").dropna()
+    found = sorted({int(n) for n in numbers if n % 1 == 0})
+    if not found:
+        return cfg                          # load_train names the rows that hold no fold number
+    n_splits = len(found)
+    if found != list(range(n_splits)):
+        shown = ", ".join(map(str, found[:10])) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        raise DataError(path, [f"column '{cfg.folds.column}' numbers its folds {shown}: expected 0..{n_splits - 1}, "
+                               f"counting from 0 (with folds.column the number of folds is the column's)"])
+    if n_splits == cfg.folds.n_splits:
+        return cfg
+    where = origin.of("folds.n_splits")
+    if where != "the default":
+        raise ConfigError(f"folds.n_splits={cfg.folds.n_splits} ({where}) but column '{cfg.folds.column}' of "
+                          f"{path} numbers {n_splits} folds (0..{n_splits - 1}): leave folds.n_splits out (with "
+                          f"folds.column it is the column's number of folds) or set it to {n_splits}",
+                          "folds.n_splits")
+    return dataclasses.replace(cfg, folds=dataclasses.replace(cfg.folds, n_splits=n_splits))
 
 
 def load_train(path: str | Path, data: DataConfig, folds: FoldsConfig) -> pd.DataFrame:

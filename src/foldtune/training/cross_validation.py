@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 
 from foldtune import __version__
 from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, changed_files, read_meta
-from foldtune.config import Config, ConfigError, ConfigOrigin, config_diff, load_config, save_config
+from foldtune.config import (Config, ConfigError, ConfigOrigin, config_diff, load_config, path_problem,
+                             save_config)
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.folds import assign_folds
 from foldtune.data.demo import write_demo_files
@@ -576,8 +577,11 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
     """Continue a stopped run: its saved config (overrides must not change it, unless
     force), the same data, the folds it was asked to train."""
     run_dir = Path(run_dir)
+    problem = path_problem(run_dir, "a run folder")
+    if problem is not None:
+        raise ConfigError(f"--resume: {problem}: nothing to resume")
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml): nothing to resume")
+        raise ConfigError(f"--resume: {run_dir.resolve()} is not a run folder (no config.yaml): nothing to resume")
     saved = load_config(run_dir / "config.yaml")
     if saved.distill.teacher is not None:
         raise ConfigError(f"{run_dir} is a distillation run: it cannot be resumed; train it again")
