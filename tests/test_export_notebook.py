@@ -171,3 +171,29 @@ def test_the_exported_wheel_installs_offline_and_scores_the_export(exported, tmp
     expected = pd.read_csv(work / "infer.csv")
     got = pd.read_csv(tmp_path / "wheel.csv")
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_every_exported_file_and_folder_has_the_mode_of_the_umask(tiny_deberta, tmp_path, monkeypatch, umask,
+                                                                  file_mode, folder_mode):
+    """A dataset to upload or share is readable as a new file is: safetensors writes its
+    files owner-only (0600), and fp16 weights are written by it below fold_k/best/."""
+    from foldtune import export
+
+    def owner_only_wheel(out_dir, root=None):      # any writer, at any depth: the wheel is not what is tested
+        wheel = out_dir / "foldtune-0-py3-none-any.whl"
+        wheel.write_bytes(b"wheel")
+        wheel.chmod(0o600)
+        return wheel
+
+    monkeypatch.setattr(export, "build_wheel", owner_only_wheel)
+    run = train_tiny_run(tiny_deberta, tmp_path, "r")
+    previous = os.umask(umask)
+    try:
+        out = export.export_run(run, tmp_path / "kaggle", fp16=True)
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert {"fold_0/best/model.safetensors", "fold_1/best/model.safetensors", "fold_1/best"} <= set(modes)
+    assert {name: oct(mode) for name, mode in modes.items()
+            if mode != (folder_mode if (out / name).is_dir() else file_mode)} == {}

@@ -96,10 +96,27 @@ def _free_bytes(folder: Path) -> int:
     return stats.f_bavail * stats.f_frsize
 
 
-def _default_file_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _settle_folder(folder: Path) -> None:
+    """Give `folder` and every folder and file below it the mode a new one gets (0755 and
+    0644 under umask 022), and flush each file to disk. Some writers (safetensors) create
+    owner-only files, wherever they sit in the folder; and the folder is whole once the
+    files of its subfolders are on disk too."""
+    mask = _umask()
+    for parent, _, files in os.walk(folder):
+        os.chmod(parent, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):        # its target is not ours to change
+                continue
+            os.chmod(path, 0o666 & ~mask)
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,13 +189,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
-        mode = _default_file_mode()
-        for child in tmp.iterdir():
-            if child.is_file():
-                # Some writers (safetensors) create owner-only files; give them the usual mode.
-                os.chmod(child, mode)
-                with open(child, "rb+") as fh:
-                    os.fsync(fh.fileno())
+        _settle_folder(tmp)
         if path.exists():
             os.replace(path, old)
         try:
