@@ -7,6 +7,7 @@ adds a tiny backbone and one epoch to what the example asks, so that it trains i
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -24,28 +25,12 @@ from foldtune.config import ConfigError, load_config
 from foldtune.data.demo import make_demo
 from foldtune.data.validate import DataError, read_csv_text
 
-TRAIN_EXAMPLE = '''\
-import foldtune
-
-# as `python train.py --config configs/default.yaml training.lr=5e-5 folds.n_splits=3`
-run = foldtune.train("configs/default.yaml", training__lr=5e-5, folds__n_splits=3)
-print(run)                           # runs/default-<date>-<time>
-'''
-
-PREDICT_EXAMPLE = '''\
-import pandas as pd
-
-scores = foldtune.predict(run, ["Dear principal, students should have a say.", "I like to read books."])
-print(scores.round(2))               # a row per text, a column per target, clipped as infer.py clips
-
-submission = foldtune.predict(run, pd.read_csv("data/demo/test.csv"))    # the id column, then the targets
-submission.to_csv("submission.csv", index=False)
-'''
-
-
 def readme_example(name: str) -> str:
-    """The README's example `name` (its python block): for now a copy kept here."""
-    return {"train": TRAIN_EXAMPLE, "predict": PREDICT_EXAMPLE}[name]
+    """The python block that follows `<!-- example: NAME -->` in README.md, as written there."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    found = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```\n", readme, re.S)
+    assert found is not None, f"README.md has no python block marked <!-- example: {name} -->"
+    return found.group(1)
 
 
 @pytest.fixture
