@@ -131,7 +131,7 @@ class FoldProgress(Protocol):
         """Before something that is not a step: 'evaluating step 40 on 200 rows'."""
 
     def close(self) -> None:
-        ...
+        """At the fold's end; a second call does nothing."""
 
 
 class NoProgress:
@@ -233,6 +233,7 @@ class BarProgress:
         self.last_read = -math.inf           # the next step shows the numbers again
 
     def close(self) -> None:
+        """Leave the bar with the numbers, not what was done last; once closed, nothing."""
         self.bar.set_postfix_str(self.numbers, refresh=False)
         self.bar.close()
 

@@ -264,11 +264,12 @@ class FoldTrainer:
             self.writer.wait()
             seconds = self.seconds_before + time.perf_counter() - started
             self._write_oof()
+            self.progress.close()               # the bar's last state above the fold's result
             log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
         finally:
             if on_running is not None:
                 on_running()
-            self.progress.close()
+            self.progress.close()               # again: closing twice does nothing
             self.writer.wait()                  # a stop too: its state must be on disk
             log.removeHandler(self._log_handler)
             self._log_handler.close()
