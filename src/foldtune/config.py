@@ -167,7 +167,8 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"
     seed: int = 42
-    # Read the loss back from the device every log_steps steps (each read is a sync).
+    # Not read any more: the loss comes back from the device when the progress display shows
+    # it (training/progress.py). Kept so that the saved configs of earlier runs still load.
     log_steps: int = 20
     num_workers: int = 0
     # Resume: save the training state every save_state_steps optimizer steps (0: only at

@@ -50,9 +50,10 @@ from foldtune.run_lock import RunLock
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
 from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.training.progress import RunProgress, progress_settings
 from foldtune.training.state import load_state, remove_states, state_files, wait_for_removals
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
-from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer
+from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer, steps_per_epoch
 from foldtune.training.turn import CUDA_TURN
 
 log = logging.getLogger("foldtune")
@@ -159,6 +160,7 @@ def load_inputs(cfg: Config, fold_parallel: bool = False, origin: ConfigOrigin |
     if cfg.model.type == "transformer":
         check_backbone(cfg.model.name)
     check_launch(cfg, launched_world_size(), fold_parallel)
+    progress_settings()         # a FOLDTUNE_PROGRESS that means nothing fails now, not at the first fold
     check_data_files(cfg.data, origin)
     if cfg.data.demo:
         current_launch().run_on_main(lambda: ensure_demo_files(cfg))
@@ -201,15 +203,25 @@ class PreparedRun:
             target_range=(float(targets.min()), float(targets.max())),
         )
 
-    def train_fold(self, fold: int, in_threads: bool = False,
-                   on_running: Callable[[], None] | None = None) -> FoldResult:
+    def progress(self, folds: Sequence[int]) -> RunProgress:
+        """How this process shows the training of `folds`, and each one's steps for the run's
+        time left. Bars only where one process draws on the terminal: under a fold-parallel
+        launch each process writes lines."""
+        tcfg = self.cfg.training
+        steps = {fold: steps_per_epoch(int(np.sum(self.fold_of != fold)), tcfg) * tcfg.epochs for fold in folds}
+        one_display = current_launch().world_size == 1 or self.group.world_size > 1
+        return RunProgress.from_environment(bars=one_display, steps_of_fold=steps)
+
+    def train_fold(self, fold: int, in_threads: bool = False, on_running: Callable[[], None] | None = None,
+                   progress: RunProgress | None = None) -> FoldResult:
         """Train the fold, continuing from its newest training state if it has one.
 
         in_threads: other folds train beside this one, in threads of this process. At the
         end the GPU memory torch has cached is then not handed back to the driver (for the
         processes beside this one: it waits for the whole GPU, where the others train), and
         the fold's training states are removed in the background. on_running: called once
-        the fold's first steps have run (see FoldTrainer.train).
+        the fold's first steps have run (see FoldTrainer.train). progress: how the run shows
+        its folds (default: as the environment asks, this fold alone).
         """
         fold_dir = self.run_dir / f"fold_{fold}"
         states = state_files(fold_dir)
@@ -217,7 +229,8 @@ class PreparedRun:
         if state is not None:
             log.info("fold %d: continuing from %s", fold, states[-1])
         with BUILDING:          # seeding and building a model use the global generators
-            trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir, self.group).setup()
+            trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir, self.group,
+                                  progress).setup()
         result = trainer.train(state, on_running)
         if not self.group.is_main:
             return result
@@ -355,6 +368,7 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
 
     order = list(folds)
     running = {fold: threading.Event() for fold in order}
+    progress = prep.progress(order)         # one for the folds side by side: the run's time left adds theirs
 
     def on_running(fold: int) -> None:
         running[fold].set()
@@ -375,7 +389,7 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
             own_stream = (torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda"
                           else contextlib.nullcontext())
             with own_stream:
-                return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold))
+                return prep.train_fold(fold, in_threads=True, on_running=lambda: on_running(fold), progress=progress)
         finally:
             running[fold].set()     # failed or stopped before running: the next fold goes on
 
@@ -516,7 +530,8 @@ def _train_in_this_process(prep: PreparedRun, folds: Sequence[int]) -> dict[int,
         side_by_side = train_folds_in_threads if prep.cfg.training.parallel_mode == "threads" else \
             train_folds_in_processes
         return side_by_side(prep, folds, parallel)
-    return {fold: prep.train_fold(fold) for fold in folds}
+    progress = prep.progress(folds)
+    return {fold: prep.train_fold(fold, progress=progress) for fold in folds}
 
 
 def _train_launched(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
@@ -544,7 +559,8 @@ def _train_launched(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np
     prep = on_main["prep"] if launch.is_main else PreparedRun.load(run_dir)
     prep.group = fold_group(launch, fold_parallel)
     if not fold_parallel:
-        trained = {fold: prep.train_fold(fold) for fold in to_train}
+        progress = prep.progress(to_train)
+        trained = {fold: prep.train_fold(fold, progress=progress) for fold in to_train}
         return {**on_main.get("results", {}), **trained}
     mine = folds_of_process(to_train, launch)
     side_by_side = cfg.training.parallel_folds > 1 and len(mine) > 1

@@ -10,6 +10,7 @@ import sys
 
 from foldtune.cli import setup_console_logging
 from foldtune.training.cross_validation import PreparedRun
+from foldtune.training.progress import RunProgress
 from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
 
@@ -20,7 +21,8 @@ def main(argv: list[str]) -> int:
     setup_console_logging()
     install_signal_handlers()
     try:
-        PreparedRun.load(argv[0]).train_fold(int(argv[1]))
+        # Lines, not bars: the other folds' processes write to the same terminal.
+        PreparedRun.load(argv[0]).train_fold(int(argv[1]), progress=RunProgress.from_environment(bars=False))
     except TrainingInterrupted as stop:
         return stop.exit_code
     return 0

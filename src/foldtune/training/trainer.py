@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from foldtune import __version__
 from foldtune.checkpoint import checkpoint_job
@@ -42,6 +41,7 @@ from foldtune.training.awp import build_awp
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import GraphedSteps
 from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.training.progress import NO_PROGRESS, FoldProgress, NoProgress, RunProgress
 from foldtune.training.state import Snapshot, capture_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 from foldtune.training.turn import CUDA_TURN, to_host, wait_for_stream
@@ -62,6 +62,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+def steps_per_epoch(train_rows: int, tcfg) -> int:
+    """Optimizer steps in an epoch of train_rows rows: the loader's batches (the last one
+    may be short, with or without length buckets) taken gradient_accumulation_steps at a time."""
+    batches = math.ceil(train_rows / tcfg.batch_size)
+    return math.ceil(batches / tcfg.gradient_accumulation_steps)
 
 
 @dataclass
@@ -91,7 +98,7 @@ class FoldResult:
 
 class FoldTrainer:
     def __init__(self, cfg: Config, data: FoldData, tokenizer, fold_dir: str | Path,
-                 group: OneProcess | DataParallel = ONE_PROCESS):
+                 group: OneProcess | DataParallel = ONE_PROCESS, progress: RunProgress | None = None):
         self.cfg = cfg
         self.data = data
         self.tokenizer = tokenizer
@@ -100,6 +107,12 @@ class FoldTrainer:
         # The processes that train this fold together (training/distributed.py); only
         # the main one writes files.
         self.group = group
+        # What the fold shows while it trains (training/progress.py): its main process only,
+        # as the environment asks unless the caller chose.
+        if not group.is_main:
+            progress = NO_PROGRESS
+        self.run_progress = RunProgress.from_environment() if progress is None else progress
+        self.progress: FoldProgress = NoProgress()          # the fold's own, once it trains
 
     # --- setup ---------------------------------------------------------------------
 
@@ -137,7 +150,7 @@ class FoldTrainer:
         self.best_oof: np.ndarray | None = None
         self.best_per_target: dict[str, float] = {}
         self.metrics_rows: list[dict] = []
-        # The loss stays on the device and is read every log_steps: a read is a host sync.
+        # The loss stays on the device and is read only when the progress shows it: a read is a host sync.
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.seconds_before = 0.0           # training time of earlier sessions of this fold
@@ -193,7 +206,7 @@ class FoldTrainer:
 
     def _setup_optimizer(self) -> None:
         tcfg = self.cfg.training
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / tcfg.gradient_accumulation_steps)
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), tcfg)
         self.total_steps = self.steps_per_epoch * tcfg.epochs
         self.warmup_steps = warmup_steps(self.total_steps, tcfg.warmup_ratio, tcfg.warmup_steps)
         self.optimizer = build_optimizer(self.model, tcfg, self.device)
@@ -222,8 +235,7 @@ class FoldTrainer:
                  f"; resumed at step {self.step}" if state else "")
         started = time.perf_counter()
         running_at = self.step + 2
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"fold {fold}", unit="step", dynamic_ncols=True,
-                   disable=None if self.group.is_main else True)
+        self.progress = self.run_progress.fold(fold, self.total_steps, self.step)
         try:
             for epoch in range(start_epoch, tcfg.epochs):
                 epoch_start_order = self.generator.get_state()
@@ -232,7 +244,7 @@ class FoldTrainer:
                     if i < position:            # seen before the stop: same order, skipped
                         continue
                     with CUDA_TURN:
-                        last_batch = self._train_on(batch, epoch, i, epoch_start_order, started, bar)
+                        last_batch = self._train_on(batch, epoch, i, epoch_start_order, started)
                     if on_running is not None and self.step >= running_at:
                         on_running, call = None, on_running
                         call()
@@ -252,19 +264,19 @@ class FoldTrainer:
             self.writer.wait()
             seconds = self.seconds_before + time.perf_counter() - started
             self._write_oof()
+            self.progress.close()               # the bar's last state above the fold's result
             log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
         finally:
             if on_running is not None:
                 on_running()
-            bar.close()
+            self.progress.close()               # again: closing twice does nothing
             self.writer.wait()                  # a stop too: its state must be on disk
             log.removeHandler(self._log_handler)
             self._log_handler.close()
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
                           self.data.valid_index, self.best_dir, seconds)
 
-    def _train_on(self, batch: dict, epoch: int, i: int, epoch_start_order: torch.Tensor, started: float,
-                  bar: tqdm) -> bool:
+    def _train_on(self, batch: dict, epoch: int, i: int, epoch_start_order: torch.Tensor, started: float) -> bool:
         """Micro-batch i of the epoch: step, and evaluate, save or stop when it is time.
 
         True at the epoch's last batch, whose evaluation and state the caller does.
@@ -295,9 +307,7 @@ class FoldTrainer:
             if not last_of_group:
                 return False
             self._optimizer_step()
-        bar.update(1)
-        if not bar.disable and self.step % tcfg.log_steps == 0:     # a read of the loss waits for the GPU
-            bar.set_postfix(loss=f"{self.loss_sum.item() / self.loss_count:.4f}", best=f"{self.best_score:.4f}")
+        self.progress.step(self.step, self._shown_loss_and_lr)
         if i + 1 == n_batches:
             return True
         if tcfg.eval_steps and epoch >= tcfg.eval_steps_from_epoch and self.step % tcfg.eval_steps == 0:
@@ -308,6 +318,14 @@ class FoldTrainer:
         if stop:
             raise TrainingInterrupted(stop)
         return False
+
+    def _shown_loss_and_lr(self) -> tuple[float, float]:
+        """The mean training loss since the last evaluation and the learning rate, for the
+        progress display. Read by the main process alone (no exchange with the others): data-
+        parallel, its rows' loss weighed by their share of the batch, times the processes,
+        estimates the batch's."""
+        loss = to_host(self.loss_sum).item() * self.group.world_size / max(self.loss_count, 1)
+        return loss, self._backbone_lr()
 
     def _take_train_loss(self) -> float:
         """Mean training loss since the last evaluation (and reset the running sum)."""
@@ -431,6 +449,7 @@ class FoldTrainer:
         return report, preds
 
     def _evaluate_and_keep_best(self, epoch: float, train_loss: float) -> None:
+        self.progress.doing(f"evaluating step {self.step} on {len(self.data.valid)} rows")
         candidates = [("trained", self.model, *self.evaluate())]
         averaged = self.averaging.averaged
         if averaged is not None:
@@ -489,6 +508,7 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
+        self.progress.doing(f"saving the checkpoint of step {self.step}")
         job = checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta)
         fold, step = self.data.fold, self.step
 
