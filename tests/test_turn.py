@@ -11,6 +11,7 @@ import torch
 
 from foldtune.config import load_config
 from foldtune.training.cross_validation import THREADS_SWITCH_INTERVAL, train_folds_in_threads
+from foldtune.training.progress import NO_PROGRESS
 from foldtune.training.turn import Turn, to_host
 
 
@@ -73,7 +74,11 @@ class _Prep:
         self.running: list[int] = []
         self.running_before: dict[int, list[int]] = {}     # the folds running when a fold began
 
-    def train_fold(self, fold: int, in_threads: bool = False, on_running=None) -> str:
+    def progress(self, folds):
+        return NO_PROGRESS
+
+    def train_fold(self, fold: int, in_threads: bool = False, on_running=None, progress=None) -> str:
+        assert progress is NO_PROGRESS        # the display made for the folds side by side reaches each one
         self.seen[fold] = sys.getswitchinterval()
         self.in_threads[fold] = in_threads
         self.running_before[fold] = sorted(self.running)
