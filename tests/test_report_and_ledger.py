@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 from conftest import ended_pid
@@ -203,3 +206,16 @@ def test_every_ledger_line_fits_120_characters_with_long_values_cut(hand_made_ru
     # the run's name keeps its start and its time, the backbone its start, the changes what fits
     assert lines[-1] == ("ellipse_deberta…-20261201-133000  12-01 13:30  a-very-long-backb…  0.2500          "
                          "0.200-0.300  data.max_len 512->1024,…")
+
+
+def test_a_ledger_piped_to_a_reader_that_has_gone_ends_quietly(hand_made_runs, tmp_path):
+    # foldtune runs | head: the reader closes the pipe; the ledger ends without a traceback
+    runs_dir = hand_made_runs
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "foldtune", "runs", "--runs-dir", str(runs_dir)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")

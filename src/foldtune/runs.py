@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if not entries:
         print(f"no run folders under {runs_dir}")
         return 0
-    print(format_ledger(entries, args.sort))
+    try:
+        print(format_ledger(entries, args.sort), flush=True)
+    except BrokenPipeError:
+        # the reader has gone (foldtune runs | head): what it wanted is read; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
