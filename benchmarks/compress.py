@@ -48,8 +48,8 @@ from foldtune.inference import inference_precision, predict
 from foldtune.metrics import score_report
 from foldtune.models.compress import count_parameters, parse_layers
 from foldtune.run_files import read_run_csv
+from foldtune.runtime.precision import resolve_device
 from foldtune.training.cross_validation import file_sha256
-from foldtune.training.precision import resolve_device
 
 
 def held_out_fold(run_dir: Path, fold: int | None) -> int:

@@ -1,4 +1,4 @@
-"""Turns at the CUDA API for folds trained in threads (training/turn.py), and the GIL's
+"""Turns at the CUDA API for folds trained in threads (runtime/turn.py), and the GIL's
 switch interval while they train."""
 
 import subprocess
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from foldtune.config import load_config
+from foldtune.runtime.turn import Turn, to_host
 from foldtune.training.cross_validation import THREADS_SWITCH_INTERVAL, train_folds_in_threads
 from foldtune.training.progress import NO_PROGRESS
-from foldtune.training.turn import Turn, to_host
 
 
 def test_a_turn_is_reentrant_and_its_holder_can_step_out_at_any_depth():

@@ -31,7 +31,7 @@ from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory, file_sha256
 from foldtune.models.compress import low_rank_structure, restore_low_rank_structure
 from foldtune.models.regressor import TextRegressor, load_backbone_config
-from foldtune.training.state import Snapshot
+from foldtune.runtime.snapshot import Snapshot
 
 log = logging.getLogger("foldtune")
 

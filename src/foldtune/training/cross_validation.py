@@ -34,8 +34,8 @@ from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, changed_files, re
 from foldtune.config import (Config, ConfigError, ConfigOrigin, config_diff, load_config, path_problem,
                              save_config)
 from foldtune.data.dataset import TextDataset, encode_texts
-from foldtune.data.folds import assign_folds
 from foldtune.data.demo import write_demo_files
+from foldtune.data.folds import assign_folds
 from foldtune.data.validate import check_data_files, load_test, load_train
 from foldtune.files import atomic_path, atomic_write_csv, atomic_write_json, file_sha256, remove_orphans
 from foldtune.losses import LOSSES
@@ -47,14 +47,14 @@ from foldtune.optim.factory import check_optimizer
 from foldtune.report import preload_plotting, write_report_or_warn
 from foldtune.run_files import RESULT_FILE, read_run_csv
 from foldtune.run_lock import RunLock
+from foldtune.runtime.precision import resolve_device, resolve_precision
+from foldtune.runtime.turn import CUDA_TURN
 from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess, check_launch, current_launch,
                                            fold_group, folds_of_process, launched_world_size)
-from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.progress import RunProgress, progress_settings
 from foldtune.training.state import load_state, remove_states, state_files, wait_for_removals
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer, steps_per_epoch
-from foldtune.training.turn import CUDA_TURN
 
 log = logging.getLogger("foldtune")
 

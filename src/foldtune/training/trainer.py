@@ -30,21 +30,22 @@ from foldtune.config import Config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, PaddedRows
 from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
-from foldtune.inference import padded_batches, predict_batches
 from foldtune.losses import build_loss
 from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
+from foldtune.runtime.precision import resolve_device, resolve_precision
+from foldtune.runtime.predict import padded_batches, predict_batches
+from foldtune.runtime.snapshot import Snapshot
+from foldtune.runtime.turn import CUDA_TURN, to_host, wait_for_stream
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import GraphedSteps
-from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.progress import NO_PROGRESS, FoldProgress, NoProgress, RunProgress
-from foldtune.training.state import Snapshot, capture_rng, save_state
+from foldtune.training.state import capture_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
-from foldtune.training.turn import CUDA_TURN, to_host, wait_for_stream
 
 log = logging.getLogger("foldtune")
 
