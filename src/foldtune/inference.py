@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
-from foldtune.run_files import RESULT_FILE, fold_finished
+from foldtune.run_layout import RESULT_FILE, RUN_FILE, fold_finished, read_provenance
 from foldtune.runtime.precision import Precision, resolve_device, resolve_precision
 from foldtune.runtime.predict import predict
 
@@ -33,9 +32,8 @@ def run_folds(run_dir: str | Path) -> list[int]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
-    run_file = run_dir / "run.json"
-    if run_file.is_file():
-        return list(json.loads(run_file.read_text(encoding="utf-8"))["folds"])
+    if (run_dir / RUN_FILE).is_file():
+        return list(read_provenance(run_dir)["folds"])
     return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/best"))
 
 

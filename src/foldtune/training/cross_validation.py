@@ -1,19 +1,13 @@
 """Every fold of a run: check the input, split, tokenize once, train each fold, score the OOF.
 
-    runs/<name>/
-      config.yaml   the resolved config          folds.csv   id -> fold
-      run.json      versions, device, command    oof.csv     id, fold, predictions
-      scores.json   per fold and OOF, per target    report.md   tables, plots/ (foldtune.report)
-      fold_<k>/     best/ (checkpoint), oof.csv, metrics.csv, train.log
+The run folder's layout (paths, result.json, the OOF frame, run.json) is run_layout.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
-import platform
 import subprocess
 import sys
 import threading
@@ -26,10 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import transformers
 from safetensors import SafetensorError, safe_open
 
-from foldtune import __version__
 from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, changed_files, read_meta
 from foldtune.config import (Config, ConfigError, ConfigOrigin, config_diff, load_config, path_problem,
                              save_config)
@@ -45,7 +37,9 @@ from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import check_backbone, load_tokenizer
 from foldtune.optim.factory import check_optimizer
 from foldtune.report import preload_plotting, write_report_or_warn
-from foldtune.run_files import RESULT_FILE, read_run_csv
+from foldtune.run_layout import (FOLDS_FILE, OOF_FILE, RESULT_FILE, SCORES_FILE, TOKENS_FILE, FoldResult, oof_frame,
+                                 read_fold_result, read_provenance, read_run_csv, start_run_folder,
+                                 write_fold_result)
 from foldtune.run_lock import RunLock
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.turn import CUDA_TURN
@@ -54,11 +48,10 @@ from foldtune.training.distributed import (ONE_PROCESS, DataParallel, OneProcess
 from foldtune.training.progress import RunProgress, progress_settings
 from foldtune.training.state import load_state, remove_states, state_files, wait_for_removals
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
-from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer, steps_per_epoch
+from foldtune.training.trainer import FoldData, FoldTrainer, steps_per_epoch
 
 log = logging.getLogger("foldtune")
 
-TOKENS_FILE = "tokens.npz"       # token ids of every row, for fold processes
 THREADS_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while folds train in threads
 BUILDING = threading.Lock()      # one fold is built at a time: seeding sets the global generators
 
@@ -234,10 +227,7 @@ class PreparedRun:
         result = trainer.train(state, on_running)
         if not self.group.is_main:
             return result
-        atomic_write_json(fold_dir / RESULT_FILE, {
-            "fold": fold, "mcrmse": result.score, "per_target": result.per_target,
-            "best_step": result.best_step, "seconds": result.seconds,
-        })
+        write_fold_result(fold_dir, result)
         remove_states(fold_dir, wait=not in_threads)    # finished: the best checkpoint is what stays
         if not in_threads and torch.cuda.is_available():
             with CUDA_TURN:
@@ -248,7 +238,7 @@ class PreparedRun:
         """None if the fold's files show a finished fold; else what is missing or wrong."""
         fold_dir = self.run_dir / f"fold_{fold}"
         try:
-            summary = json.loads((fold_dir / RESULT_FILE).read_text(encoding="utf-8"))
+            summary = read_fold_result(fold_dir)
             float(summary["mcrmse"]), int(summary["best_step"])
         except FileNotFoundError:
             return f"no {RESULT_FILE}"
@@ -279,8 +269,8 @@ class PreparedRun:
     def load_fold_result(self, fold: int) -> FoldResult:
         """A fold trained by another process, read back from its folder."""
         fold_dir = self.run_dir / f"fold_{fold}"
-        summary = json.loads((fold_dir / RESULT_FILE).read_text(encoding="utf-8"))
-        oof = read_run_csv(fold_dir / "oof.csv", self.cfg.data.id_column)
+        summary = read_fold_result(fold_dir)
+        oof = read_run_csv(fold_dir / OOF_FILE, self.cfg.data.id_column)
         oof = oof[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
         return FoldResult(fold, summary["mcrmse"], summary["per_target"], summary["best_step"], oof,
                           np.flatnonzero(self.fold_of == fold), fold_dir / "best", summary["seconds"])
@@ -420,29 +410,17 @@ def train_folds_in_threads(prep: PreparedRun, folds: Sequence[int], parallel: in
 
 
 def start_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, folds_to_run: Sequence[int],
-              fold_of: np.ndarray | None = None, launch: dict | None = None) -> np.ndarray:
-    """Write what a new run records before training: config, provenance (and how it was
-    launched, when several processes train it), folds (the config's, unless given)."""
-    save_config(cfg, run_dir / "config.yaml")
-    atomic_write_json(run_dir / "run.json", {
-        **(launch or {}),
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "folds": list(folds_to_run),
-        "train_file_sha256": file_sha256(cfg.data.train_file),
-        "foldtune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-    })
-    fold_of = make_fold_column(frame, cfg) if fold_of is None else fold_of
-    atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({cfg.data.id_column: frame[cfg.data.id_column],
-                                                          "fold": fold_of}))
+              launch: dict | None = None) -> np.ndarray:
+    """Split the rows into the config's folds and write what a new run records before
+    training (run_layout.start_run_folder); the fold of each row."""
+    fold_of = make_fold_column(frame, cfg)
+    start_run_folder(cfg, run_dir, frame[cfg.data.id_column], fold_of, folds_to_run, launch)
     return fold_of
 
 
 def saved_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> np.ndarray:
     """The fold of each row as the run recorded it; the rows must be the same."""
-    saved = read_run_csv(run_dir / "folds.csv", cfg.data.id_column)
+    saved = read_run_csv(run_dir / FOLDS_FILE, cfg.data.id_column)
     if saved[cfg.data.id_column].tolist() != frame[cfg.data.id_column].tolist():
         raise ConfigError(f"{cfg.data.train_file} does not hold the rows of {run_dir / 'folds.csv'}: "
                           "the run cannot continue on other data")
@@ -608,7 +586,7 @@ def resume_run(run_dir: str | Path, overrides: Sequence[str] = (), folds_arg: st
         raise ConfigError(f"the config differs from the one {run_dir} was trained with: {lines}. "
                           "Resuming would mix two configs in one run; pass --force to do it anyway")
     frame = load_inputs(cfg, fold_parallel, ConfigOrigin(run_dir / "config.yaml", tuple(overrides)))
-    run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    run_info = read_provenance(run_dir)
     recorded = run_info.get("train_file_sha256")
     if recorded and recorded != file_sha256(cfg.data.train_file) and not force:
         raise ConfigError(f"{cfg.data.train_file} has changed since {run_dir} started (its SHA-256 differs); "
@@ -639,10 +617,8 @@ def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarr
     # however often the run is resumed afterwards
     seconds = sum(r.seconds for r in results.values())
 
-    oof_frame = pd.DataFrame(oof[scored], columns=names)
-    oof_frame.insert(0, "fold", fold_of[scored])
-    oof_frame.insert(0, cfg.data.id_column, frame[cfg.data.id_column].to_numpy()[scored])
-    atomic_write_csv(run_dir / "oof.csv", oof_frame)
+    atomic_write_csv(run_dir / OOF_FILE, oof_frame(frame[cfg.data.id_column].to_numpy()[scored], fold_of[scored],
+                                                   oof[scored], names, cfg.data.id_column))
     scores = {
         "oof": oof_report,
         "folds": {str(f): {**rep, "best_step": results[f].best_step, "seconds": round(results[f].seconds, 1)}
@@ -651,7 +627,7 @@ def summarize(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarr
         "n_rows": int(len(scored)),
         "seconds": round(seconds, 1),
     }
-    atomic_write_json(run_dir / "scores.json", scores)
+    atomic_write_json(run_dir / SCORES_FILE, scores)
     table = format_table(fold_reports, oof_report, baseline_score, names)
     log.info("run %s: %d fold(s), %.0f s of training\n%s", run_dir, len(results), seconds, table)
     return scores

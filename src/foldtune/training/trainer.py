@@ -35,6 +35,7 @@ from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
+from foldtune.run_layout import OOF_FILE, FoldResult, oof_frame
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.predict import padded_batches, predict_batches
 from foldtune.runtime.snapshot import Snapshot
@@ -83,18 +84,6 @@ class FoldData:
     valid_index: np.ndarray
     target_columns: tuple[str, ...]
     target_range: tuple[float, float]
-
-
-@dataclass
-class FoldResult:
-    fold: int
-    score: float
-    per_target: dict[str, float]
-    best_step: int
-    oof: np.ndarray
-    valid_index: np.ndarray
-    checkpoint: Path
-    seconds: float
 
 
 class FoldTrainer:
@@ -523,7 +512,5 @@ class FoldTrainer:
     def _write_oof(self) -> None:
         if not self.group.is_main:
             return
-        frame = pd.DataFrame(self.best_oof, columns=list(self.data.target_columns))
-        frame.insert(0, "fold", self.data.fold)
-        frame.insert(0, self.cfg.data.id_column, self.data.valid_ids)
-        atomic_write_csv(self.fold_dir / "oof.csv", frame)
+        atomic_write_csv(self.fold_dir / OOF_FILE, oof_frame(self.data.valid_ids, self.data.fold, self.best_oof,
+                                                             self.data.target_columns, self.cfg.data.id_column))
