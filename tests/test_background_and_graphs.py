@@ -13,8 +13,9 @@ from foldtune.checkpoint import checkpoint_job, load_checkpoint
 from foldtune.config import Config, ConfigError, ModelConfig, load_config
 from foldtune.files import BackgroundWriter
 from foldtune.models.regressor import TextRegressor
+from foldtune.runtime.precision import resolve_device
 from foldtune.runtime.snapshot import Snapshot
-from foldtune.training.cross_validation import check_names
+from foldtune.training.checks import check_config_against_device
 
 
 def test_background_jobs_end_in_order_and_their_errors_reach_the_caller():
@@ -153,7 +154,7 @@ def test_cuda_graphs_refuse_what_a_replay_cannot_do(override, named):
 def test_cuda_graphs_on_a_cpu_run_fail_before_training():
     cfg = load_config(None, ["training.cuda_graphs=true", "training.device=cpu"])
     with pytest.raises(ConfigError, match="training.cuda_graphs: true needs a CUDA device; this run is on cpu"):
-        check_names(cfg)
+        check_config_against_device(cfg, resolve_device(cfg.training.device))
 
 
 def test_deberta_relative_positions_are_built_once_per_length_and_unchanged(tiny_deberta):

@@ -101,7 +101,7 @@ def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path, c
 
 
 def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_deberta, tmp_path, monkeypatch):
-    from foldtune.training.cross_validation import resume_run
+    from foldtune.training.resume import resume_run
 
     cfg = _graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", "training.save_state_steps=2",
                      "model.backbone_dropout=null", "model.head_dropout=0.1")

@@ -48,7 +48,8 @@ def numeric_id_run(tiny_bert, tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["numeric_id_run", "odd_id_run"])
 def test_resuming_a_finished_run_with_odd_ids_retrains_nothing(which, request, monkeypatch):
-    from foldtune.training.cross_validation import PreparedRun, resume_run
+    from foldtune.training.prepared import PreparedRun
+    from foldtune.training.resume import resume_run
 
     run, work = request.getfixturevalue(which)
     weights = [run / f"fold_{k}" / "best" / "model.safetensors" for k in (0, 1)]

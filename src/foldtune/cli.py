@@ -133,9 +133,9 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
     run_log: logging.Handler = logging.NullHandler()        # closed however the run ends
     fold_parallel = args.fold_parallel
     try:
-        from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
-                                                        run_cross_validation)
+        from foldtune.training.cross_validation import load_inputs, new_run_dir, parse_folds_arg, run_cross_validation
         from foldtune.training.distributed import current_launch, launched_world_size
+        from foldtune.training.resume import resume_run
 
         started = time.perf_counter()       # the libraries are loaded: the run's own time from here
         if (args.fold_parallel or args.data_parallel) and launched_world_size() == 1:
