@@ -45,8 +45,8 @@ class Sequential:
         return {fold: prepared.train_fold(fold, progress=progress) for fold in folds}
 
 
-class InThreads:
-    """`parallel` folds at a time in threads of this process (one fold: sequential)."""
+class _SideBySide:
+    """`parallel` folds at a time on this process's device (one fold: trained here, sequentially)."""
 
     def __init__(self, parallel: int):
         self.parallel = parallel
@@ -54,18 +54,23 @@ class InThreads:
     def run_folds(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
         if len(folds) < 2:
             return Sequential().run_folds(prepared, folds)
+        return self.side_by_side(prepared, folds)
+
+    def side_by_side(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
+        raise NotImplementedError
+
+
+class InThreads(_SideBySide):
+    """In threads of this process, each on its own CUDA stream (train_folds_in_threads)."""
+
+    def side_by_side(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
         return train_folds_in_threads(prepared, folds, self.parallel)
 
 
-class InProcesses:
-    """`parallel` folds at a time, each in a process of its own (one fold: sequential here)."""
+class InProcesses(_SideBySide):
+    """Each fold in a process of its own (train_folds_in_processes)."""
 
-    def __init__(self, parallel: int):
-        self.parallel = parallel
-
-    def run_folds(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
-        if len(folds) < 2:
-            return Sequential().run_folds(prepared, folds)
+    def side_by_side(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
         return train_folds_in_processes(prepared, folds, self.parallel)
 
 
