@@ -100,6 +100,7 @@ def write_meta(folder: Path, meta: dict, recorded: Sequence[str]) -> None:
     (folder / META_FILE).write_text(json.dumps({**meta, FILES_KEY: records}, indent=2) + "\n", encoding="utf-8")
 
 
+# Per tokenizer object, for the process: every fold trained in it shares the one tokenizer.
 _TOKENIZER_FILES: "weakref.WeakKeyDictionary[object, dict[str, bytes]]" = weakref.WeakKeyDictionary()
 _TOKENIZER_FILES_LOCK = threading.Lock()
 
@@ -263,6 +264,7 @@ def _remedy(folder: Path) -> str:
     return f"retrain the fold with python train.py --resume {run_dir}"
 
 
+# Runs warned about once per process: inference loads each fold, and one warning a run says it all.
 _WARNED_UNRECORDED: set[Path] = set()
 
 

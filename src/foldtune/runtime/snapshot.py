@@ -116,6 +116,7 @@ class _Staging:
                 self._ready.notify()
 
 
+# One pool for the process: pinned host memory is slow to pin and stalls every thread's CUDA calls meanwhile.
 _STAGING = _Staging()
 
 

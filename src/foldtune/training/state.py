@@ -121,6 +121,8 @@ def _what_to_do(path: Path) -> str:
             else "delete it to train this fold again from the start")
 
 
+# The process's background deletions: whoever started them, the process joins them all
+# before it ends (wait_for_removals), or the files outlive a finished run.
 _REMOVALS: list[threading.Thread] = []
 
 
@@ -135,10 +137,10 @@ def remove_states(fold_dir: str | Path, wait: bool = True) -> None:
         return
     # a temporary's name: if this process ends before deleting it, the next start or resume
     # removes it (files.remove_orphans)
-    doomed = folder.with_name(f".{STATE_DIR}.tmp-{os.getpid()}")
-    shutil.rmtree(doomed, ignore_errors=True)       # left by an earlier process of the same pid
-    folder.rename(doomed)
-    thread = threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True},
+    renamed = folder.with_name(f".{STATE_DIR}.tmp-{os.getpid()}")
+    shutil.rmtree(renamed, ignore_errors=True)       # left by an earlier process of the same pid
+    folder.rename(renamed)
+    thread = threading.Thread(target=shutil.rmtree, args=(renamed,), kwargs={"ignore_errors": True},
                               name="remove-states")
     thread.start()
     _REMOVALS.append(thread)
