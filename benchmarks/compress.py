@@ -44,12 +44,13 @@ from foldtune.config import load_config
 from foldtune.data.collate import DynamicPadding
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.validate import load_train
-from foldtune.inference import inference_precision, predict
+from foldtune.files import file_sha256
+from foldtune.inference import inference_precision
 from foldtune.metrics import score_report
 from foldtune.models.compress import count_parameters, parse_layers
-from foldtune.run_files import read_run_csv
-from foldtune.training.cross_validation import file_sha256
-from foldtune.training.precision import resolve_device
+from foldtune.run_layout import read_run_csv
+from foldtune.runtime.predict import predict
+from foldtune.runtime.precision import resolve_device
 
 
 def held_out_fold(run_dir: Path, fold: int | None) -> int:

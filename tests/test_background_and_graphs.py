@@ -13,8 +13,9 @@ from foldtune.checkpoint import checkpoint_job, load_checkpoint
 from foldtune.config import Config, ConfigError, ModelConfig, load_config
 from foldtune.files import BackgroundWriter
 from foldtune.models.regressor import TextRegressor
-from foldtune.training.cross_validation import check_names
-from foldtune.training.state import Snapshot
+from foldtune.runtime.precision import resolve_device
+from foldtune.runtime.snapshot import Snapshot
+from foldtune.training.checks import check_config_against_device
 
 
 def test_background_jobs_end_in_order_and_their_errors_reach_the_caller():
@@ -72,7 +73,7 @@ def test_a_snapshot_is_independent_and_keeps_views_of_one_tensor_one():
 
 
 def test_the_walk_of_a_state_maps_other_leaves_once_each():
-    from foldtune.training.state import _map_leaves, _Slot
+    from foldtune.runtime.snapshot import _map_leaves, _Slot
 
     shared = _Slot("buffer", 0)
     state = {"a": shared, "b": [shared, (_Slot("buffer", 1), 3)], "c": torch.zeros(1)}
@@ -153,7 +154,7 @@ def test_cuda_graphs_refuse_what_a_replay_cannot_do(override, named):
 def test_cuda_graphs_on_a_cpu_run_fail_before_training():
     cfg = load_config(None, ["training.cuda_graphs=true", "training.device=cpu"])
     with pytest.raises(ConfigError, match="training.cuda_graphs: true needs a CUDA device; this run is on cpu"):
-        check_names(cfg)
+        check_config_against_device(cfg, resolve_device(cfg.training.device))
 
 
 def test_deberta_relative_positions_are_built_once_per_length_and_unchanged(tiny_deberta):
@@ -178,7 +179,7 @@ def test_deberta_relative_positions_are_built_once_per_length_and_unchanged(tiny
 
 @pytest.mark.parametrize("stage_bytes", [1, 5, 64, 4096])
 def test_copying_through_a_small_buffer_fills_each_target_in_turn(stage_bytes):
-    from foldtune.training.state import copy_in_chunks
+    from foldtune.runtime.snapshot import copy_in_chunks
 
     source = torch.arange(40, dtype=torch.float32)          # 160 bytes
     targets = [torch.empty(3, 2), torch.empty(0), torch.empty(1), torch.empty(33)]

@@ -86,8 +86,8 @@ def test_padded_rows_give_the_batches_dynamic_padding_gives():
 
 def test_filled_prediction_batches_drop_their_stand_in_rows():
     from foldtune.data.dataset import TextDataset
-    from foldtune.inference import padded_batches, predict_batches
-    from foldtune.training.precision import resolve_precision
+    from foldtune.runtime.predict import padded_batches, predict_batches
+    from foldtune.runtime.precision import resolve_precision
 
     rows = [[2] + [10 + i] * n + [3] for i, n in enumerate([5, 9, 1, 9, 3, 7, 2])]
     dataset = TextDataset(rows)

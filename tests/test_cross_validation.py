@@ -102,7 +102,7 @@ def test_folds_in_parallel_threads_without_dropout_give_the_sequential_results(t
 
 
 def test_folds_in_threads_stopped_early_resume_to_the_uninterrupted_result(tiny_deberta, tmp_path, monkeypatch):
-    from foldtune.training.cross_validation import resume_run
+    from foldtune.training.resume import resume_run
 
     common = _three_folds(tmp_path, tiny_deberta, "model.backbone_dropout=0.0", "training.parallel_folds=3",
                           "training.parallel_mode=threads")

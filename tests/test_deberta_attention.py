@@ -16,7 +16,8 @@ from transformers import BertConfig, BertModel, DebertaV2Config, DebertaV2Model
 from foldtune.config import ConfigError, load_config
 from foldtune.models import deberta_attention
 from foldtune.models.deberta_attention import use_attention
-from foldtune.training.cross_validation import check_names
+from foldtune.runtime.precision import resolve_device
+from foldtune.training.checks import check_config_against_device
 
 
 def _deberta(share_att_key=True, pos_att_type=("p2c", "c2p"), attention_dropout=0.0):
@@ -93,19 +94,16 @@ def test_the_recipe_on_cpu_is_refused_before_anything_loads_with_the_fallback_na
     cfg = load_config(recipe, ["training.device=cpu"])
     assert cfg.model.attention == "flex"
     with pytest.raises(ConfigError, match="model.attention: flex trains on CUDA only .* set model.attention: eager"):
-        check_names(cfg)
+        check_config_against_device(cfg, resolve_device(cfg.training.device))
 
 
 def test_flex_on_a_gpu_triton_cannot_compile_for_is_refused_with_the_fallback(monkeypatch):
-    import foldtune.training.cross_validation as cv
-
-    monkeypatch.setattr(cv, "resolve_device", lambda name: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     cfg = load_config(None, ["model.attention=flex", "training.device=cuda"])
     with pytest.raises(ConfigError, match=r"Tesla P100-PCIE-16GB has \(6, 0\): set model.attention=eager "
                                           r"model.gradient_checkpointing=true"):
-        check_names(cfg)
+        check_config_against_device(cfg, torch.device("cuda", 0))
 
 
 def test_the_fused_kernel_runs_where_triton_compiles_and_transformers_forward_elsewhere(monkeypatch):

@@ -16,9 +16,9 @@ from foldtune.checkpoint import load_checkpoint
 from foldtune.config import load_config
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.demo import make_demo
-from foldtune.inference import predict
+from foldtune.runtime.precision import resolve_precision
+from foldtune.runtime.predict import predict
 from foldtune.training.cross_validation import run_cross_validation
-from foldtune.training.precision import resolve_precision
 
 pytestmark = pytest.mark.gpu
 
@@ -101,7 +101,7 @@ def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path, c
 
 
 def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_deberta, tmp_path, monkeypatch):
-    from foldtune.training.cross_validation import resume_run
+    from foldtune.training.resume import resume_run
 
     cfg = _graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", "training.save_state_steps=2",
                      "model.backbone_dropout=null", "model.head_dropout=0.1")
@@ -193,13 +193,13 @@ def test_fused_attention_trains_as_transformers_attention_does(tiny_deberta, tmp
 
 @pytest.mark.parametrize("room,separate", [(True, False), (True, True), (False, False)])
 def test_a_snapshot_of_gpu_tensors_keeps_their_values_when_training_goes_on(room, separate, monkeypatch):
-    from foldtune.training import state
+    from foldtune.runtime import snapshot as host_copies
 
     if not room:    # no room for GPU copies: copied to the host at once
-        monkeypatch.setattr(state, "_room", lambda device: 0)
+        monkeypatch.setattr(host_copies, "_room", lambda device: 0)
     # through pinned buffers of 1 MB: the 4 MB weight crosses four of them, the moment four more
-    monkeypatch.setattr(state, "STAGING_BYTES", 1 << 20)
-    monkeypatch.setattr(state, "_STAGING", state._Staging(most=1))
+    monkeypatch.setattr(host_copies, "STAGING_BYTES", 1 << 20)
+    monkeypatch.setattr(host_copies, "_STAGING", host_copies._Staging(most=1))
     weight = torch.arange(1 << 20, dtype=torch.float32, device="cuda").view(1024, 1024)
     moment = torch.full((1 << 20,), 3.0, device="cuda")
     count = torch.tensor(5.0, device="cuda")                # a 0-d optimizer step
@@ -207,8 +207,8 @@ def test_a_snapshot_of_gpu_tensors_keeps_their_values_when_training_goes_on(room
     gc.collect()                        # earlier tests' tensors must not be freed while this one counts
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    snapshot = state.Snapshot({"model": {"w": weight, "tied": weight.detach(), "ids": ids},
-                               "optimizer": [moment, count], "step": 7}, separate=separate)
+    snapshot = host_copies.Snapshot({"model": {"w": weight, "tied": weight.detach(), "ids": ids},
+                                     "optimizer": [moment, count], "step": 7}, separate=separate)
     # one buffer per dtype: the tied weight copied once (+4 B for the step), the ids apart
     # (the allocator rounds each buffer up to 512 B)
     assert torch.cuda.memory_allocated() - before == ((2 * 4 << 20) + 512 + 512 if room else 0)
@@ -226,7 +226,7 @@ def test_a_snapshot_of_gpu_tensors_keeps_their_values_when_training_goes_on(room
     assert torch.equal(copied["model"]["ids"], torch.arange(10))
     assert not copied["model"]["w"].is_pinned()     # pageable: only the staging buffer is pinned
     if room:
-        assert state._STAGING._made == 1 and state._STAGING._free[0].is_pinned()
+        assert host_copies._STAGING._made == 1 and host_copies._STAGING._free[0].is_pinned()
     storages = {t.untyped_storage().data_ptr() for t in (copied["model"]["w"], *copied["optimizer"])}
     # views of one host buffer unless separate (safetensors needs tensors that own their memory)
     assert len(storages) == (3 if separate or not room else 1)

@@ -22,7 +22,7 @@ from foldtune.checkpoint import CheckpointError, load_checkpoint
 from foldtune.compress import compress_run
 from foldtune.export import export_run
 from foldtune.inference import predict_run, run_inference
-from foldtune.training.cross_validation import resume_run
+from foldtune.training.resume import resume_run
 from foldtune.training.state import StateError, capture_rng, load_state, save_state
 
 

@@ -18,7 +18,7 @@ from foldtune.cli import infer_main
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.inference import (check_max_len, normalized_weights, predict, predict_run, predict_runs,
                                 run_inference)
-from foldtune.training.precision import resolve_precision
+from foldtune.runtime.precision import resolve_precision
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from conftest import train_tiny_run
 from foldtune.data.demo import make_demo
 from foldtune.data.validate import read_csv_text
 from foldtune.files import atomic_write_csv
-from foldtune.run_files import read_run_csv
+from foldtune.run_layout import read_run_csv
 
 # what pandas reads, unasked, as 1, 1.5, 1000.0, NaN, NaN, NaN, 0, 3, True, 1000
 ODD_IDS = ["0001", "1.50", "1e3", "NA", "nan", "NULL", "00", "+3", "TRUE", "1_000"]
@@ -48,7 +48,8 @@ def numeric_id_run(tiny_bert, tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["numeric_id_run", "odd_id_run"])
 def test_resuming_a_finished_run_with_odd_ids_retrains_nothing(which, request, monkeypatch):
-    from foldtune.training.cross_validation import PreparedRun, resume_run
+    from foldtune.training.prepared import PreparedRun
+    from foldtune.training.resume import resume_run
 
     run, work = request.getfixturevalue(which)
     weights = [run / f"fold_{k}" / "best" / "model.safetensors" for k in (0, 1)]

@@ -15,7 +15,8 @@ from conftest import run_stopped_at
 from foldtune.config import ConfigError, load_config
 from foldtune.data.demo import make_demo
 from foldtune.training import stopping
-from foldtune.training.cross_validation import resume_run, run_cross_validation
+from foldtune.training.cross_validation import run_cross_validation
+from foldtune.training.resume import resume_run
 from foldtune.training.state import StateError, load_state, save_state, state_files
 from foldtune.training.trainer import FoldTrainer
 

@@ -17,8 +17,8 @@ from foldtune.checkpoint import load_checkpoint, read_meta
 from foldtune.config import load_config
 from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.demo import make_demo
-from foldtune.inference import predict
-from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.runtime.precision import resolve_device, resolve_precision
+from foldtune.runtime.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]

@@ -1,4 +1,4 @@
-"""Turns at the CUDA API for folds trained in threads (training/turn.py), and the GIL's
+"""Turns at the CUDA API for folds trained in threads (runtime/turn.py), and the GIL's
 switch interval while they train."""
 
 import subprocess
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from foldtune.config import load_config
-from foldtune.training.cross_validation import THREADS_SWITCH_INTERVAL, train_folds_in_threads
+from foldtune.runtime.turn import Turn, to_host
 from foldtune.training.progress import NO_PROGRESS
-from foldtune.training.turn import Turn, to_host
+from foldtune.training.schedulers import THREADS_SWITCH_INTERVAL, train_folds_in_threads
 
 
 def test_a_turn_is_reentrant_and_its_holder_can_step_out_at_any_depth():
@@ -92,10 +92,10 @@ class _Prep:
 
 
 def test_folds_in_threads_train_with_a_short_switch_interval_and_restore_it(monkeypatch):
-    from foldtune.training import cross_validation
+    from foldtune.training import schedulers
 
     preloads = []
-    monkeypatch.setattr(cross_validation, "preload_plotting", lambda: preloads.append(1))
+    monkeypatch.setattr(schedulers, "preload_plotting", lambda: preloads.append(1))
     before = sys.getswitchinterval()
     prep = _Prep()
     assert train_folds_in_threads(prep, [0, 1, 2], 3) == {0: "result 0", 1: "result 1", 2: "result 2"}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from foldtune.config import load_config
+from foldtune.runtime.precision import resolve_precision
 from foldtune.training import warmup
-from foldtune.training.precision import resolve_precision
 
 CPU = torch.device("cpu")
 

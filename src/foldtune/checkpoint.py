@@ -31,7 +31,7 @@ from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory, file_sha256
 from foldtune.models.compress import low_rank_structure, restore_low_rank_structure
 from foldtune.models.regressor import TextRegressor, load_backbone_config
-from foldtune.training.state import Snapshot
+from foldtune.runtime.snapshot import Snapshot
 
 log = logging.getLogger("foldtune")
 
@@ -100,6 +100,7 @@ def write_meta(folder: Path, meta: dict, recorded: Sequence[str]) -> None:
     (folder / META_FILE).write_text(json.dumps({**meta, FILES_KEY: records}, indent=2) + "\n", encoding="utf-8")
 
 
+# Per tokenizer object, for the process: every fold trained in it shares the one tokenizer.
 _TOKENIZER_FILES: "weakref.WeakKeyDictionary[object, dict[str, bytes]]" = weakref.WeakKeyDictionary()
 _TOKENIZER_FILES_LOCK = threading.Lock()
 
@@ -263,6 +264,7 @@ def _remedy(folder: Path) -> str:
     return f"retrain the fold with python train.py --resume {run_dir}"
 
 
+# Runs warned about once per process: inference loads each fold, and one warning a run says it all.
 _WARNED_UNRECORDED: set[Path] = set()
 
 

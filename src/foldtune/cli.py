@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from foldtune.commands import as_typed, prog_of
+from foldtune.logs import log_to_run_folder, setup_console_logging, stop_logging_to
 
 log = logging.getLogger("foldtune")
 
@@ -29,40 +28,9 @@ INFER_PATHS = ("relative paths (--run, --test, --blend, --out, and a run's data.
                "working directory")
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not tear the progress bars."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def setup_console_logging() -> None:
-    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def _fail(err: Exception) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
-
-
-def _log_to_run_folder(run_dir: Path) -> logging.Handler:
-    """The run's lines also go to its train.log, until the returned handler is closed
-    (_stop_logging_to): a second run in this process must not write into the first's."""
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.info("run folder: %s", run_dir)
-    return handler
-
-
-def _stop_logging_to(handler: logging.Handler) -> None:
-    log.removeHandler(handler)
-    handler.close()
 
 
 class _TrainCall:
@@ -165,9 +133,9 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
     run_log: logging.Handler = logging.NullHandler()        # closed however the run ends
     fold_parallel = args.fold_parallel
     try:
-        from foldtune.training.cross_validation import (load_inputs, new_run_dir, parse_folds_arg, resume_run,
-                                                        run_cross_validation)
+        from foldtune.training.cross_validation import load_inputs, new_run_dir, parse_folds_arg, run_cross_validation
         from foldtune.training.distributed import current_launch, launched_world_size
+        from foldtune.training.resume import resume_run
 
         started = time.perf_counter()       # the libraries are loaded: the run's own time from here
         if (args.fold_parallel or args.data_parallel) and launched_world_size() == 1:
@@ -185,7 +153,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
                 # locked before its log gets a line: a refused resume writes nothing there
                 run_lock = current_launch().run_on_main(lambda: RunLock(run_dir, "resume").acquire())
                 if current_launch().is_main:
-                    run_log = _log_to_run_folder(run_dir)
+                    run_log = log_to_run_folder(run_dir)
                     _log_process_mode(fold_parallel, why)
             resume_run(run_dir, args.overrides, args.folds, args.force, fold_parallel)
             return 0
@@ -210,7 +178,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
         run_lock = launch.run_on_main(lambda: new_run_dir(cfg, Path(config).stem))
         run_dir = run_lock.folder
         if launch.is_main:
-            run_log = _log_to_run_folder(run_dir)
+            run_log = log_to_run_folder(run_dir)
             _log_process_mode(fold_parallel, why)
         if cfg.distill.teacher is not None:
             from foldtune.distill import run_distillation
@@ -243,7 +211,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
 
         call.run_dir = run_dir
         run_lock.release()
-        _stop_logging_to(run_log)
+        stop_logging_to(run_log)
         close_launch()
     return 0
 

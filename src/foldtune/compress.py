@@ -30,7 +30,7 @@ from typing import Sequence
 from foldtune.commands import Once, as_typed, prog_of
 from foldtune.config import ConfigError, load_config
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.run_files import RESULT_FILE
+from foldtune.run_layout import RESULT_FILE
 
 RUN_FILES = ("config.yaml", "folds.csv")
 SUMMARY_FILE = "compress.json"

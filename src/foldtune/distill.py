@@ -157,7 +157,8 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
     from foldtune.data.dataset import TextDataset, encode_texts
     from foldtune.data.validate import load_test
     from foldtune.models.regressor import load_tokenizer
-    from foldtune.training.cross_validation import RESULT_FILE, file_sha256, start_run
+    from foldtune.files import file_sha256
+    from foldtune.run_layout import OOF_FILE, SCORES_FILE, fold_dir, oof_frame, start_run_folder, write_fold_result
     from foldtune.training.trainer import FoldData, FoldTrainer
 
     if cfg.model.type != "transformer":
@@ -191,7 +192,7 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
     table.insert(0, "source", source)
     table.insert(0, id_column, train_ids)
 
-    start_run(cfg, run_dir, frame, [rows.fold], rows.fold_of)     # folds.csv: the teacher's folds
+    start_run_folder(cfg, run_dir, frame[id_column], rows.fold_of, [rows.fold])    # folds.csv: the teacher's folds
     atomic_write_csv(run_dir / TARGETS_FILE, table)
 
     tokenizer = load_tokenizer(cfg.model.name)
@@ -213,18 +214,13 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
              if len(source) > len(rows.train_index) else "", d.alpha, teacher.source,
              f"the {len(rows.valid_index)} essays of held-out fold {rows.fold}" if rows.holdout
              else "its own training essays (in-sample: no held-out score)")
-    fold_dir = run_dir / f"fold_{rows.fold}"
-    result = FoldTrainer(cfg, data, tokenizer, fold_dir).setup().train()
-    atomic_write_json(fold_dir / RESULT_FILE, {"fold": rows.fold, "mcrmse": result.score,
-                                               "per_target": result.per_target, "best_step": result.best_step,
-                                               "seconds": result.seconds})
+    folder = fold_dir(run_dir, rows.fold)
+    result = FoldTrainer(cfg, data, tokenizer, folder).setup().train()
+    write_fold_result(folder, result)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    oof = pd.DataFrame(result.oof, columns=names)
-    oof.insert(0, "fold", rows.fold)
-    oof.insert(0, id_column, ids[rows.valid_index])
-    atomic_write_csv(run_dir / "oof.csv", oof)
+    atomic_write_csv(run_dir / OOF_FILE, oof_frame(ids[rows.valid_index], rows.fold, result.oof, names, id_column))
     scores = {
         "student": score_report(true[rows.valid_index], result.oof, names),
         "scored_on": f"held-out fold {rows.fold}" if rows.holdout else "training essays (in-sample)",
@@ -240,7 +236,7 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
         at = np.array([row_of[i] for i in ids[rows.valid_index]])
         scores["teacher_holdout"] = score_report(true[rows.valid_index],
                                                  teacher.blend(teacher.oof[:, at], rows.fold), names)
-    atomic_write_json(run_dir / "scores.json", scores)
+    atomic_write_json(run_dir / SCORES_FILE, scores)
     log.info("student on %s: MCRMSE %.4f%s", scores["scored_on"], scores["student"]["mcrmse"],
              f"; teacher on the same essays: {scores['teacher_holdout']['mcrmse']:.4f}" if rows.holdout else "")
     return scores

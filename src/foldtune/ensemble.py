@@ -30,7 +30,7 @@ from foldtune.config import Config, load_config, path_problem
 from foldtune.files import atomic_write_json
 from foldtune.metrics import score_report
 from foldtune.registry import Registry
-from foldtune.run_files import read_run_csv
+from foldtune.run_layout import read_run_csv
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -227,7 +227,7 @@ def true_targets(member: Member, ids: Sequence[str], train_file: str | Path | No
     """The true targets of `ids`, from the run's train file (checked against the SHA-256
     the run recorded, when it did)."""
     from foldtune.data.validate import load_train
-    from foldtune.training.cross_validation import file_sha256
+    from foldtune.files import file_sha256
 
     path = Path(train_file) if train_file else _find_train_file(member)
     run_info = member.run_dir / "run.json"

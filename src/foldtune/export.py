@@ -31,7 +31,7 @@ from typing import Sequence
 from foldtune import __version__
 from foldtune.commands import Once, prog_of, warn_deprecated
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.run_files import RESULT_FILE
+from foldtune.run_layout import RESULT_FILE
 from foldtune.run_lock import RunLock, RunLockError
 
 log = logging.getLogger("foldtune")

@@ -263,7 +263,7 @@ def _orphan_of(entry: str, name: str | None) -> bool:
 class BackgroundWriter:
     """Runs write jobs in threads, one after another, so that training does not wait for the disk.
 
-    A job gets copies of what it writes (training.state.Snapshot), so training may go
+    A job gets copies of what it writes (runtime/snapshot.py: Snapshot), so training may go
     on changing the originals. Jobs run in the order they were given, each once the one
     before it has ended; submit() returns at once unless `max_pending` jobs are still
     unfinished (each holds its copies in memory), and wait() returns when all have ended:

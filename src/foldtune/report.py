@@ -127,7 +127,7 @@ def plot_oof_vs_true(true: pd.DataFrame, pred: pd.DataFrame, targets: Sequence[s
 def _oof_with_truth(run_dir: Path, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     """OOF predictions and the true targets of the same rows, in the same order."""
     from foldtune.data.validate import read_csv_text
-    from foldtune.run_files import read_run_csv
+    from foldtune.run_layout import read_run_csv
 
     id_column, targets = cfg.data.id_column, list(cfg.data.target_columns)
     oof = read_run_csv(run_dir / "oof.csv", id_column)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from foldtune.commands import prog_of, warn_deprecated
 from foldtune.config import Config, ConfigError, config_diff, load_config
-from foldtune.run_files import RESULT_FILE
+from foldtune.run_layout import RESULT_FILE
 from foldtune.run_lock import live_holder
 
 # Keys that differ between any two runs by design: not worth listing.

@@ -33,6 +33,7 @@ from torch import nn
 
 ATTENTIONS = ("eager", "flex")
 
+# Compiled once per process (seconds of Triton compilation), shared by every model in it.
 _compiled_flex = None
 
 # On CPU FlexAttention has no fused kernel and no backward pass, so the swapped modules

@@ -35,8 +35,9 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from foldtune import __version__
 from foldtune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_meta, verify_files, write_meta
 from foldtune.config import Config, TfidfConfig, dump_config
-from foldtune.files import atomic_directory, atomic_write_csv, atomic_write_json
+from foldtune.files import atomic_directory, atomic_write_csv
 from foldtune.metrics import score_report
+from foldtune.run_layout import BEST_DIR, OOF_FILE, FoldResult, fold_dir, oof_frame, write_fold_result
 
 log = logging.getLogger("foldtune")
 
@@ -128,9 +129,6 @@ def load_model(folder: Path) -> TfidfRidge:
 def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
                       folds: Sequence[int]):
     """Fit each fold's pipeline on the other folds' rows; write its files; return the results."""
-    from foldtune.training.cross_validation import RESULT_FILE
-    from foldtune.training.trainer import FoldResult
-
     names = list(cfg.data.target_columns)
     texts = frame[cfg.data.text_column].to_numpy(dtype=object)
     ids = frame[cfg.data.id_column].to_numpy()
@@ -138,7 +136,7 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
     results = {}
     for fold in folds:
         started = time.perf_counter()
-        fold_dir = run_dir / f"fold_{fold}"
+        folder = fold_dir(run_dir, fold)
         train_idx, valid_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
         pipeline = build_tfidf_ridge(cfg.tfidf, cfg.training.seed).fit(list(texts[train_idx]), targets[train_idx])
         train_loss = float(np.mean((pipeline.predict(list(texts[train_idx])) - targets[train_idx]) ** 2))
@@ -152,22 +150,18 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
             "target_range": [float(targets[train_idx].min()), float(targets[train_idx].max())],
             "n_features": n_features, "foldtune_version": __version__,
         }
-        save_model(fold_dir / "best", pipeline, cfg, meta)
-        oof = pd.DataFrame(preds, columns=names)
-        oof.insert(0, "fold", fold)
-        oof.insert(0, cfg.data.id_column, ids[valid_idx])
-        atomic_write_csv(fold_dir / "oof.csv", oof)
+        save_model(folder / BEST_DIR, pipeline, cfg, meta)
+        atomic_write_csv(folder / OOF_FILE, oof_frame(ids[valid_idx], fold, preds, names, cfg.data.id_column))
         row = {"step": 1, "epoch": 1.0, "lr": float("nan"), "train_loss": train_loss, "val_mcrmse": report["mcrmse"]}
         row.update({f"val_{t}": v for t, v in report["per_target"].items()})
         row["best"] = "trained"
-        atomic_write_csv(fold_dir / "metrics.csv", pd.DataFrame([row]))
-        atomic_write_json(fold_dir / RESULT_FILE, {"fold": fold, "mcrmse": report["mcrmse"],
-                                                   "per_target": report["per_target"], "best_step": 1,
-                                                   "seconds": seconds})
+        atomic_write_csv(folder / "metrics.csv", pd.DataFrame([row]))
+        result = FoldResult(fold, report["mcrmse"], report["per_target"], 1, preds.astype(np.float32), valid_idx,
+                            folder / BEST_DIR, seconds)
+        write_fold_result(folder, result)
         log.info("fold %d: %d train / %d valid rows, %d n-gram features, valid MCRMSE %.4f (%.1f s)", fold,
                  len(train_idx), len(valid_idx), n_features, report["mcrmse"], seconds)
-        results[fold] = FoldResult(fold, report["mcrmse"], report["per_target"], 1, preds.astype(np.float32),
-                                   valid_idx, fold_dir / "best", seconds)
+        results[fold] = result
     return results
 
 

@@ -230,6 +230,7 @@ class DataParallel:
         return self.launch.gather(value)
 
 
+# The process's launch: it joins one process group, once.
 _LAUNCH: OneProcess | None = None
 
 

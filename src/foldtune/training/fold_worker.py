@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from foldtune.cli import setup_console_logging
-from foldtune.training.cross_validation import PreparedRun
+from foldtune.logs import setup_console_logging
+from foldtune.training.prepared import PreparedRun
 from foldtune.training.progress import RunProgress
 from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 

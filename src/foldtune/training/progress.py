@@ -24,7 +24,7 @@ from typing import Callable, Protocol, TextIO
 from tqdm.auto import tqdm
 
 from foldtune.config import ConfigError
-from foldtune.training.turn import CUDA_TURN
+from foldtune.runtime.turn import CUDA_TURN
 
 log = logging.getLogger("foldtune")
 

@@ -13,6 +13,7 @@ import signal
 
 log = logging.getLogger("foldtune")
 
+# Set by the signal handler: a signal reaches the process, not one of its folds.
 _requested: int | None = None
 
 

@@ -30,21 +30,23 @@ from foldtune.config import Config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, PaddedRows
 from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
-from foldtune.inference import padded_batches, predict_batches
 from foldtune.losses import build_loss
 from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
+from foldtune.run_layout import OOF_FILE, FoldResult, oof_frame
+from foldtune.runtime.precision import resolve_device, resolve_precision
+from foldtune.runtime.predict import padded_batches, predict_batches
+from foldtune.runtime.snapshot import Snapshot
+from foldtune.runtime.turn import CUDA_TURN, to_host, wait_for_stream
 from foldtune.training.averaging import build_averaging
 from foldtune.training.awp import build_awp
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import GraphedSteps
-from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.progress import NO_PROGRESS, FoldProgress, NoProgress, RunProgress
-from foldtune.training.state import Snapshot, capture_rng, save_state
+from foldtune.training.state import capture_rng, save_state
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
-from foldtune.training.turn import CUDA_TURN, to_host, wait_for_stream
 
 log = logging.getLogger("foldtune")
 
@@ -82,18 +84,6 @@ class FoldData:
     valid_index: np.ndarray
     target_columns: tuple[str, ...]
     target_range: tuple[float, float]
-
-
-@dataclass
-class FoldResult:
-    fold: int
-    score: float
-    per_target: dict[str, float]
-    best_step: int
-    oof: np.ndarray
-    valid_index: np.ndarray
-    checkpoint: Path
-    seconds: float
 
 
 class FoldTrainer:
@@ -522,7 +512,5 @@ class FoldTrainer:
     def _write_oof(self) -> None:
         if not self.group.is_main:
             return
-        frame = pd.DataFrame(self.best_oof, columns=list(self.data.target_columns))
-        frame.insert(0, "fold", self.data.fold)
-        frame.insert(0, self.cfg.data.id_column, self.data.valid_ids)
-        atomic_write_csv(self.fold_dir / "oof.csv", frame)
+        atomic_write_csv(self.fold_dir / OOF_FILE, oof_frame(self.data.valid_ids, self.data.fold, self.best_oof,
+                                                             self.data.target_columns, self.cfg.data.id_column))

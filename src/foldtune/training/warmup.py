@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from foldtune.config import Config, ConfigError
-from foldtune.training.precision import resolve_device, resolve_precision
+from foldtune.runtime.precision import resolve_device, resolve_precision
 
 log = logging.getLogger("foldtune")
 

@@ -61,6 +61,7 @@ class Turn:
             self._owner, self._depth = threading.get_ident(), depth
 
 
+# One for the process: a capture must not see the launches of any other thread of it.
 CUDA_TURN = Turn()
 
 

@@ -1,0 +1,59 @@
+"""Everything a run's config must agree with, checked once before anything starts.
+
+A mistake fails here, in one line naming the setting and the fix, before a run folder
+is made, a model loaded or an essay read: never after an hour of training. Every entry
+that trains (a new run, a resume, a launched process, a distillation) passes here
+through cross_validation.load_inputs. The checks of one section alone live in config.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from foldtune.config import Config, ConfigError
+from foldtune.losses import LOSSES
+from foldtune.models.deberta_attention import fused_on
+from foldtune.models.pooling import POOLINGS
+from foldtune.models.regressor import check_backbone
+from foldtune.optim.factory import check_optimizer
+from foldtune.runtime.precision import resolve_precision
+from foldtune.training.distributed import check_launch
+from foldtune.training.progress import progress_settings
+
+
+def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel: bool) -> None:
+    """The config against the device it trains on and the launch (world_size processes,
+    each training its own folds when fold_parallel)."""
+    check_config_against_device(cfg, device)
+    if cfg.model.type == "transformer":
+        check_backbone(cfg.model.name)
+    check_launch(cfg, world_size, fold_parallel)
+    progress_settings()         # a FOLDTUNE_PROGRESS that means nothing fails now, not at the first fold
+
+
+def check_config_against_device(cfg: Config, device: torch.device) -> None:
+    """Every name the config picks from a registry exists, and what it asks of the device
+    (attention kernel, optimizer, precision, CUDA graphs) this device can do."""
+    POOLINGS.get(cfg.model.pooling)
+    LOSSES.get(cfg.training.loss)
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ConfigError(f"model.attention: flex trains on CUDA only (FlexAttention has no backward pass on "
+                          f"{device.type}): set model.attention: eager")
+    if cfg.model.attention == "flex" and not fused_on(device):
+        raise ConfigError(f"model.attention: flex compiles a Triton kernel, which needs a GPU of compute "
+                          f"capability 7.0 or newer; {torch.cuda.get_device_name(device)} has "
+                          f"{torch.cuda.get_device_capability(device)}: set model.attention=eager "
+                          f"model.gradient_checkpointing=true")
+    check_optimizer(cfg.training, device)
+    precision = resolve_precision(cfg.training.precision, device)
+    if cfg.training.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"training.cuda_graphs: true needs a CUDA device; this run is on {device.type}: "
+                          "set training.cuda_graphs: false")
+    if cfg.training.cuda_graphs and precision.name == "fp16":
+        raise ConfigError("training.cuda_graphs: true cannot train in fp16 (its grad scaler checks on the host): "
+                          "this GPU has no bf16, so set training.precision: fp32 or training.cuda_graphs: false")
+    # (the refusal of techniques that cannot be captured in a CUDA graph, from their own
+    # declarations, is called here)
+    if cfg.training.target_weights is not None and len(cfg.training.target_weights) != len(cfg.data.target_columns):
+        raise ConfigError(f"training.target_weights has {len(cfg.training.target_weights)} values for "
+                          f"{len(cfg.data.target_columns)} targets ({', '.join(cfg.data.target_columns)})")
