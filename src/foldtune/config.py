@@ -343,11 +343,11 @@ class Config:
 
 
 def _check_cuda_graphs(cfg: "Config") -> None:
-    """The switches a replayed step cannot have, named with the key to change."""
+    """The settings a replayed step cannot have, named with the key to change. The
+    techniques around the step (AWP, accumulation, ...) declare it themselves, checked
+    before training (training/step.py: refuse_ungraphable)."""
     t = cfg.training
     conflicts = [
-        ("awp.enabled: true", cfg.awp.enabled),
-        ("training.gradient_accumulation_steps > 1", t.gradient_accumulation_steps > 1),
         ("model.gradient_checkpointing: true", cfg.model.gradient_checkpointing),
         ("training.compile: true", t.compile),
         ("model.attention: flex (a compiled kernel; untested under capture)", cfg.model.attention == "flex"),

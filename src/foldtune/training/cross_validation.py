@@ -53,6 +53,7 @@ from foldtune.training.precision import resolve_device, resolve_precision
 from foldtune.training.progress import RunProgress, progress_settings
 from foldtune.training.state import load_state, remove_states, state_files, wait_for_removals
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
+from foldtune.training.step import refuse_ungraphable
 from foldtune.training.trainer import FoldData, FoldResult, FoldTrainer, steps_per_epoch
 from foldtune.training.turn import CUDA_TURN
 
@@ -65,6 +66,7 @@ BUILDING = threading.Lock()      # one fold is built at a time: seeding sets the
 
 def check_names(cfg: Config) -> None:
     """Every name the config picks from a registry exists (fails before any loading)."""
+    refuse_ungraphable(cfg)     # the techniques that cannot be captured, from their hooks' declarations
     POOLINGS.get(cfg.model.pooling)
     LOSSES.get(cfg.training.loss)
     device = resolve_device(cfg.training.device)
