@@ -22,10 +22,12 @@ from torch import nn
 from foldtune.config import Config, ConfigError
 from foldtune.training.averaging import AveragingHook
 from foldtune.training.awp import AWP
+from foldtune.training.fgm import FGM
 from foldtune.training.hooks import GradientAccumulation, GradientClipping, LearningRateSchedule, StepHook, overrides
+from foldtune.training.rdrop import RDrop
 
 # Every technique around the step, in the order of its hooks at each moment.
-TECHNIQUES: tuple[type[StepHook], ...] = (AWP, GradientClipping, LearningRateSchedule, AveragingHook,
+TECHNIQUES: tuple[type[StepHook], ...] = (RDrop, AWP, FGM, GradientClipping, LearningRateSchedule, AveragingHook,
                                           GradientAccumulation)
 
 
@@ -134,7 +136,9 @@ def technique_hooks(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimi
     """The hooks of the techniques cfg switches on, in TECHNIQUES' order. Gradient
     accumulation is the trainer's (it says where a group of micro-batches ends)."""
     build = {
+        RDrop: lambda: RDrop(cfg.rdrop),
         AWP: lambda: AWP(model, optimizer, cfg.awp),
+        FGM: lambda: FGM(model, cfg.fgm),
         GradientClipping: lambda: GradientClipping(model, optimizer, precision.scaler, cfg.training.max_grad_norm),
         LearningRateSchedule: lambda: LearningRateSchedule(scheduler, averaging),
         AveragingHook: lambda: AveragingHook(averaging),
