@@ -136,8 +136,6 @@ def test_checkpoints_hold_the_tokenizer_files_saved_once(tiny_bert, tmp_path, mo
 
 
 @pytest.mark.parametrize("override, named", [
-    ("awp.enabled=true", "awp.enabled: true"),
-    ("training.gradient_accumulation_steps=2", "training.gradient_accumulation_steps > 1"),
     ("model.gradient_checkpointing=true", "model.gradient_checkpointing: true"),
     ("training.compile=true", "training.compile: true"),
     ("model.attention=flex", "model.attention: flex"),
@@ -149,6 +147,19 @@ def test_cuda_graphs_refuse_what_a_replay_cannot_do(override, named):
         load_config(None, ["training.cuda_graphs=true", override])
     assert str(err.value).startswith(f"training.cuda_graphs: true cannot be combined with {named}")
     load_config(None, [override])               # alone, each of them is a valid config
+
+
+# The techniques around the step declare whether a graph can capture them
+# (training/hooks.py: graph_safe); the run's checks refuse them before any training.
+@pytest.mark.parametrize("override, named", [
+    ("awp.enabled=true", "awp.enabled: true"),
+    ("training.gradient_accumulation_steps=2", "training.gradient_accumulation_steps > 1"),
+])
+def test_cuda_graphs_refuse_the_techniques_a_replay_cannot_do(override, named):
+    with pytest.raises(ConfigError) as err:
+        check_config_against_device(load_config(None, ["training.cuda_graphs=true", override]), torch.device("cpu"))
+    assert str(err.value).startswith(f"training.cuda_graphs: true cannot be combined with {named}")
+    check_config_against_device(load_config(None, [override]), torch.device("cpu"))     # alone, each of them is a valid config
 
 
 def test_cuda_graphs_on_a_cpu_run_fail_before_training():

@@ -123,6 +123,31 @@ def test_graphed_folds_in_threads_give_the_sequential_results(tiny_deberta, tmp_
     assert threads["oof"]["mcrmse"] == pytest.approx(sequential["oof"]["mcrmse"], abs=1e-5)
 
 
+def _oof_values(run):
+    return pd.read_csv(run / "oof.csv").iloc[:, 2:].to_numpy()
+
+
+# FGM and R-Drop declare themselves graph safe (training/hooks.py): captured, their step is the eager one.
+@pytest.mark.parametrize("technique", [("fgm.enabled=true", "fgm.epsilon=0.5"), ("rdrop.enabled=true",)])
+def test_a_graphed_step_with_fgm_or_rdrop_trains_as_the_eager_one(technique, tiny_deberta, tmp_path, caplog):
+    caplog.set_level("INFO", logger="foldtune")
+    eager = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, *technique), tmp_path / "eager")
+    graphed = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", *technique),
+                                   tmp_path / "graphed")
+    assert "captured a CUDA graph" in (tmp_path / "graphed" / "fold_0" / "train.log").read_text()
+    assert graphed["oof"]["mcrmse"] == pytest.approx(eager["oof"]["mcrmse"], abs=1e-4)
+    np.testing.assert_allclose(_oof_values(tmp_path / "graphed"), _oof_values(tmp_path / "eager"), atol=1e-4)
+
+
+def test_fgm_and_rdrop_change_a_graphed_run(tiny_deberta, tmp_path):
+    # head dropout on: R-Drop's two passes differ. Each switch must change what the replays learn.
+    common = ("training.cuda_graphs=true", "model.head_dropout=0.1")
+    run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, *common), tmp_path / "plain")
+    for name, switch in (("fgm", "fgm.enabled=true"), ("rdrop", "rdrop.enabled=true")):
+        run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, *common, switch), tmp_path / name)
+        assert np.abs(_oof_values(tmp_path / name) - _oof_values(tmp_path / "plain")).max() > 1e-3, name
+
+
 def _deberta_pair(share_att_key: bool):
     """A random DeBERTa-v2 (buckets small enough that 200 tokens reach the log buckets)
     and its copy with the fused attention."""

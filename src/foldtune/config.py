@@ -266,6 +266,40 @@ class AveragingConfig:
 
 
 @dataclass(frozen=True)
+class FGMConfig:
+    """Fast gradient method: after the backward pass, the word embeddings are pushed
+    epsilon along their normalised gradient, a second forward/backward adds its gradient,
+    and the embeddings are put back exactly (training/fgm.py)."""
+
+    enabled: bool = False
+    # Length of the push: the L2 norm of the step given to each perturbed matrix.
+    epsilon: float = 1.0
+    # Perturb the parameters whose names contain this string (the token embedding matrix).
+    params: str = "word_embeddings"
+    # First epoch (counting from 1) with FGM.
+    start_epoch: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon > 0, "fgm.epsilon", "a positive number", self.epsilon)
+        _require(self.params != "", "fgm.params", "a non-empty part of a parameter name", self.params)
+        _require(self.start_epoch >= 1, "fgm.start_epoch", "an integer >= 1", self.start_epoch)
+
+
+@dataclass(frozen=True)
+class RDropConfig:
+    """R-Drop: each batch goes through the model twice (two dropout masks); the loss is the
+    mean of the two task losses plus alpha times the mean squared difference of the two
+    predictions, a regression's symmetric KL (training/rdrop.py). Needs dropout on."""
+
+    enabled: bool = False
+    # Weight of the consistency term.
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.alpha > 0, "rdrop.alpha", "a positive number", self.alpha)
+
+
+@dataclass(frozen=True)
 class TfidfConfig:
     """The tfidf_ridge model: word and character n-gram TF-IDF side by side, one ridge
     regression per fold for all targets."""
@@ -333,6 +367,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     awp: AWPConfig = field(default_factory=AWPConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    fgm: FGMConfig = field(default_factory=FGMConfig)
+    rdrop: RDropConfig = field(default_factory=RDropConfig)
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -343,11 +379,11 @@ class Config:
 
 
 def _check_cuda_graphs(cfg: "Config") -> None:
-    """The switches a replayed step cannot have, named with the key to change."""
+    """The settings a replayed step cannot have, named with the key to change. The
+    techniques around the step (AWP, accumulation, ...) declare it themselves, checked
+    before training (training/step.py: refuse_ungraphable)."""
     t = cfg.training
     conflicts = [
-        ("awp.enabled: true", cfg.awp.enabled),
-        ("training.gradient_accumulation_steps > 1", t.gradient_accumulation_steps > 1),
         ("model.gradient_checkpointing: true", cfg.model.gradient_checkpointing),
         ("training.compile: true", t.compile),
         ("model.attention: flex (a compiled kernel; untested under capture)", cfg.model.attention == "flex"),

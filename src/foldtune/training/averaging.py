@@ -11,7 +11,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
-from foldtune.config import AveragingConfig
+from foldtune.config import AveragingConfig, Config
+from foldtune.training.hooks import NO_SCHEDULE_STEP, LearningRateSchedule, StepHook
 
 
 class NoAveraging:
@@ -20,8 +21,16 @@ class NoAveraging:
     averaged: nn.Module | None = None
     n_averaged = 0
 
+    def schedule(self, step: int, scheduler: LRScheduler) -> LRScheduler:
+        return scheduler
+
+    def average(self, step: int) -> None:
+        pass
+
     def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
-        scheduler.step()
+        """The schedule's step and the average's, for a loop without the step's hooks."""
+        LearningRateSchedule(scheduler, self).after_optimizer_step(step)
+        self.average(step)
 
     def state_dict(self) -> dict:
         return {}
@@ -70,19 +79,42 @@ class WeightAveraging:
             self._start_swalr()
             self._swalr.load_state_dict(state["swalr"])
 
-    def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
-        """step: optimizer steps taken so far, this one included."""
-        started = step > self.start_step
-        if self.cfg.method == "swa" and started:
+    def schedule(self, step: int, scheduler: LRScheduler):
+        """The schedule to step after optimizer step `step` (optimizer steps taken so far,
+        this one included): the configured one, or SWALR once SWA has begun."""
+        if self.cfg.method == "swa" and step > self.start_step:
             if self._swalr is None:
                 self._start_swalr()
-            else:
-                self._swalr.step()
-        else:
-            scheduler.step()
-        # The first step of the window is averaged, then every update_every-th.
-        if started and (step - self.start_step - 1) % self.cfg.update_every == 0:
+                return NO_SCHEDULE_STEP     # SWALR set this step's rates as it was built
+            return self._swalr
+        return scheduler
+
+    def average(self, step: int) -> None:
+        """The first step of the window is averaged, then every update_every-th."""
+        if step > self.start_step and (step - self.start_step - 1) % self.cfg.update_every == 0:
             self._averaged.update_parameters(self.model)
+
+    def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
+        """The schedule's step and the average's, for a loop without the step's hooks."""
+        LearningRateSchedule(scheduler, self).after_optimizer_step(step)
+        self.average(step)
+
+
+class AveragingHook(StepHook):
+    """Weight averaging as a step hook: the average follows every optimizer step (on the
+    host, after the step, so a replayed step is averaged as an eager one)."""
+
+    switch = "averaging.method"
+
+    def __init__(self, averaging: WeightAveraging):
+        self.averaging = averaging
+
+    @classmethod
+    def switched_on(cls, cfg: Config) -> bool:
+        return cfg.averaging.method != "none"
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.averaging.average(step)
 
 
 def build_averaging(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AveragingConfig,

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from foldtune.config import AWPConfig
+from foldtune.config import AWPConfig, Config
+from foldtune.training.hooks import StepHook
 
 # Keeps the division finite for a zero gradient or a zero weight.
 NORM_EPS = 1e-6
@@ -27,13 +28,33 @@ class NoAWP:
         return False
 
 
-class AWP:
+class AWP(StepHook):
+    """AWP as a step hook: after the backward pass, one more forward/backward at the
+    perturbed weights. Whether it acts is decided on the host at each epoch, and the
+    perturbation's size is bounded per weight: not captured under CUDA graphs."""
+
+    graph_safe = False
+    switch = "awp.enabled: true"
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AWPConfig):
         self.cfg = cfg
+        self.epoch = 0
+        self.acting = self.active(0)
         self.optimizer = optimizer
         self.params = [p for name, p in model.named_parameters() if p.requires_grad and cfg.params in name]
         if not self.params:
             raise ValueError(f"awp.params='{cfg.params}' matches no trainable parameter name")
+
+    @classmethod
+    def switched_on(cls, cfg: Config) -> bool:
+        return cfg.awp.enabled
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.acting = self.active(epoch)
+
+    def after_backward(self, again: Callable[[], object]) -> None:
+        self.adversarial_step(self.epoch, again)
 
     def active(self, epoch: int) -> bool:
         """epoch counts from 0 in the loop; start_epoch counts from 1 in the config."""

@@ -19,6 +19,7 @@ from foldtune.optim.factory import check_optimizer
 from foldtune.runtime.precision import resolve_precision
 from foldtune.training.distributed import check_launch
 from foldtune.training.progress import progress_settings
+from foldtune.training.step import refuse_ungraphable
 
 
 def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel: bool) -> None:
@@ -34,6 +35,8 @@ def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel:
 def check_config_against_device(cfg: Config, device: torch.device) -> None:
     """Every name the config picks from a registry exists, and what it asks of the device
     (attention kernel, optimizer, precision, CUDA graphs) this device can do."""
+    # The techniques a CUDA graph cannot capture, from their hooks' own declarations.
+    refuse_ungraphable(cfg)
     POOLINGS.get(cfg.model.pooling)
     LOSSES.get(cfg.training.loss)
     if cfg.model.attention == "flex" and device.type != "cuda":
@@ -52,8 +55,6 @@ def check_config_against_device(cfg: Config, device: torch.device) -> None:
     if cfg.training.cuda_graphs and precision.name == "fp16":
         raise ConfigError("training.cuda_graphs: true cannot train in fp16 (its grad scaler checks on the host): "
                           "this GPU has no bf16, so set training.precision: fp32 or training.cuda_graphs: false")
-    # (the refusal of techniques that cannot be captured in a CUDA graph, from their own
-    # declarations, is called here)
     if cfg.training.target_weights is not None and len(cfg.training.target_weights) != len(cfg.data.target_columns):
         raise ConfigError(f"training.target_weights has {len(cfg.training.target_weights)} values for "
                           f"{len(cfg.data.target_columns)} targets ({', '.join(cfg.data.target_columns)})")

@@ -16,7 +16,8 @@ What makes a replay equal to an eager step:
   each group's learning rate from a device tensor, which the schedule fills in place;
 - its state exists before the first capture: a fold's first step runs eagerly;
 - each replay's backward writes fresh gradients (captured from None): nothing is zeroed;
-- the loss is added to the trainer's running sum inside the graph;
+- the step (training/step.py) is the eager one, hooks included: the graph only captures it;
+- the loss is added to the step's running sum inside the graph;
 - a filled batch's stand-in rows weigh zero in the loss, so their outputs' gradients are
   exactly zero and the step is that of the short batch alone (up to summation order);
 - dropout draws from the CUDA generator, which a replay advances as an eager step
@@ -30,29 +31,44 @@ import logging
 import torch
 from torch import nn
 
+from foldtune.training.step import TrainingStep
+from foldtune.training.turn import wait_for_stream
+
 log = logging.getLogger("foldtune")
 
 
-class GraphedSteps:
-    """Captures and replays whole training steps, one CUDA graph per batch shape."""
+class NoGraphs:
+    """CUDA graphs switched off: every step runs eagerly."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, precision,
-                 max_grad_norm: float | None, loss_sum: torch.Tensor, batch_size: int, max_graphs: int = 16):
-        self.model = model
-        self.loss_fn = loss_fn
-        self.optimizer = optimizer
-        self.precision = precision
-        self.max_grad_norm = max_grad_norm
-        self.loss_sum = loss_sum
+    def prepare(self) -> None:
+        pass
+
+    def run(self, batch: dict[str, torch.Tensor]) -> bool:
+        return False
+
+    def before_eager_step(self) -> None:
+        pass
+
+
+NO_GRAPHS = NoGraphs()
+
+
+class GraphedSteps:
+    """Captures and replays the training step (training/step.py), one CUDA graph per batch
+    shape and per set of hooks acting (training/hooks.py: a hook may start acting at an
+    epoch)."""
+
+    def __init__(self, step: TrainingStep, batch_size: int, max_graphs: int = 16):
+        self.step = step
+        self.optimizer = step.optimizer
         self.batch_size = batch_size
         self.max_graphs = max_graphs
-        self.device = loss_sum.device
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = step.loss_sum.device
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.stream = torch.cuda.Stream(self.device)
         self.pool = torch.cuda.graph_pool_handle()   # one memory pool for every shape's graph
         self._all_rows = torch.ones(batch_size).pin_memory()     # the row weights of a full batch
-        cache_relative_positions(model)
+        cache_relative_positions(step.model)
 
     def prepare(self) -> None:
         """Make the optimizer replayable; call after a training state is loaded, before any step."""
@@ -67,7 +83,7 @@ class GraphedSteps:
         if not self.optimizer.state:        # the first step creates the optimizer's state
             return False
         rows, width = batch["input_ids"].shape
-        shape = (self.batch_size, width)
+        shape = (self.batch_size, width, self.step.variant)
         entry = self.graphs.get(shape)
         if entry is None and (rows > self.batch_size or len(self.graphs) >= self.max_graphs):
             return False
@@ -80,6 +96,14 @@ class GraphedSteps:
         graph.replay()
         return True
 
+    def before_eager_step(self) -> None:
+        """Ready an eager step between replays."""
+        # The step waits for the GPU under the turn (transformers reads the attention mask
+        # on the host): let the steps replayed before it finish first, outside the turn.
+        wait_for_stream(self.device)
+        # A graph's gradient buffers stay attached after its capture: start afresh.
+        self.optimizer.zero_grad(set_to_none=True)
+
     def filled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch with its row weights, filled up to the batch size with stand-in rows
         (copies of its own, so every row the model sees is a real one) weighed zero."""
@@ -91,24 +115,20 @@ class GraphedSteps:
         # pinned, as the trainer's batches are: copied to the graph's inputs without waiting
         return {**{key: value[index].pin_memory() for key, value in batch.items()}, "row_weight": weight.pin_memory()}
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self.precision.autocast():
-            preds = self.model(batch["input_ids"], batch["attention_mask"])
-        return self.loss_fn(preds, batch["labels"], batch["row_weight"])
-
     def _capture(self, batch: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         static = {key: value.to(self.device, copy=True) for key, value in batch.items()}
         # The warm-up and the capture draw no random numbers of the run's: its dropout
         # sequence is that of the steps alone, with or without a stop and resume.
         rng = torch.cuda.get_rng_state(self.device)
         # Warm up on the capture stream (lazy initialisations must not happen while
-        # capturing); the gradients it makes are dropped, the weights are untouched.
-        self.optimizer.zero_grad(set_to_none=True)
+        # capturing): forward and backward with the hooks, no update; the gradients it
+        # makes are dropped, the weights are untouched (the hooks put back what they move).
+        self.step.clear_gradients()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            self._loss(static).backward()
+            self.step.forward_backward(static)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step.clear_gradients()
         graph = torch.cuda.CUDAGraph()
         # Captured between capture_begin and capture_end rather than in torch.cuda.graph(),
         # whose entry waits for the whole device and empties torch's GPU and pinned-memory
@@ -117,16 +137,11 @@ class GraphedSteps:
         with torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                loss = self._loss(static)
-                loss.backward()
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-                self.optimizer.step()
-                self.loss_sum.add_(loss.detach())
+                self.step(static)
             finally:
                 graph.capture_end()
         # The graph keeps its gradient buffers; eager steps must not add to them.
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step.clear_gradients()
         torch.cuda.set_rng_state(rng, self.device)
         log.info("captured a CUDA graph for batches of shape %s (%d so far)", tuple(static["input_ids"].shape),
                  len(self.graphs) + 1)

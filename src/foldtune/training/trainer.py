@@ -39,13 +39,14 @@ from foldtune.run_layout import OOF_FILE, FoldResult, oof_frame
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.predict import padded_batches, predict_batches
 from foldtune.runtime.snapshot import Snapshot
-from foldtune.runtime.turn import CUDA_TURN, to_host, wait_for_stream
+from foldtune.runtime.turn import CUDA_TURN, to_host
 from foldtune.training.averaging import build_averaging
-from foldtune.training.awp import build_awp
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
-from foldtune.training.graphs import GraphedSteps
+from foldtune.training.graphs import NO_GRAPHS, GraphedSteps
+from foldtune.training.hooks import GradientAccumulation
 from foldtune.training.progress import NO_PROGRESS, FoldProgress, NoProgress, RunProgress
 from foldtune.training.state import capture_rng, save_state
+from foldtune.training.step import TrainingStep, technique_hooks
 from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
@@ -132,24 +133,27 @@ class FoldTrainer:
         self.group.reseed_dropout(self.cfg.training.seed)
         self.precision = resolve_precision(self.cfg.training.precision, self.device)
         self.loss_fn = build_loss(self.cfg.training, len(self.data.target_columns)).to(self.device)
-        self.awp = build_awp(self.model, self.optimizer, self.cfg.awp)
         self.averaging = build_averaging(self.model, self.optimizer, self.cfg.averaging, self.steps_per_epoch)
+        tcfg = self.cfg.training
+        self.accumulation = GradientAccumulation(tcfg.gradient_accumulation_steps, len(self.train_loader))
+        # The step and the techniques around it (training/step.py, training/hooks.py); the
+        # training loss is summed on the device and read only when the progress shows it
+        # (a read is a host sync).
+        hooks = technique_hooks(self.cfg, self.model, self.optimizer, self.scheduler, self.precision, self.averaging)
+        self.training_step = TrainingStep(self.train_model, self.loss_fn, self.optimizer, self.precision, hooks,
+                                          self.device, self.group.world_size)
         self.step = 0
         self.best_score = math.inf
         self.best_step = -1
         self.best_oof: np.ndarray | None = None
         self.best_per_target: dict[str, float] = {}
         self.metrics_rows: list[dict] = []
-        # The loss stays on the device and is read only when the progress shows it: a read is a host sync.
-        self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.seconds_before = 0.0           # training time of earlier sessions of this fold
-        tcfg = self.cfg.training
         # A data-parallel step must average its gradients over the processes, which a replay
         # of the model's own step would not: there every step runs eagerly.
         graphed = tcfg.cuda_graphs and self.group.world_size == 1
-        self.graphs = (GraphedSteps(self.model, self.loss_fn, self.optimizer, self.precision, tcfg.max_grad_norm,
-                                    self.loss_sum, tcfg.batch_size) if graphed else None)
+        self.graphs = GraphedSteps(self.training_step, tcfg.batch_size) if graphed else NO_GRAPHS
         # Checkpoints and training states are written in a thread while training goes on.
         self.writer = BackgroundWriter()
         self._valid_batches: list | None = None
@@ -217,8 +221,7 @@ class FoldTrainer:
         tcfg = self.cfg.training
         fold = self.data.fold
         start_epoch, position = self.load_state_dict(state) if state else (0, 0)
-        if self.graphs is not None:
-            self.graphs.prepare()
+        self.graphs.prepare()
         log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s%s",
                  fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
                  self.device, self.precision.name, self.group.describe(),
@@ -230,6 +233,7 @@ class FoldTrainer:
             for epoch in range(start_epoch, tcfg.epochs):
                 epoch_start_order = self.generator.get_state()
                 self.model.train()
+                self.training_step.start_epoch(epoch)
                 for i, batch in enumerate(self.train_loader):
                     if i < position:            # seen before the stop: same order, skipped
                         continue
@@ -272,27 +276,22 @@ class FoldTrainer:
         True at the epoch's last batch, whose evaluation and state the caller does.
         """
         tcfg = self.cfg.training
-        accum, n_batches = tcfg.gradient_accumulation_steps, len(self.train_loader)
+        n_batches = len(self.train_loader)
         # Data-parallel: this process's rows of the global batch, and their share of it.
         batch, share = self.group.shard(batch, self.pad_multiple)
         if self.device.type == "cuda":
             # pinned here rather than by the loader: with folds in threads, at this one's turn
             batch = {key: value.pin_memory() for key, value in batch.items()}
-        if self.graphs is not None and self.graphs.run(batch):
+        if self.graphs.run(batch):
             self.loss_count += 1
             self._count_step()
         else:
-            if self.graphs is not None:
-                # This step waits for the GPU under the turn (transformers reads the attention mask
-                # on the host): let the steps replayed before it finish first, outside the turn.
-                wait_for_stream(self.device)
+            self.graphs.before_eager_step()
             batch = self._to_device(batch)
-            # The last group of an epoch may be short: scale by its real size.
-            group_size = min(accum, n_batches - (i // accum) * accum)
-            last_of_group = (i + 1) % accum == 0 or i + 1 == n_batches
+            last_of_group = self.accumulation.ends_group(i)
+            step = self.training_step
             with self.group.sync_gradients(self.train_model, last_of_group):
-                self.loss_sum += self._forward_backward(batch, group_size, share)
-                self.awp.adversarial_step(epoch, lambda: self._forward_backward(batch, group_size, share))
+                step.count_loss(step.forward_backward(batch, share, self.accumulation.group_size(i)))
             self.loss_count += 1
             if not last_of_group:
                 return False
@@ -314,47 +313,25 @@ class FoldTrainer:
         progress display. Read by the main process alone (no exchange with the others): data-
         parallel, its rows' loss weighed by their share of the batch, times the processes,
         estimates the batch's."""
-        loss = to_host(self.loss_sum).item() * self.group.world_size / max(self.loss_count, 1)
+        loss = to_host(self.training_step.loss_sum).item() * self.group.world_size / max(self.loss_count, 1)
         return loss, self._backbone_lr()
 
     def _take_train_loss(self) -> float:
         """Mean training loss since the last evaluation (and reset the running sum)."""
-        total = to_host(self.group.sum(self.loss_sum))
+        total = to_host(self.group.sum(self.training_step.take_loss()))
         loss = total.item() / max(self.loss_count, 1)
-        self.loss_sum.zero_()
         self.loss_count = 0
         return loss
 
-    def _forward_backward(self, batch: dict, group_size: int, share: float = 1.0) -> torch.Tensor:
-        """Loss of one micro-batch, its gradient added to the parameters' .grad.
-
-        share: this process's part of the global batch (1.0 alone). The processes'
-        gradients are averaged, so each weighs its mean loss by share * world_size:
-        together they give the gradient of the global batch's mean loss.
-        """
-        if self.graphs is not None:
-            # A graph's gradient buffers stay attached after its capture: start afresh.
-            self.optimizer.zero_grad(set_to_none=True)
-        with self.precision.autocast():
-            preds = self.train_model(batch["input_ids"], batch["attention_mask"])
-        loss = self.loss_fn(preds, batch["labels"])
-        self.precision.scaler.scale(loss * (share * self.group.world_size) / group_size).backward()
-        return loss.detach() * share
-
     def _optimizer_step(self) -> None:
-        scaler = self.precision.scaler
-        if self.cfg.training.max_grad_norm is not None:
-            scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.training_step.update()
+        self.training_step.clear_gradients()
         self._count_step()
 
     def _count_step(self) -> None:
         self.step += 1
-        # Steps the schedule (or SWALR once SWA has begun) and updates the average.
-        self.averaging.after_optimizer_step(self.step, self.scheduler)
+        # The hooks' part after the step: the schedule, the average.
+        self.training_step.after_optimizer_step(self.step)
 
     # --- training state -------------------------------------------------------------
 
@@ -367,7 +344,7 @@ class FoldTrainer:
             "averaging": self.averaging.state_dict(), "rng": capture_rng(), "data_order": epoch_start_order,
             "best": {"score": self.best_score, "step": self.best_step, "per_target": self.best_per_target,
                      "oof": None if self.best_oof is None else torch.from_numpy(self.best_oof)},
-            "metrics_rows": self.metrics_rows, "loss_sum": to_host(self.group.sum(self.loss_sum)).item(),
+            "metrics_rows": self.metrics_rows, "loss_sum": to_host(self.group.sum(self.training_step.loss_sum)).item(),
             "loss_count": self.loss_count,
             "seconds": seconds,
         }
@@ -388,7 +365,7 @@ class FoldTrainer:
         self.best_score, self.best_step, self.best_per_target = best["score"], best["step"], best["per_target"]
         self.best_oof = None if best["oof"] is None else best["oof"].cpu().numpy()
         self.metrics_rows = list(state["metrics_rows"])
-        self.loss_sum.fill_(state["loss_sum"] if self.group.is_main else 0.0)   # summed over processes
+        self.training_step.restore_loss(state["loss_sum"] if self.group.is_main else 0.0)   # summed over processes
         self.loss_count = state["loss_count"]
         self.step = state["step"]
         self.seconds_before = state["seconds"]
