@@ -9,7 +9,7 @@ from foldtune.config import ConfigError, FGMConfig, ModelConfig, TrainingConfig,
 from foldtune.losses import build_loss
 from foldtune.models.regressor import TextRegressor
 from foldtune.training.fgm import FGM
-from foldtune.training.precision import resolve_precision
+from foldtune.runtime.precision import resolve_precision
 from foldtune.training.step import TrainingStep, refuse_ungraphable
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 14, 15, 3, 0, 0]])

@@ -8,7 +8,7 @@ import torch
 from foldtune.config import ConfigError, ModelConfig, RDropConfig, TrainingConfig, load_config
 from foldtune.losses import build_loss
 from foldtune.models.regressor import TextRegressor
-from foldtune.training.precision import resolve_precision
+from foldtune.runtime.precision import resolve_precision
 from foldtune.training.rdrop import RDrop, consistency
 from foldtune.training.step import TrainingStep
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from foldtune.training.step import TrainingStep
-from foldtune.training.turn import wait_for_stream
+from foldtune.runtime.turn import wait_for_stream
 
 log = logging.getLogger("foldtune")
 
