@@ -6,7 +6,8 @@ from torch import nn
 
 from foldtune.config import AveragingConfig
 from foldtune.optim.schedulers import build_scheduler
-from foldtune.training.averaging import NoAveraging, WeightAveraging, build_averaging
+from foldtune.training.averaging import AveragingHook, NoAveraging, WeightAveraging, build_averaging
+from foldtune.training.hooks import LearningRateSchedule
 
 
 def _train(cfg: AveragingConfig, steps: int, steps_per_epoch: int):
@@ -15,12 +16,15 @@ def _train(cfg: AveragingConfig, steps: int, steps_per_epoch: int):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = build_scheduler(opt, "constant", total_steps=steps, warmup_steps=0)
     averaging = build_averaging(model, opt, cfg, steps_per_epoch)
+    # the hooks the training step runs after each optimizer step (training/step.py: technique_hooks)
+    hooks = [LearningRateSchedule(sched, averaging)] + ([AveragingHook(averaging)] if cfg.method != "none" else [])
     snapshots, lrs = [], []
     for step in range(1, steps + 1):
         model(torch.randn(8, 4)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-        averaging.after_optimizer_step(step, sched)
+        for hook in hooks:
+            hook.after_optimizer_step(step)
         snapshots.append([p.detach().clone() for p in model.parameters()])
         lrs.append(opt.param_groups[0]["lr"])
     return averaging, snapshots, lrs, sched

@@ -7,7 +7,7 @@ import torch
 from foldtune.config import AWPConfig, ModelConfig, TrainingConfig
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
-from foldtune.training.awp import AWP, NoAWP, build_awp
+from foldtune.training.awp import AWP
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 14, 15, 3, 0, 0]])
 MASK = (IDS != 0).long()
@@ -52,11 +52,13 @@ def test_a_step_with_awp_differs_from_one_without(tiny_bert):
     results = []
     for enabled in (False, True):
         model, opt = _setup(tiny_bert)
-        awp = build_awp(model, opt, AWPConfig(enabled=enabled, adv_lr=1e-2, adv_eps=1e-2, start_epoch=1))
-        assert isinstance(awp, AWP if enabled else NoAWP)
+        calls = []
         _loss_backward(model)
-        ran = awp.adversarial_step(epoch=0, closure=lambda: _loss_backward(model))
-        assert ran == enabled
+        if enabled:                         # switched off, the step has no AWP hook
+            awp = AWP(model, opt, AWPConfig(enabled=True, adv_lr=1e-2, adv_eps=1e-2, start_epoch=1))
+            awp.start_epoch(0)
+            awp.after_backward(lambda: calls.append(_loss_backward(model)))
+        assert len(calls) == enabled
         opt.step()
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     plain, adversarial = results
@@ -69,10 +71,14 @@ def test_nothing_happens_before_the_start_epoch(tiny_bert):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     awp = AWP(model, opt, CFG)            # start_epoch 2: the loop's epochs 0 (off) and 1 (on)
     calls = []
-    assert awp.adversarial_step(epoch=0, closure=lambda: calls.append(1)) is False
+    awp.start_epoch(0)
+    assert not awp.acting
+    awp.after_backward(lambda: calls.append(1))
     assert calls == []
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
-    assert awp.adversarial_step(epoch=1, closure=lambda: calls.append(1)) is True
+    awp.start_epoch(1)
+    assert awp.acting
+    awp.after_backward(lambda: calls.append(1))
     assert calls == [1]
 
 
@@ -130,7 +136,8 @@ def test_the_adversarial_step_adds_the_perturbed_gradient_and_puts_the_weights_b
     model, opt, awp = _one_row(adv_lr=0.01, adv_eps=0.01)
     _squared_loss(model)
     losses = []
-    assert awp.adversarial_step(epoch=0, closure=lambda: losses.append(_squared_loss(model))) is True
+    awp.start_epoch(0)
+    awp.after_backward(lambda: losses.append(_squared_loss(model)))
     perturbed_sum = 7.0 + 0.03 + 0.01 * 5 / 2 ** 0.5
     assert losses == [pytest.approx(perturbed_sum ** 2, abs=1e-4)]
     assert model.weight.tolist() == [[3.0, 4.0]]                 # exactly the weights before the attack

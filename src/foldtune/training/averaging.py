@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
 from foldtune.config import AveragingConfig, Config
-from foldtune.training.hooks import NO_SCHEDULE_STEP, LearningRateSchedule, StepHook
+from foldtune.training.hooks import NO_SCHEDULE_STEP, StepHook
 
 
 class NoAveraging:
@@ -26,11 +26,6 @@ class NoAveraging:
 
     def average(self, step: int) -> None:
         pass
-
-    def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
-        """The schedule's step and the average's, for a loop without the step's hooks."""
-        LearningRateSchedule(scheduler, self).after_optimizer_step(step)
-        self.average(step)
 
     def state_dict(self) -> dict:
         return {}
@@ -93,11 +88,6 @@ class WeightAveraging:
         """The first step of the window is averaged, then every update_every-th."""
         if step > self.start_step and (step - self.start_step - 1) % self.cfg.update_every == 0:
             self._averaged.update_parameters(self.model)
-
-    def after_optimizer_step(self, step: int, scheduler: LRScheduler) -> None:
-        """The schedule's step and the average's, for a loop without the step's hooks."""
-        LearningRateSchedule(scheduler, self).after_optimizer_step(step)
-        self.average(step)
 
 
 class AveragingHook(StepHook):

@@ -21,13 +21,6 @@ from foldtune.training.hooks import StepHook
 NORM_EPS = 1e-6
 
 
-class NoAWP:
-    """AWP switched off: the adversarial step does nothing."""
-
-    def adversarial_step(self, epoch: int, closure: Callable[[], object]) -> bool:
-        return False
-
-
 class AWP(StepHook):
     """AWP as a step hook: after the backward pass, one more forward/backward at the
     perturbed weights. Whether it acts is decided on the host at each epoch, and the
@@ -38,7 +31,6 @@ class AWP(StepHook):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AWPConfig):
         self.cfg = cfg
-        self.epoch = 0
         self.acting = self.active(0)
         self.optimizer = optimizer
         self.params = [p for name, p in model.named_parameters() if p.requires_grad and cfg.params in name]
@@ -50,11 +42,18 @@ class AWP(StepHook):
         return cfg.awp.enabled
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.acting = self.active(epoch)
 
     def after_backward(self, again: Callable[[], object]) -> None:
-        self.adversarial_step(self.epoch, again)
+        """Run again (forward + backward) at perturbed weights, then restore them; from the
+        start epoch on."""
+        if not self.acting:
+            return
+        backup = self.attack()
+        try:
+            again()
+        finally:
+            self.restore(backup)
 
     def active(self, epoch: int) -> bool:
         """epoch counts from 0 in the loop; start_epoch counts from 1 in the config."""
@@ -87,18 +86,3 @@ class AWP(StepHook):
     def restore(self, backup: dict[nn.Parameter, torch.Tensor]) -> None:
         for param, original in backup.items():
             param.copy_(original)
-
-    def adversarial_step(self, epoch: int, closure: Callable[[], object]) -> bool:
-        """Run closure (forward + backward) at perturbed weights, then restore them."""
-        if not self.active(epoch):
-            return False
-        backup = self.attack()
-        try:
-            closure()
-        finally:
-            self.restore(backup)
-        return True
-
-
-def build_awp(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AWPConfig) -> AWP | NoAWP:
-    return AWP(model, optimizer, cfg) if cfg.enabled else NoAWP()
