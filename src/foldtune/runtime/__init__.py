@@ -1,1 +1,1 @@
-"""What training and inference both run on: device and precision, the CUDA turn, host copies and batched prediction."""
+"""What training and inference both run on: device and precision, the CUDA launch lock, host copies and batched prediction."""

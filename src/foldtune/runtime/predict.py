@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from foldtune.data.collate import DynamicPadding, length_sorted_batches, round_up
 from foldtune.data.dataset import TextDataset
 from foldtune.runtime.precision import Precision
-from foldtune.runtime.turn import to_host
+from foldtune.runtime.launch_lock import to_host
 
 
 def padded_batches(dataset: TextDataset, batch_size: int, pad_token_id: int, device: torch.device,
@@ -50,7 +50,7 @@ def predict_batches(model, batches: Iterable[tuple[list[int], dict[str, torch.Te
         order.extend(rows)
     if not outputs:
         raise ValueError("nothing to predict: no rows")
-    preds = to_host(torch.cat(outputs)).numpy()     # waited for outside a fold's turn (runtime/turn.py)
+    preds = to_host(torch.cat(outputs)).numpy()     # waited for outside a fold's launch lock (runtime/launch_lock.py)
     out = np.empty((n_rows, preds.shape[1]), dtype=np.float32)
     out[order] = preds
     return out

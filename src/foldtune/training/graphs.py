@@ -8,7 +8,7 @@ copied into the graph's own input tensors and one replay does the rest. Batch wi
 are padded to multiples of 64, so a fold needs a handful of graphs. An epoch's short
 last batch is filled up to the batch size with copies of its rows, weighed zero in the
 loss (`row_weight`), and replayed too: run eagerly, it cost a slow step under the fold's
-turn at every epoch end (and cuDNN plans for its shape). Only a larger batch, or a new
+launch lock at every epoch end (and cuDNN plans for its shape). Only a larger batch, or a new
 width beyond `max_graphs`, runs eagerly on the same weights and optimizer.
 
 What makes a replay equal to an eager step:
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from foldtune.training.step import TrainingStep
-from foldtune.runtime.turn import wait_for_stream
+from foldtune.runtime.launch_lock import wait_for_stream
 
 log = logging.getLogger("foldtune")
 
@@ -98,8 +98,8 @@ class GraphedSteps:
 
     def before_eager_step(self) -> None:
         """Ready an eager step between replays."""
-        # The step waits for the GPU under the turn (transformers reads the attention mask
-        # on the host): let the steps replayed before it finish first, outside the turn.
+        # The step waits for the GPU under the launch lock (transformers reads the attention mask
+        # on the host): let the steps replayed before it finish first, outside the launch lock.
         wait_for_stream(self.device)
         # A graph's gradient buffers stay attached after its capture: start afresh.
         self.optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from foldtune.files import atomic_path
 from foldtune.models.regressor import load_tokenizer
 from foldtune.run_layout import (OOF_FILE, RESULT_FILE, TOKENS_FILE, FoldResult, read_fold_result, read_run_csv,
                                  write_fold_result)
-from foldtune.runtime.turn import CUDA_TURN
+from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.progress import RunProgress
 from foldtune.training.state import load_state, remove_states, state_files
@@ -105,7 +105,7 @@ class PreparedRun:
         write_fold_result(fold_dir, result)
         remove_states(fold_dir, wait=not in_threads)    # finished: the best checkpoint is what stays
         if not in_threads and torch.cuda.is_available():
-            with CUDA_TURN:
+            with CUDA_LAUNCH_LOCK:
                 torch.cuda.empty_cache()
         return result
 

@@ -24,7 +24,7 @@ from typing import Callable, Protocol, TextIO
 from tqdm.auto import tqdm
 
 from foldtune.config import ConfigError
-from foldtune.runtime.turn import CUDA_TURN
+from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK
 
 log = logging.getLogger("foldtune")
 
@@ -193,11 +193,11 @@ class LogProgress:
         line = (f"fold {pace.fold}: step {step}/{pace.total} ({100 * step // pace.total}%), loss {loss:.4f}, "
                 f"lr {lr:.1e}, {format_speed(pace.speed(step, now))}, "
                 f"fold left {format_duration(pace.fold_left(step, now))}{pace.run_left(now)}")
-        with CUDA_TURN.outside():       # files are written outside the turn: other folds go on launching
+        with CUDA_LAUNCH_LOCK.released():       # files are written outside the launch lock: other folds go on launching
             log.info(line)
 
     def doing(self, what: str) -> None:
-        with CUDA_TURN.outside():
+        with CUDA_LAUNCH_LOCK.released():
             log.info("fold %d: %s…", self.pace.fold, what)
 
     def close(self) -> None:

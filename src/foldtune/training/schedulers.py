@@ -162,7 +162,7 @@ def train_folds_in_threads(prepared: PreparedRun, folds: Sequence[int], parallel
 
     A fold is built once the fold before it is running (its first steps done, its graph
     captured). A build's device work, the first eager step and the capture each hold the
-    CUDA turn: started all at once, the folds kept the GPU idle until the last of them had
+    CUDA launch lock: started all at once, the folds kept the GPU idle until the last of them had
     captured. Staggered, the first fold trains while the next ones are built.
     """
     if prepared.cfg.model.backbone_dropout != 0.0 or prepared.cfg.model.head_dropout > 0:
@@ -203,7 +203,7 @@ def train_folds_in_threads(prepared: PreparedRun, folds: Sequence[int], parallel
             running[fold].set()     # failed or stopped before running: the next fold goes on
 
     results, interrupted, failed = {}, None, []
-    # A thread that waited (for its turn, the GPU or a file) waits again for the GIL while
+    # A thread that waited (for the launch lock, the GPU or a file) waits again for the GIL while
     # another one runs Python: up to the switch interval, 5 ms by default, which is most of
     # a graphed MiniLM step. A shorter interval keeps the folds' launches coming.
     switch_interval = sys.getswitchinterval()

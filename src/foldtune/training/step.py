@@ -81,19 +81,19 @@ class TrainingStep:
         self.precision.scaler.scale(scaled).backward()
         return loss.detach()
 
-    def forward_backward(self, batch: dict, share: float = 1.0, group_size: int = 1) -> torch.Tensor:
-        """The loss of one micro-batch (times share), its gradient added to the parameters' .grad.
+    def forward_backward(self, batch: dict, batch_fraction: float = 1.0, group_size: int = 1) -> torch.Tensor:
+        """The loss of one micro-batch (times batch_fraction), its gradient added to the parameters' .grad.
 
-        share: this process's part of the global batch (1.0 alone). The processes'
-        gradients are averaged, so each weighs its mean loss by share * world_size:
+        batch_fraction: this process's part of the global batch (1.0 alone). The processes'
+        gradients are averaged, so each weighs its mean loss by batch_fraction * world_size:
         together they give the gradient of the global batch's mean loss. group_size: the
         micro-batches of its accumulation group, whose gradients add up.
         """
-        weight = share * self.world_size
+        weight = batch_fraction * self.world_size
         loss = self._backward(batch, weight, group_size)
         for hook in self._after_backward:
             hook.after_backward(partial(self._backward, batch, weight, group_size))
-        return loss if share == 1.0 else loss * share
+        return loss if batch_fraction == 1.0 else loss * batch_fraction
 
     def count_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum.add_(loss)

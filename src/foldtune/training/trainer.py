@@ -39,7 +39,7 @@ from foldtune.run_layout import OOF_FILE, FoldResult, oof_frame
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.predict import padded_batches, predict_batches
 from foldtune.runtime.snapshot import Snapshot
-from foldtune.runtime.turn import CUDA_TURN, to_host
+from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK, to_host
 from foldtune.training.averaging import build_averaging
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import NO_GRAPHS, GraphedSteps
@@ -111,9 +111,9 @@ class FoldTrainer:
         """Build the fold: model, data, optimizer and the rest of what training needs.
 
         The global generators are seeded here, so builds must not overlap (the caller
-        serialises them). The model is loaded on the CPU outside the CUDA turn: folds
+        serialises them). The model is loaded on the CPU outside the CUDA launch lock: folds
         already training in other threads go on launching their steps meanwhile (it took
-        ~0.2 s of a MiniLM fold). What touches the device takes the turn.
+        ~0.2 s of a MiniLM fold). What touches the device takes the launch lock.
         """
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         self._setup_logging()
@@ -123,7 +123,7 @@ class FoldTrainer:
         means = self.data.train.targets.mean(dim=0).numpy() if mcfg.init_head_bias else None
         self.model = TextRegressor.from_pretrained(mcfg, len(self.data.target_columns), means)
         self._setup_data()
-        with CUDA_TURN:
+        with CUDA_LAUNCH_LOCK:
             self._setup_on_device()
         return self
 
@@ -237,16 +237,18 @@ class FoldTrainer:
                 for i, batch in enumerate(self.train_loader):
                     if i < position:            # seen before the stop: same order, skipped
                         continue
-                    with CUDA_TURN:
-                        last_batch = self._train_on(batch, epoch, i, epoch_start_order, started)
+                    with CUDA_LAUNCH_LOCK:
+                        self._train_batch(batch, epoch, i, epoch_start_order, started)
                     if on_running is not None and self.step >= running_at:
                         on_running, call = None, on_running
                         call()
-                    if last_batch:
-                        break                   # the epoch end evaluates and saves below
+                    if i + 1 == len(self.train_loader):
+                        # The epoch end evaluates and saves below. Left here, not run out: the
+                        # loader's sampler would draw one more order from the data generator.
+                        break
                 position = 0
                 last = epoch + 1 == tcfg.epochs
-                with CUDA_TURN:
+                with CUDA_LAUNCH_LOCK:
                     self._evaluate_and_keep_best(epoch + 1.0, self._take_train_loss())
                     # The next epoch's order is drawn from the generator as it is now. After
                     # the last epoch the fold's result is written next, and no state is needed.
@@ -270,17 +272,15 @@ class FoldTrainer:
         return FoldResult(fold, self.best_score, self.best_per_target, self.best_step, self.best_oof,
                           self.data.valid_index, self.best_dir, seconds)
 
-    def _train_on(self, batch: dict, epoch: int, i: int, epoch_start_order: torch.Tensor, started: float) -> bool:
-        """Micro-batch i of the epoch: step, and evaluate, save or stop when it is time.
-
-        True at the epoch's last batch, whose evaluation and state the caller does.
-        """
+    def _train_batch(self, batch: dict, epoch: int, i: int, epoch_start_order: torch.Tensor, started: float) -> None:
+        """Micro-batch i of the epoch: step, and evaluate, save or stop when it is time
+        (at the epoch's last batch the caller does those)."""
         tcfg = self.cfg.training
         n_batches = len(self.train_loader)
         # Data-parallel: this process's rows of the global batch, and their share of it.
-        batch, share = self.group.shard(batch, self.pad_multiple)
+        batch, batch_fraction = self.group.shard(batch, self.pad_multiple)
         if self.device.type == "cuda":
-            # pinned here rather than by the loader: with folds in threads, at this one's turn
+            # pinned here rather than by the loader: with folds in threads, while this one holds the launch lock
             batch = {key: value.pin_memory() for key, value in batch.items()}
         if self.graphs.run(batch):
             self.loss_count += 1
@@ -291,14 +291,14 @@ class FoldTrainer:
             last_of_group = self.accumulation.ends_group(i)
             step = self.training_step
             with self.group.sync_gradients(self.train_model, last_of_group):
-                step.count_loss(step.forward_backward(batch, share, self.accumulation.group_size(i)))
+                step.count_loss(step.forward_backward(batch, batch_fraction, self.accumulation.group_size(i)))
             self.loss_count += 1
             if not last_of_group:
-                return False
+                return
             self._optimizer_step()
         self.progress.step(self.step, self._shown_loss_and_lr)
         if i + 1 == n_batches:
-            return True
+            return
         if tcfg.eval_steps and epoch >= tcfg.eval_steps_from_epoch and self.step % tcfg.eval_steps == 0:
             self._evaluate_and_keep_best(epoch + (i + 1) / n_batches, self._take_train_loss())
         stop = self.group.agree_on_stop(stop_requested())
@@ -306,7 +306,6 @@ class FoldTrainer:
             self._save_state(epoch, i + 1, epoch_start_order, started)
         if stop:
             raise TrainingInterrupted(stop)
-        return False
 
     def _shown_loss_and_lr(self) -> tuple[float, float]:
         """The mean training loss since the last evaluation and the learning rate, for the
@@ -389,9 +388,9 @@ class FoldTrainer:
         self._submit(write)
 
     def _submit(self, job) -> None:
-        """Give a write to the background writer, outside the turn: submitting waits for an
+        """Give a write to the background writer, outside the launch lock: submitting waits for an
         earlier write when two are still unfinished, and the other folds go on launching."""
-        with CUDA_TURN.outside():
+        with CUDA_LAUNCH_LOCK.released():
             self.writer.submit(job)
 
     # --- evaluation and the best checkpoint ------------------------------------------
@@ -411,7 +410,7 @@ class FoldTrainer:
                  if self._valid_rows else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
         preds = self.group.gather_rows(rows, preds, len(self.data.valid))
         self.model.train()
-        with CUDA_TURN.outside():
+        with CUDA_LAUNCH_LOCK.released():
             report = score_report(self.data.valid.targets.numpy(), preds, self.data.target_columns)
         return report, preds
 
@@ -429,8 +428,8 @@ class FoldTrainer:
             self.best_oof = preds
             self.save_checkpoint(model, averaged=kind == "averaged")
         lr = self._backbone_lr()
-        # Files and logs are written outside the turn: the other folds go on launching meanwhile.
-        with CUDA_TURN.outside():
+        # Files and logs are written outside the launch lock: the other folds go on launching meanwhile.
+        with CUDA_LAUNCH_LOCK.released():
             self._record_evaluation(epoch, train_loss, lr, candidates, kind if improved else "")
 
     def _backbone_lr(self) -> float:

@@ -1,4 +1,4 @@
-"""Turns at the CUDA API for folds trained in threads (runtime/turn.py), and the GIL's
+"""Turns at the CUDA API for folds trained in threads (runtime/launch_lock.py), and the GIL's
 switch interval while they train."""
 
 import subprocess
@@ -10,50 +10,50 @@ import pytest
 import torch
 
 from foldtune.config import load_config
-from foldtune.runtime.turn import Turn, to_host
+from foldtune.runtime.launch_lock import LeavableLock, to_host
 from foldtune.training.progress import NO_PROGRESS
 from foldtune.training.schedulers import THREADS_SWITCH_INTERVAL, train_folds_in_threads
 
 
-def test_a_turn_is_reentrant_and_its_holder_can_step_out_at_any_depth():
-    turn = Turn()
+def test_the_lock_is_reentrant_and_its_holder_can_step_out_at_any_depth():
+    lock = LeavableLock()
     order = []
     entered, released = threading.Event(), threading.Event()
 
     def other():
-        with turn:
-            order.append("other has the turn")
+        with lock:
+            order.append("other has the lock")
             entered.set()
         released.set()
 
-    with turn:
-        with turn:                              # depth 2
+    with lock:
+        with lock:                              # depth 2
             thread = threading.Thread(target=other)
             thread.start()
             assert not entered.wait(0.2)        # held: the other thread waits
-            with turn.outside():
-                assert not turn.held()
-                assert released.wait(5)         # it took the turn and gave it back
+            with lock.released():
+                assert not lock.held()
+                assert released.wait(5)         # it took the lock and gave it back
                 order.append("back")
-            assert turn.held()
-        assert turn.held()                      # depth 1 again: still this thread's
-        blocked = threading.Thread(target=lambda: (turn.__enter__(), order.append("third"), turn.__exit__()))
+            assert lock.held()
+        assert lock.held()                      # depth 1 again: still this thread's
+        blocked = threading.Thread(target=lambda: (lock.__enter__(), order.append("third"), lock.__exit__()))
         blocked.start()
         blocked.join(0.2)
-        assert order == ["other has the turn", "back"]
+        assert order == ["other has the lock", "back"]
     blocked.join(5)
     thread.join(5)
-    assert order == ["other has the turn", "back", "third"]
-    assert not turn.held()
+    assert order == ["other has the lock", "back", "third"]
+    assert not lock.held()
 
 
-def test_stepping_out_without_the_turn_does_nothing():
-    turn = Turn()
-    with turn.outside():
-        assert not turn.held()
-    with turn:
+def test_stepping_out_without_the_lock_does_nothing():
+    lock = LeavableLock()
+    with lock.released():
+        assert not lock.held()
+    with lock:
         pass
-    assert not turn.held()
+    assert not lock.held()
 
 
 def test_to_host_of_a_cpu_tensor_is_its_value():
