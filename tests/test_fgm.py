@@ -115,3 +115,13 @@ def test_cuda_graphs_refuse_a_technique_by_its_declaration(monkeypatch):
     with pytest.raises(ConfigError, match="^training.cuda_graphs: true cannot be combined with fgm.enabled: true: "
                                           "switch those off or set training.cuda_graphs: false$"):
         refuse_ungraphable(cfg)
+
+
+def test_frozen_embeddings_are_refused_before_the_model_loads():
+    from foldtune.training.checks import check_config_against_device
+    cfg = load_config(None, ["fgm.enabled=true", "model.freeze_embeddings=true"])
+    with pytest.raises(ConfigError) as err:
+        check_config_against_device(cfg, torch.device("cpu"))
+    assert str(err.value) == ("fgm.params: 'word_embeddings' names embeddings that model.freeze_embeddings: true "
+                              "freezes: set model.freeze_embeddings=false or fgm.enabled=false")
+    check_config_against_device(load_config(None, ["fgm.enabled=true"]), torch.device("cpu"))   # trainable: fine

@@ -84,3 +84,15 @@ def test_a_bad_alpha_fails_with_its_key():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["rdrop.alpha=0"])
     assert str(err.value) == "config key 'rdrop.alpha' set on the command line: expected a positive number, got 0.0"
+
+
+def test_a_model_without_dropout_is_refused_before_training():
+    from foldtune.training.checks import check_config_against_device
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError) as err:
+        check_config_against_device(load_config(None, ["rdrop.enabled=true", "model.backbone_dropout=0.0"]), cpu)
+    assert str(err.value) == ("rdrop.enabled: true needs dropout, and model.backbone_dropout and model.head_dropout "
+                              "are both 0: set model.backbone_dropout=0.1 (for example) or rdrop.enabled=false")
+    # either dropout is enough; the model's own (backbone_dropout null, the default) too
+    for overrides in (["model.backbone_dropout=0.0", "model.head_dropout=0.1"], ["model.backbone_dropout=0.1"], []):
+        check_config_against_device(load_config(None, ["rdrop.enabled=true", *overrides]), cpu)

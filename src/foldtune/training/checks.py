@@ -19,7 +19,7 @@ from foldtune.optim.factory import check_optimizer
 from foldtune.runtime.precision import resolve_precision
 from foldtune.training.distributed import check_launch
 from foldtune.training.progress import progress_settings
-from foldtune.training.step import refuse_ungraphable
+from foldtune.training.step import check_techniques
 
 
 def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel: bool) -> None:
@@ -35,8 +35,8 @@ def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel:
 def check_config_against_device(cfg: Config, device: torch.device) -> None:
     """Every name the config picks from a registry exists, and what it asks of the device
     (attention kernel, optimizer, precision, CUDA graphs) this device can do."""
-    # The techniques a CUDA graph cannot capture, from their hooks' own declarations.
-    refuse_ungraphable(cfg)
+    # The techniques' own checks, and those a CUDA graph cannot capture (their hooks' declarations).
+    check_techniques(cfg)
     POOLINGS.get(cfg.model.pooling)
     LOSSES.get(cfg.training.loss)
     if cfg.model.attention == "flex" and device.type != "cuda":

@@ -44,6 +44,13 @@ class FGM(StepHook):
     def switched_on(cls, cfg: Config) -> bool:
         return cfg.fgm.enabled
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        # Frozen embeddings get no gradient to push along (caught before the model loads).
+        if cfg.model.freeze_embeddings and "embeddings" in cfg.fgm.params:
+            raise ConfigError(f"fgm.params: '{cfg.fgm.params}' names embeddings that model.freeze_embeddings: true "
+                              "freezes: set model.freeze_embeddings=false or fgm.enabled=false")
+
     def active(self, epoch: int) -> bool:
         """epoch counts from 0 in the loop; start_epoch counts from 1 in the config."""
         return epoch + 1 >= self.cfg.start_epoch

@@ -50,6 +50,11 @@ class StepHook:
         """Whether cfg switches the hook on: it is built then (and checked against CUDA graphs)."""
         return False
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise a ConfigError, before any training, for settings the hook cannot work with
+        (called when it is switched on)."""
+
     def start_epoch(self, epoch: int) -> None:
         """epoch counts from 0, as the loop does."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from foldtune.config import Config, RDropConfig
+from foldtune.config import Config, ConfigError, RDropConfig
 from foldtune.losses import row_mean
 from foldtune.training.hooks import Forward, StepHook
 
@@ -50,6 +50,14 @@ class RDrop(StepHook):
     @classmethod
     def switched_on(cls, cfg: Config) -> bool:
         return cfg.rdrop.enabled
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        # Without dropout the two passes agree: twice the time for the plain step.
+        if cfg.model.backbone_dropout == 0.0 and cfg.model.head_dropout == 0.0:
+            raise ConfigError("rdrop.enabled: true needs dropout, and model.backbone_dropout and "
+                              "model.head_dropout are both 0: set model.backbone_dropout=0.1 (for example) "
+                              "or rdrop.enabled=false")
 
     def around_forward(self, batch: dict, forward: Forward) -> tuple[torch.Tensor, torch.Tensor]:
         loss1, p1 = forward(batch)

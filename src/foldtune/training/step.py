@@ -146,6 +146,15 @@ def technique_hooks(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimi
     return [build[hook]() for hook in TECHNIQUES if hook in build and hook.switched_on(cfg)]
 
 
+def check_techniques(cfg: Config) -> None:
+    """Each switched-on technique's own checks of the config, then the refusal of those a
+    CUDA graph cannot capture; before any training."""
+    for hook in TECHNIQUES:
+        if hook.switched_on(cfg):
+            hook.check_config(cfg)
+    refuse_ungraphable(cfg)
+
+
 def refuse_ungraphable(cfg: Config) -> None:
     """Refuse training.cuda_graphs with a technique whose hook declares it cannot be
     captured (graph_safe False), naming the config key to change; before any training."""
