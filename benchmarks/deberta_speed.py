@@ -7,6 +7,8 @@ token ids with the lengths of the real essays (`--lengths`, one integer per line
 the essays' word-piece counts), cut at max_len.
 
     python benchmarks/deberta_speed.py --lengths lengths.txt --out deberta.json
+    python benchmarks/deberta_speed.py --lengths lengths.txt --size large \
+        --config configs/deberta_v3_large.yaml --only large --out large.json
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from foldtune.config import ConfigError, load_config  # noqa: E402
 from foldtune.data.dataset import TextDataset  # noqa: E402
 from foldtune.training.trainer import FoldData, FoldTrainer  # noqa: E402
 
-H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, FLOP/s
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM (an H200 has the same), FLOP/s
 
 DEBERTA_V3_BASE = dict(
     vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -37,6 +39,9 @@ DEBERTA_V3_BASE = dict(
     position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
     share_att_key=True, hidden_act="gelu", layer_norm_eps=1e-7, pad_token_id=0,
 )
+# microsoft/deberta-v3-large differs from the base in its size alone.
+SIZES = {"base": {}, "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                   intermediate_size=4096)}
 
 
 def flops_per_token(length: int, hidden: int = 768, layers: int = 12, span: int = 512) -> float:
@@ -76,8 +81,9 @@ def synthetic_fold(lengths: np.ndarray, rng: np.random.Generator) -> FoldData:
 
 
 def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, tokenizer, steps: int,
-            profile: bool = False) -> dict:
-    cfg = load_config(REPO / "configs" / "deberta_v3_base.yaml",
+            profile: bool = False, config: Path = REPO / "configs" / "deberta_v3_base.yaml",
+            architecture: dict = DEBERTA_V3_BASE) -> dict:
+    cfg = load_config(config,
                       [f"model.name={folder}", "data.test_file=null", "awp.start_epoch=1",
                        "averaging.start_epoch=1", *overrides])
     rng = np.random.default_rng(0)
@@ -95,8 +101,10 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
         widths = {}
         for batch in batches:           # compile (flex) or tune (cuDNN) once per width, untimed
             widths.setdefault(batch["input_ids"].shape[1], batch)
+        step = trainer.training_step          # forward, backward and the hooks (AWP acts from epoch 1 here)
+        step.start_epoch(0)
         for batch in widths.values():
-            trainer._forward_backward(batch, 1)
+            step.forward_backward(batch)
             trainer._optimizer_step()
         for i, batch in enumerate(batches):
             if i == 3:                                  # three warm-up steps
@@ -106,9 +114,9 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
                 width = batch["input_ids"].shape[1]
                 real += int(batch["attention_mask"].sum())
                 padded += batch["input_ids"].numel()
-                flops += batch["input_ids"].numel() * flops_per_token(width)
-            trainer._forward_backward(batch, 1)
-            trainer.awp.adversarial_step(0, lambda: trainer._forward_backward(batch, 1))
+                flops += batch["input_ids"].numel() * flops_per_token(
+                    width, architecture["hidden_size"], architecture["num_hidden_layers"])
+            step.forward_backward(batch)
             trainer._optimizer_step()
         sync()
         seconds = time.perf_counter() - started
@@ -135,7 +143,7 @@ def profile_step(trainer, batch) -> list:
 
     with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(3):
-            trainer._forward_backward(batch, 1)
+            trainer.training_step.forward_backward(batch)
             trainer._optimizer_step()
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
@@ -222,6 +230,16 @@ MEMORY = {
     "committed recipe at its max_len 1536, batch 4 x accumulation 2": (
         ["data.max_len=1536", "training.batch_size=4", "training.gradient_accumulation_steps=2"], 1536),
 }
+# DeBERTa-v3-large (--size large --config configs/deberta_v3_large.yaml): the committed config
+# at the essays' lengths, then its memory with every row as long as the width given.
+LARGE = {
+    "large: committed config at the essays' lengths (cut at 1024)": (["data.max_len=1024"], None),
+    "large: committed config at 1024": (["data.max_len=1024"], 1024),
+    "large: committed config at 1536": (["data.max_len=1536"], 1536),
+    "large: 8-bit AdamW at 1024": (["data.max_len=1024", "training.optimizer=adamw_8bit"], 1024),
+    "large: 8-bit AdamW at 1536": (["data.max_len=1536", "training.optimizer=adamw_8bit"], 1536),
+    "large: without checkpointing at 1024": (["data.max_len=1024", "model.gradient_checkpointing=false"], 1024),
+}
 
 
 def main() -> int:
@@ -231,23 +249,36 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma-separated setting names")
     parser.add_argument("--out", default=None)
     parser.add_argument("--architecture", default=None, help="JSON of DebertaV2Config changes (a smoke test)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="base", help="the DeBERTa-v3 model's size")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "deberta_v3_base.yaml",
+                        help="the config the settings' overrides apply to")
     args = parser.parse_args()
-    architecture = {**DEBERTA_V3_BASE, **json.loads(args.architecture or "{}")}
+    architecture = {**DEBERTA_V3_BASE, **SIZES[args.size], **json.loads(args.architecture or "{}")}
     lengths = np.loadtxt(args.lengths, dtype=np.int64)
+    only = args.only.split(",") if args.only else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "deberta-v3-base-random"
+        folder = Path(tmp) / f"deberta-v3-{args.size}-random"
         tokenizer = build_backbone(folder, architecture)
+        common = dict(config=args.config, architecture=architecture)
         for name, overrides in SETTINGS.items():
-            if args.only and name not in args.only.split(","):
+            if only and name not in only:
                 continue
-            rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps, profile=name in ("plain", "plain+flex")))
+            rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps,
+                                profile=name in ("plain", "plain+flex"), **common))
         for name, (overrides, width) in MEMORY.items():
-            if args.only and "memory" not in args.only.split(",") and name not in args.only.split(","):
+            if only and "memory" not in only and name not in only:
                 continue
             with contextlib.suppress(ImportError, ConfigError):   # no bitsandbytes, or no CUDA
                 rows.append({"memory": True, **measure(name, overrides, np.full(len(lengths), width), folder,
-                                                           tokenizer, 6)})
+                                                           tokenizer, 6, **common)})
+        for name, (overrides, width) in LARGE.items():
+            if only and "large" not in only and name not in only:
+                continue
+            rows_lengths = lengths if width is None else np.full(len(lengths), width)
+            with contextlib.suppress(ImportError, ConfigError):   # no bitsandbytes, or no CUDA
+                rows.append({"memory": width is not None, **measure(name, overrides, rows_lengths, folder, tokenizer,
+                                                                    args.steps if width is None else 6, **common)})
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
