@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 import tempfile
@@ -90,6 +91,8 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
     cut = np.minimum(lengths, cfg.data.max_len)
     rows = rng.choice(cut, size=cfg.training.batch_size * (steps + 3))
     with tempfile.TemporaryDirectory() as out:
+        if torch.cuda.is_available():
+            left_over = torch.cuda.memory_allocated()   # 0 when the rows before were freed
         trainer = FoldTrainer(cfg, synthetic_fold(rows, rng), tokenizer, out).setup()
         trainer.model.train()           # as FoldTrainer.train() does: dropout and checkpointing act
         if torch.cuda.is_available():
@@ -127,12 +130,16 @@ def measure(name: str, overrides: list[str], lengths: np.ndarray, folder: Path, 
                "padding_share": round(1 - real / padded, 3),
                "model_tflops": round(flops / seconds / 1e12, 1),
                "mfu": round(flops / seconds / H100_BF16_PEAK, 3),
-               "awp_active": cfg.awp.enabled, "peak_gib": round(peak / 2**30, 2)}
+               "awp_active": cfg.awp.enabled, "peak_gib": round(peak / 2**30, 2),
+               "left_over_gib": round(left_over / 2**30, 2) if torch.cuda.is_available() else 0.0}
         if profile and torch.cuda.is_available():
             row["top_kernels"] = profile_step(trainer, batches[-1])
             row["attention_forward_share"] = attention_share(trainer, batches[-1])
         print(json.dumps(row), flush=True)
-        del trainer, batches
+        del trainer, batches, step
+        # The trainer's hooks hold it in reference cycles: collect them now, or this row's
+        # model and optimizer state would count in the next row's peak memory.
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return row
