@@ -52,7 +52,8 @@ CONFIG = REPO / "configs" / "deberta_v3_base.yaml"
 TINY_ARCHITECTURE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
 # Four layers: the recipe freezes the bottom two and re-initialises the top one. Eager
 # attention: the fused kernel trains on CUDA only.
-TINY_JOB = dict(rows=40, epochs=1, max_len=64, overrides=["folds.n_splits=2", "model.attention=eager"])
+TINY_JOB = dict(rows=40, epochs=1, max_len=64)
+TINY_OVERRIDES = ["folds.n_splits=2", "model.attention=eager"]
 DONE = re.compile(r"done: (\S+) in ([0-9.]+) s")
 FOLD = re.compile(r"fold (\d+): (\d+) train / \d+ valid rows, (\d+) steps")
 PEER = "peer (HF Trainer)"
@@ -71,12 +72,12 @@ def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedPro
     return result, wall
 
 
-def foldtune_job(args, backbone: Path, train_csv: Path, logs: Path):
+def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs: Path):
     """foldtune's row, and the run's resolved config (what the peer must match)."""
     from foldtune.config import load_config
 
     overrides = [f"model.name={backbone}", f"data.train_file={train_csv}", "data.test_file=null",
-                 f"output.dir={logs}", *args.job_overrides]
+                 f"output.dir={logs}", *job_overrides]
     result, wall = timed("foldtune", [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", "foldtune",
                                       *overrides], logs)
     done = DONE.search(result.stderr + result.stdout)
@@ -159,11 +160,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here (after each row)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for foldtune, after --")
     args = parser.parse_args()
-    tiny = TINY_JOB if args.tiny else dict(rows=None, epochs=None, max_len=None, overrides=[])
-    rows, epochs, max_len = (tiny[k] if given is None else given for k, given in
-                             (("rows", args.rows), ("epochs", args.epochs), ("max_len", args.max_len)))
-    args.job_overrides = [*tiny["overrides"], *([f"training.epochs={epochs}"] if epochs else []),
-                          *([f"data.max_len={max_len}"] if max_len else []), *args.overrides]
+    for key, value in TINY_JOB.items() if args.tiny else ():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    job_overrides = [*(TINY_OVERRIDES if args.tiny else []),
+                     *([f"training.epochs={args.epochs}"] if args.epochs else []),
+                     *([f"data.max_len={args.max_len}"] if args.max_len else []), *args.overrides]
     architecture = {**DEBERTA_V3_BASE, **(TINY_ARCHITECTURE if args.tiny else {})}
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -179,8 +181,8 @@ def main() -> int:
         backbone = work / "deberta-v3-base-random"
         deberta_backbone(backbone, args.minilm, architecture)
         train_csv = work / "train.csv"
-        pd.read_csv(args.train, dtype=str, keep_default_na=False).iloc[:rows].to_csv(train_csv, index=False)
-        row, cfg = foldtune_job(args, backbone, train_csv, args.runs_dir)
+        pd.read_csv(args.train, dtype=str, keep_default_na=False).iloc[:args.rows].to_csv(train_csv, index=False)
+        row, cfg = foldtune_job(job_overrides, backbone, train_csv, args.runs_dir)
         keep(row)
         keep(peer_job(cfg, backbone, train_csv, row["folds_file"], args.runs_dir))
         if args.ceiling:
