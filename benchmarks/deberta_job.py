@@ -16,13 +16,16 @@ after its imports (train.py's "done: ... in X s"; the peer's own clock). Train s
 is train rows x epochs over the after-imports time, evaluation and compilation included.
 No peak-memory column: neither train.py nor the peer records it.
 
-On one H200 within a 600-second call (256 essays, 5 folds x the recipe's 4 epochs: AWP
-from epoch 2, SWA over epoch 4). The recipe's fused attention compiles a kernel per batch
-width on a fresh machine, which a shortened job pays in full; `-- model.attention=eager`
-measures transformers' attention instead.
+On one H200 within a 600-second call: the first 256 essays, 5 folds x the recipe's 4
+epochs (AWP from epoch 2, SWA over epoch 4), 4,096 training samples a side (estimated from
+docs/benchmarks.md: foldtune 250-350 s with a fresh machine's compilation, the peer ~100 s,
+the ceiling ~30 s). The recipe's fused attention compiles a kernel per batch width on a
+fresh machine, which a shortened job pays in full; `-- model.attention=eager` measures
+transformers' attention instead.
 
     python3 benchmarks/deberta_job.py --minilm .devicekit/models/all-MiniLM-L6-v2-fp16 \\
-        --train .devicekit/data/ellipse/train.csv --rows 256 --ceiling --out $OUT/deberta_job.json
+        --train .devicekit/data/ellipse/train.csv --rows 256 --ceiling --out $OUT/deberta_job.json; \\
+        cp runs/deberta_job/*.log $OUT/
 
 On a CPU, tiny models in 2 folds x 1 epoch of 40 essays (the test does this):
 
