@@ -90,7 +90,7 @@ def main() -> None:
             oof[valid_idx] = trainer.predict(Essays(subset(encodings, valid_idx), labels[valid_idx])).predictions
         seconds = time.perf_counter() - fold_started
         row = {"fold": int(fold), "mcrmse": mcrmse(labels[valid_idx], oof[valid_idx]), "seconds": round(seconds, 1),
-               "train_rows": len(train_idx)}
+               "train_rows": len(train_idx), "steps": trainer.state.global_step}
         fold_rows.append(row)
         print(json.dumps({"peer_fold": row}), flush=True)
     summary = {"peer": {"oof_mcrmse": mcrmse(labels, oof), "seconds": round(time.perf_counter() - started, 1),

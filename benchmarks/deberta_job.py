@@ -1,0 +1,202 @@
+"""The DeBERTa-v3-base recipe as a job, against the Hugging Face Trainer peer, in one table.
+
+foldtune trains `configs/deberta_v3_base.yaml` (its techniques on) on the essays with the
+architecture of microsoft/deberta-v3-base in random weights and the MiniLM word-piece
+tokenizer (no DeBERTa weights exist offline; the essays keep their real token lengths).
+The peer (`peer_hf_trainer.py`: `Trainer`, `AutoModelForSequenceClassification`) then
+trains the same model folder on the foldtune run's folds file, with its epochs, lr, batch
+size and max_len: the same optimizer steps per fold, which the table shows for both.
+`--ceiling` adds the same-shape BERT (DeBERTa-v3-base's hidden size, layers, heads,
+intermediate size and vocabulary) with transformers' SDPA attention, one training step
+at a time through foldtune's step (bf16 autocast, fused AdamW) on random ids of the
+essays' token lengths (deberta_speed.py's `measure`): the speed this shape could reach.
+
+Times as benchmarks/speed.py takes them: the whole process (wall), and the run's own time
+after its imports (train.py's "done: ... in X s"; the peer's own clock). Train samples/s
+is train rows x epochs over the after-imports time, evaluation and compilation included.
+No peak-memory column: neither train.py nor the peer records it.
+
+On one H200 within a 600-second call: the first 256 essays, 5 folds x the recipe's 4
+epochs (AWP from epoch 2, SWA over epoch 4), 4,096 training samples a side (estimated from
+docs/benchmarks.md: foldtune 250-350 s with a fresh machine's compilation, the peer ~100 s,
+the ceiling ~30 s). The recipe's fused attention compiles a kernel per batch width on a
+fresh machine, which a shortened job pays in full; `-- model.attention=eager` measures
+transformers' attention instead.
+
+    python3 benchmarks/deberta_job.py --minilm .devicekit/models/all-MiniLM-L6-v2-fp16 \\
+        --train .devicekit/data/ellipse/train.csv --rows 256 --ceiling --out $OUT/deberta_job.json; \\
+        cp runs/deberta_job/*.log $OUT/
+
+On a CPU, tiny models in 2 folds x 1 epoch of 40 essays (the test does this):
+
+    python benchmarks/deberta_job.py --tiny --minilm MINILM_FOLDER --train train.csv --ceiling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deberta_speed import DEBERTA_V3_BASE  # noqa: E402
+from scaling import deberta_backbone  # noqa: E402
+
+CONFIG = REPO / "configs" / "deberta_v3_base.yaml"
+TINY_ARCHITECTURE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+# Four layers: the recipe freezes the bottom two and re-initialises the top one. Eager
+# attention: the fused kernel trains on CUDA only.
+TINY_JOB = dict(rows=40, epochs=1, max_len=64)
+TINY_OVERRIDES = ["folds.n_splits=2", "model.attention=eager"]
+DONE = re.compile(r"done: (\S+) in ([0-9.]+) s")
+FOLD = re.compile(r"fold (\d+): (\d+) train / \d+ valid rows, (\d+) steps")
+PEER = "peer (HF Trainer)"
+
+
+def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """The finished command (its output also in logs/<name>.log) and its wall seconds; exits if it failed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    (logs / f"{name}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{name} failed (exit {result.returncode}; {logs / name}.log): {last}")
+    return result, wall
+
+
+def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs: Path):
+    """foldtune's row, and the run's resolved config (what the peer must match)."""
+    from foldtune.config import load_config
+
+    overrides = [f"model.name={backbone}", f"data.train_file={train_csv}", "data.test_file=null",
+                 f"output.dir={logs}", *job_overrides]
+    result, wall = timed("foldtune", [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", "foldtune",
+                                      *overrides], logs)
+    done = DONE.search(result.stderr + result.stdout)
+    run_dir, after_imports = Path(done.group(1)), float(done.group(2))
+    cfg = load_config(run_dir / "config.yaml")
+    folds = sorted((int(f), int(rows), int(steps)) for f, rows, steps in FOLD.findall(
+        (run_dir / "train.log").read_text()))
+    train_rows = sum(rows for _, rows, _ in folds)
+    scores = json.loads((run_dir / "scores.json").read_text())
+    return {"run": "foldtune", "oof": scores["oof"]["mcrmse"], "wall_s": round(wall, 1),
+            "after_imports_s": after_imports,
+            "samples_per_s": round(train_rows * cfg.training.epochs / after_imports, 1),
+            "steps_per_fold": [steps for _, _, steps in folds], "folds_file": str(run_dir / "folds.csv")}, cfg
+
+
+def peer_job(cfg, backbone: Path, train_csv: Path, folds_file: str, logs: Path) -> dict:
+    t = cfg.training
+    result, wall = timed(
+        "peer", [sys.executable, REPO / "benchmarks" / "peer_hf_trainer.py", "--train", train_csv, "--folds",
+                 folds_file, "--model", backbone, "--epochs", t.epochs, "--lr", t.lr, "--batch-size", t.batch_size,
+                 "--max-len", cfg.data.max_len], logs)
+    peer = json.loads(result.stdout.strip().splitlines()[-1])["peer"]
+    train_rows = sum(fold["train_rows"] for fold in peer["folds"])
+    return {"run": PEER, "oof": peer["oof_mcrmse"], "wall_s": round(wall, 1), "after_imports_s": peer["seconds"],
+            "samples_per_s": round(train_rows * t.epochs / peer["seconds"], 1),
+            "steps_per_fold": [fold["steps"] for fold in peer["folds"]], "folds_file": folds_file}
+
+
+def ceiling(architecture: dict, cfg, tokenizer_folder: Path, train_csv: Path, work: Path, steps: int) -> dict:
+    """The same-shape BERT's training-step throughput at the recipe's batch size, on the essays' lengths."""
+    import numpy as np
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from deberta_speed import PLAIN, measure
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    texts = pd.read_csv(train_csv)["full_text"].tolist()
+    lengths = np.array([len(ids) for ids in tokenizer(texts)["input_ids"]])   # cut at max_len by measure
+    shape = {key: architecture[key] for key in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                "num_attention_heads", "intermediate_size")}
+    folder = work / "bert-shape-sdpa"
+    # config.json does not keep the attention implementation: transformers loads BERT with
+    # SDPA by default, as foldtune's AutoModel.from_pretrained does here.
+    AutoModel.from_config(BertConfig(**shape, max_position_embeddings=cfg.data.max_len)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    row = measure("BERT shape, SDPA", PLAIN + [f"data.max_len={cfg.data.max_len}"], lengths, folder, tokenizer,
+                  steps, architecture=architecture)
+    # measure's FLOPs count DeBERTa's disentangled terms, which BERT has not: no MFU here
+    return {"run": f"ceiling: same-shape BERT, SDPA, batch {cfg.training.batch_size} (training steps only)",
+            "samples_per_s": row["samples_per_s"], "timed_steps": row["steps"], "peak_gib": row["peak_gib"],
+            "padding_share": row["padding_share"]}
+
+
+def table(rows: list[dict]) -> str:
+    peer = next(row for row in rows if row["run"] == PEER)
+    lines = ["| run | OOF MCRMSE | wall s | after imports s | train samples/s | steps per fold | "
+             "vs peer (wall) | vs peer (after imports) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        job = "oof" in row
+        cells = [row["run"], f"{row['oof']:.4f}" if job else "-", row.get("wall_s", "-"),
+                 row.get("after_imports_s", "-"), row["samples_per_s"],
+                 ", ".join(map(str, row["steps_per_fold"])) if job else "-",
+                 f"{peer['wall_s'] / row['wall_s']:.2f}x" if job else "-",
+                 f"{peer['after_imports_s'] / row['after_imports_s']:.2f}x" if job else "-"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minilm", required=True, type=Path,
+                        help="all-MiniLM-L6-v2 folder (its tokenizer serves the random DeBERTa)")
+    parser.add_argument("--train", required=True, type=Path, help="the essays (train.csv)")
+    parser.add_argument("--rows", type=int, default=None, help="the first N essays (default all; --tiny 40)")
+    parser.add_argument("--epochs", type=int, default=None, help="default the config's (--tiny 1)")
+    parser.add_argument("--max-len", type=int, default=None, help="default the config's (--tiny 64)")
+    parser.add_argument("--ceiling", action="store_true", help="also the same-shape BERT SDPA step throughput")
+    parser.add_argument("--tiny", action="store_true", help="tiny models, 2 folds x 1 epoch: a CPU smoke test")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/deberta_job"))
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here (after each row)")
+    parser.add_argument("overrides", nargs="*", help="more config overrides for foldtune, after --")
+    args = parser.parse_args()
+    for key, value in TINY_JOB.items() if args.tiny else ():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    job_overrides = [*(TINY_OVERRIDES if args.tiny else []),
+                     *([f"training.epochs={args.epochs}"] if args.epochs else []),
+                     *([f"data.max_len={args.max_len}"] if args.max_len else []), *args.overrides]
+    architecture = {**DEBERTA_V3_BASE, **(TINY_ARCHITECTURE if args.tiny else {})}
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+
+    def keep(row: dict) -> None:
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        backbone = work / "deberta-v3-base-random"
+        deberta_backbone(backbone, args.minilm, architecture)
+        train_csv = work / "train.csv"
+        pd.read_csv(args.train, dtype=str, keep_default_na=False).iloc[:args.rows].to_csv(train_csv, index=False)
+        row, cfg = foldtune_job(job_overrides, backbone, train_csv, args.runs_dir)
+        keep(row)
+        keep(peer_job(cfg, backbone, train_csv, row["folds_file"], args.runs_dir))
+        if args.ceiling:
+            keep(ceiling(architecture, cfg, args.minilm, train_csv, work, steps=2 if args.tiny else 20))
+    print("\n" + table(results))
+    steps = [row["steps_per_fold"] for row in results[:2]]
+    if steps[0] != steps[1]:
+        print(f"optimizer steps per fold differ: foldtune {steps[0]}, peer {steps[1]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
