@@ -16,7 +16,7 @@ after its imports (train.py's "done: ... in X s"; the peer's own clock). Train s
 is train rows x epochs over the after-imports time, evaluation and compilation included.
 No peak-memory column: neither train.py nor the peer records it.
 
-On one H200 within a 600-second call: the first 256 essays, 5 folds x the recipe's 4
+In about ten minutes on one H200: the first 256 essays, 5 folds x the recipe's 4
 epochs (AWP from epoch 2, SWA over epoch 4), 4,096 training samples a side (estimated from
 docs/benchmarks.md: foldtune 250-350 s with a fresh machine's compilation, the peer ~100 s,
 the ceiling ~30 s). The recipe's fused attention compiles a kernel per batch width on a

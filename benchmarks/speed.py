@@ -9,7 +9,7 @@ is measured before and after); the peer then trains on the folds file of the fir
 
 Two times per row: the whole process (wall), and the run's own time after its imports
 (train.py's "done: ... in X s" line; the peer's own clock, started after its imports).
-Both sides import the same libraries (torch, transformers: 15-20 s on the lent H100,
+Both sides import the same libraries (torch, transformers: 15-20 s on an H100,
 whose Python compiles much of them afresh at each start), so the second time is the
 one that the pipeline itself decides.
 """
