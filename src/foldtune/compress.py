@@ -20,7 +20,6 @@ model before compression (benchmarks/compress.py scores a compressed student).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -30,7 +29,7 @@ from typing import Sequence
 from foldtune.commands import Once, as_typed, prog_of
 from foldtune.config import ConfigError, load_config
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.run_layout import RESULT_FILE
+from foldtune.run_layout import RESULT_FILE, RUN_FILE, read_provenance
 
 RUN_FILES = ("config.yaml", "folds.csv")
 SUMMARY_FILE = "compress.json"
@@ -76,9 +75,8 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
             shutil.copy2(folder.parent / RESULT_FILE, target.parent / RESULT_FILE)
             summary["folds"][str(meta["fold"])] = done
         # the copy holds exactly these folds, whatever the source's run.json asked for
-        run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (
-            run_dir / "run.json").is_file() else {}
-        atomic_write_json(tmp / "run.json", {**run_info, "folds": [int(f) for f in summary["folds"]]})
+        atomic_write_json(tmp / RUN_FILE, {**read_provenance(run_dir, missing_ok=True),
+                                           "folds": [int(f) for f in summary["folds"]]})
         atomic_write_json(tmp / SUMMARY_FILE, summary)
     return summary
 

@@ -30,7 +30,7 @@ from foldtune.config import Config, load_config, path_problem
 from foldtune.files import atomic_write_json
 from foldtune.metrics import score_report
 from foldtune.registry import Registry
-from foldtune.run_layout import read_run_csv
+from foldtune.run_layout import read_provenance, read_run_csv
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -230,9 +230,7 @@ def true_targets(member: Member, ids: Sequence[str], train_file: str | Path | No
     from foldtune.files import file_sha256
 
     path = Path(train_file) if train_file else _find_train_file(member)
-    run_info = member.run_dir / "run.json"
-    recorded = json.loads(run_info.read_text(encoding="utf-8")).get("train_file_sha256") \
-        if run_info.is_file() else None
+    recorded = read_provenance(member.run_dir, missing_ok=True).get("train_file_sha256")
     if recorded and recorded != file_sha256(path):
         raise EnsembleError(f"{path} is not the file {member.name} was trained on (its SHA-256 differs from "
                             "run.json's): the OOF rows would be scored against other targets")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ from typing import Sequence
 from foldtune import __version__
 from foldtune.commands import Once, prog_of, warn_deprecated
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.run_layout import RESULT_FILE
+from foldtune.run_layout import RESULT_FILE, RUN_FILE, read_provenance
 from foldtune.run_lock import RunLock, RunLockError
 
 log = logging.getLogger("foldtune")
@@ -126,9 +125,7 @@ def _write_export(run_dir: Path, out_dir: Path, fp16: bool, allow_missing_folds:
             shutil.copy2(folder.parent / RESULT_FILE, target.parent / RESULT_FILE)
             folds.append(meta["fold"])
         # The export holds exactly these folds, whatever run.json asked for.
-        run_info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (
-            run_dir / "run.json").is_file() else {}
-        atomic_write_json(tmp / "run.json", {**run_info, "folds": folds})
+        atomic_write_json(tmp / RUN_FILE, {**read_provenance(run_dir, missing_ok=True), "folds": folds})
         wheel = build_wheel(tmp, root)
         shutil.copy2(root / NOTEBOOK, tmp / NOTEBOOK.name)
         atomic_write_json(tmp / EXPORT_FILE, {

@@ -110,9 +110,13 @@ def start_run_folder(cfg: Config, run_dir: Path, ids: Sequence, fold_of: np.ndar
     atomic_write_csv(run_dir / FOLDS_FILE, pd.DataFrame({cfg.data.id_column: ids, "fold": fold_of}))
 
 
-def read_provenance(run_dir: str | Path) -> dict:
-    """The run's run.json."""
-    return json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+def read_provenance(run_dir: str | Path, missing_ok: bool = False) -> dict:
+    """The run's run.json; with missing_ok, {} for a folder without one (an export or a
+    compressed copy of an old run)."""
+    path = Path(run_dir) / RUN_FILE
+    if missing_ok and not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_run_csv(path: str | Path, id_column: str) -> pd.DataFrame:

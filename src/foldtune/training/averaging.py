@@ -24,9 +24,6 @@ class NoAveraging:
     def schedule(self, step: int, scheduler: LRScheduler) -> LRScheduler:
         return scheduler
 
-    def average(self, step: int) -> None:
-        pass
-
     def state_dict(self) -> dict:
         return {}
 

@@ -21,7 +21,7 @@ from foldtune.data.folds import assign_folds
 from foldtune.data.validate import check_data_files, load_test, load_train
 from foldtune.files import remove_orphans
 from foldtune.report import write_report_or_warn
-from foldtune.run_layout import FOLDS_FILE, FoldResult, read_run_csv, start_run_folder
+from foldtune.run_layout import CONFIG_FILE, FOLDS_FILE, FoldResult, read_run_csv, start_run_folder
 from foldtune.run_lock import RunLock
 from foldtune.runtime.precision import resolve_device
 from foldtune.training.checks import check_run
@@ -49,7 +49,7 @@ def new_run_dir(cfg: Config, config_name: str) -> RunLock:
     # Locked before the check: of two processes starting one name, one gets the folder and
     # the other an error naming it.
     lock = RunLock(run_dir, "training").acquire()
-    if (run_dir / "config.yaml").exists():
+    if (run_dir / CONFIG_FILE).exists():
         lock.release()
         raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
     remove_orphans(run_dir)

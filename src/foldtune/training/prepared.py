@@ -23,8 +23,8 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.validate import load_train
 from foldtune.files import atomic_path
 from foldtune.models.regressor import load_tokenizer
-from foldtune.run_layout import (OOF_FILE, RESULT_FILE, TOKENS_FILE, FoldResult, read_fold_result, read_run_csv,
-                                 write_fold_result)
+from foldtune.run_layout import (CONFIG_FILE, FOLDS_FILE, OOF_FILE, RESULT_FILE, TOKENS_FILE, FoldResult,
+                                 read_fold_result, read_run_csv, write_fold_result)
 from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.progress import RunProgress
@@ -120,9 +120,9 @@ class PreparedRun:
         except (ValueError, KeyError, TypeError) as err:
             return f"{RESULT_FILE} unreadable ({err})"
         try:
-            oof = read_run_csv(fold_dir / "oof.csv", self.cfg.data.id_column)
+            oof = read_run_csv(fold_dir / OOF_FILE, self.cfg.data.id_column)
         except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            return f"oof.csv missing or unreadable ({err})"
+            return f"{OOF_FILE} missing or unreadable ({err})"
         expected = self.frame[self.cfg.data.id_column].to_numpy()[self.fold_of == fold].tolist()
         id_column, targets = self.cfg.data.id_column, list(self.cfg.data.target_columns)
         if id_column not in oof or oof[id_column].tolist() != expected:
@@ -154,9 +154,9 @@ class PreparedRun:
     def load(cls, run_dir: str | Path) -> "PreparedRun":
         """Rebuild a run's shared inputs from its folder (config, folds, token ids)."""
         run_dir = Path(run_dir)
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / CONFIG_FILE)
         frame = load_train(cfg.data.train_file, cfg.data, cfg.folds)
-        fold_of = read_run_csv(run_dir / "folds.csv", cfg.data.id_column)["fold"].to_numpy(dtype=np.int64)
+        fold_of = read_run_csv(run_dir / FOLDS_FILE, cfg.data.id_column)["fold"].to_numpy(dtype=np.int64)
         with np.load(run_dir / TOKENS_FILE) as saved:
             flat, offsets = saved["ids"], saved["offsets"]
         input_ids = [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]

@@ -36,10 +36,10 @@ from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
 from foldtune.run_layout import OOF_FILE, FoldResult, oof_frame
+from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK, to_host
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.predict import padded_batches, predict_batches
 from foldtune.runtime.snapshot import Snapshot
-from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK, to_host
 from foldtune.training.averaging import build_averaging
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import NO_GRAPHS, GraphedSteps
