@@ -62,49 +62,107 @@ FOLD = re.compile(r"fold (\d+): (\d+) train / \d+ valid rows, (\d+) steps")
 PEER = "peer (HF Trainer)"
 
 
-def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """The finished command (its output also in logs/<name>.log) and its wall seconds; exits if it failed."""
+class GpuBusy:
+    """The GPU's busy fraction while a command runs: nvidia-smi's utilization.gpu (the share
+    of each sample period in which a kernel was executing), sampled every 100 ms and
+    averaged. None without nvidia-smi (a CPU machine)."""
+
+    def __enter__(self) -> "GpuBusy":
+        self.samples: list[float] = []
+        try:
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
+                 "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except (FileNotFoundError, PermissionError):
+            self.process = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            out, _ = self.process.communicate()
+            self.samples = [float(line) for line in out.split() if line.replace(".", "", 1).isdigit()]
+
+    @property
+    def fraction(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples) / 100, 3) if self.samples else None
+
+
+def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float, float | None]:
+    """The finished command (its output also in logs/<name>.log), its wall seconds and the
+    GPU's busy fraction meanwhile; exits if it failed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
-    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
+    with GpuBusy() as busy:
+        result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     (logs / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"{name} failed (exit {result.returncode}; {logs / name}.log): {last}")
-    return result, wall
+    return result, wall, busy.fraction
 
 
-def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs: Path):
+def training_flops(train_csv: Path, folds_file: str, tokenizer_folder: Path, max_len: int, epochs: int,
+                   architecture: dict) -> float:
+    """Model FLOPs of the job's training passes, counting real tokens only.
+
+    Each fold trains on the rows outside it, `epochs` times; a row of n real tokens (its
+    word pieces cut at max_len) costs n x deberta_speed.flops_per_token(n): per layer
+    3 x (24 H^2 n + 4 n^2 H + 4 x 512 H n + 4 x 512 H^2), one forward (the weight
+    products, the attention scores and values, the disentangled terms against 2k = 512
+    relative embeddings, their projections) and a backward twice its size. Not counted:
+    AWP's second pass, evaluation, and the work frozen layers skip.
+    """
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from deberta_speed import flops_per_token
+
+    texts = pd.read_csv(train_csv, dtype=str, keep_default_na=False).set_index("text_id")["full_text"]
+    folds = pd.read_csv(folds_file, dtype={"text_id": str}).set_index("text_id")["fold"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    n = np.array([min(len(ids), max_len) for ids in tokenizer(texts.loc[folds.index].tolist())["input_ids"]])
+    per_row = np.array([length * flops_per_token(length, architecture["hidden_size"],
+                                                 architecture["num_hidden_layers"]) for length in n])
+    # a row is trained by every fold but its own: n_folds - 1 times per epoch
+    return float(per_row.sum() * (folds.nunique() - 1) * epochs)
+
+
+def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs: Path, name: str = "foldtune"):
     """foldtune's row, and the run's resolved config (what the peer must match)."""
     from foldtune.config import load_config
 
     overrides = [f"model.name={backbone}", f"data.train_file={train_csv}", "data.test_file=null",
                  f"output.dir={logs}", *job_overrides]
-    result, wall = timed("foldtune", [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", "foldtune",
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")       # the run folder's and log's name
+    result, wall, busy = timed(slug, [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", slug,
                                       *overrides], logs)
     done = DONE.search(result.stderr + result.stdout)
     run_dir, after_imports = Path(done.group(1)), float(done.group(2))
     cfg = load_config(run_dir / "config.yaml")
-    folds = sorted((int(f), int(rows), int(steps)) for f, rows, steps in FOLD.findall(
-        (run_dir / "train.log").read_text()))
+    # folds trained in processes of their own log to fold_N/train.log; one line per fold either way
+    logs_text = "".join(log.read_text() for log in [run_dir / "train.log", *sorted(run_dir.glob("fold_*/train.log"))])
+    folds = sorted(set((int(f), int(rows), int(steps)) for f, rows, steps in FOLD.findall(logs_text)))
     train_rows = sum(rows for _, rows, _ in folds)
     scores = json.loads((run_dir / "scores.json").read_text())
-    return {"run": "foldtune", "oof": scores["oof"]["mcrmse"], "wall_s": round(wall, 1),
-            "after_imports_s": after_imports,
+    return {"run": name, "overrides": job_overrides, "oof": scores["oof"]["mcrmse"], "wall_s": round(wall, 1),
+            "after_imports_s": after_imports, "gpu_busy": busy, "attention": cfg.model.attention,
             "samples_per_s": round(train_rows * cfg.training.epochs / after_imports, 1),
             "steps_per_fold": [steps for _, _, steps in folds], "folds_file": str(run_dir / "folds.csv")}, cfg
 
 
 def peer_job(cfg, backbone: Path, train_csv: Path, folds_file: str, logs: Path) -> dict:
     t = cfg.training
-    result, wall = timed(
+    result, wall, busy = timed(
         "peer", [sys.executable, REPO / "benchmarks" / "peer_hf_trainer.py", "--train", train_csv, "--folds",
                  folds_file, "--model", backbone, "--epochs", t.epochs, "--lr", t.lr, "--batch-size", t.batch_size,
                  "--max-len", cfg.data.max_len], logs)
     peer = json.loads(result.stdout.strip().splitlines()[-1])["peer"]
     train_rows = sum(fold["train_rows"] for fold in peer["folds"])
     return {"run": PEER, "oof": peer["oof_mcrmse"], "wall_s": round(wall, 1), "after_imports_s": peer["seconds"],
+            "gpu_busy": busy,
             "samples_per_s": round(train_rows * t.epochs / peer["seconds"], 1),
             "steps_per_fold": [fold["steps"] for fold in peer["folds"]], "folds_file": folds_file}
 
@@ -136,13 +194,18 @@ def ceiling(architecture: dict, cfg, tokenizer_folder: Path, train_csv: Path, wo
 
 def table(rows: list[dict]) -> str:
     peer = next(row for row in rows if row["run"] == PEER)
-    lines = ["| run | OOF MCRMSE | wall s | after imports s | train samples/s | steps per fold | "
-             "vs peer (wall) | vs peer (after imports) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | OOF MCRMSE | wall s | after imports s | train samples/s | GPU busy | MFU (real tokens) | "
+             "steps per fold | vs peer (wall) | vs peer (after imports) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def share(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
     for row in rows:
         job = "oof" in row
         cells = [row["run"], f"{row['oof']:.4f}" if job else "-", row.get("wall_s", "-"),
-                 row.get("after_imports_s", "-"), row["samples_per_s"],
-                 ", ".join(map(str, row["steps_per_fold"])) if job else "-",
+                 row.get("after_imports_s", "-"), row["samples_per_s"], share(row.get("gpu_busy")),
+                 share(row.get("mfu")), ", ".join(map(str, row["steps_per_fold"])) if job else "-",
                  f"{peer['wall_s'] / row['wall_s']:.2f}x" if job else "-",
                  f"{peer['after_imports_s'] / row['after_imports_s']:.2f}x" if job else "-"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -161,6 +224,11 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models, 2 folds x 1 epoch: a CPU smoke test")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/deberta_job"))
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here (after each row)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="another foldtune row with these space-separated overrides on top, e.g. "
+                             "'5 folds at once=training.parallel_folds=5' (repeatable)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak for MFU (default an H100/H200 SXM's 989)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for foldtune, after --")
     args = parser.parse_args()
     for key, value in TINY_JOB.items() if args.tiny else ():
@@ -186,14 +254,25 @@ def main() -> int:
         train_csv = work / "train.csv"
         pd.read_csv(args.train, dtype=str, keep_default_na=False).iloc[:args.rows].to_csv(train_csv, index=False)
         row, cfg = foldtune_job(job_overrides, backbone, train_csv, args.runs_dir)
-        keep(row)
-        keep(peer_job(cfg, backbone, train_csv, row["folds_file"], args.runs_dir))
+        flops = training_flops(train_csv, row["folds_file"], args.minilm, cfg.data.max_len, cfg.training.epochs,
+                               architecture)
+
+        def with_mfu(job: dict) -> dict:
+            return {**job, "mfu": round(flops / job["after_imports_s"] / (args.peak_tflops * 1e12), 4)}
+
+        keep(with_mfu(row))
+        keep(with_mfu(peer_job(cfg, backbone, train_csv, row["folds_file"], args.runs_dir)))
+        for variant in args.variant:
+            name, _, extra = variant.partition("=")
+            # the same folds: drawn from the same rows with the same folds.seed
+            keep(with_mfu(foldtune_job([*job_overrides, *extra.split()], backbone, train_csv,
+                                       args.runs_dir, name=name.strip())[0]))
         if args.ceiling:
             keep(ceiling(architecture, cfg, args.minilm, train_csv, work, steps=2 if args.tiny else 20))
     print("\n" + table(results))
-    steps = [row["steps_per_fold"] for row in results[:2]]
-    if steps[0] != steps[1]:
-        print(f"optimizer steps per fold differ: foldtune {steps[0]}, peer {steps[1]}", file=sys.stderr)
+    steps = {row["run"]: row["steps_per_fold"] for row in results if "oof" in row}
+    if len({tuple(s) for s in steps.values()}) > 1:
+        print(f"optimizer steps per fold differ: {steps}", file=sys.stderr)
         return 1
     return 0
 
