@@ -49,13 +49,13 @@ def build_deberta_tokenizer(vocab_words: list[str]):
     return DebertaV2Tokenizer(vocab=vocab, do_lower_case=True)
 
 
-def save_tiny_deberta(folder: Path, n_layers: int) -> Path:
-    """A randomly initialised DeBERTa-v3-style model with its tokenizer, saved locally."""
+def save_tiny_deberta(folder: Path, n_layers: int, hidden_size: int = 32) -> Path:
+    """A randomly initialised DeBERTa-v3-style model (two heads) with its tokenizer, saved locally."""
     from transformers import AutoModel, DebertaV2Config
 
     tokenizer = build_deberta_tokenizer(_demo_vocab())
     config = DebertaV2Config(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=n_layers, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=512, type_vocab_size=0, position_biased_input=False,
         relative_attention=True, position_buckets=64, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
         norm_rel_ebd="layer_norm", share_att_key=True, pad_token_id=tokenizer.pad_token_id,
@@ -76,6 +76,12 @@ def tiny_deberta(tmp_path_factory) -> Path:
 def tiny_deberta_4(tmp_path_factory) -> Path:
     """Four layers: room for the recipe's frozen bottom two and re-initialised top one."""
     return save_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-4"), n_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta_wide(tmp_path_factory) -> Path:
+    """Four layers of two heads of 32 dimensions: the smallest head dflash's kernels take."""
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta-wide"), n_layers=4, hidden_size=64)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from transformers import BertConfig, BertModel, DebertaV2Config, DebertaV2Model
 
 from foldtune.config import ConfigError, load_config
 from foldtune.models import deberta_attention
-from foldtune.models.deberta_attention import use_attention
+from foldtune.models.attention import use_attention
+from foldtune.models.deberta_attention import use_flex
 from foldtune.runtime.precision import resolve_device
 from foldtune.training.checks import check_config_against_device
 
@@ -47,7 +48,7 @@ def _batch():
 def test_fused_scores_equal_transformers_on_every_real_token(share_att_key, pos_att_type, monkeypatch):
     eager = _deberta(share_att_key, pos_att_type)
     fused = copy.deepcopy(eager)
-    assert use_attention(fused, "flex") == 2
+    assert use_flex(fused) == 2
     monkeypatch.setattr(deberta_attention, "FLEX_ON_CPU", True)
     ids, mask = _batch()
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_the_switch_keeps_the_checkpoint_format():
     fused = copy.deepcopy(eager)
     use_attention(fused, "flex")
     assert list(fused.state_dict()) == list(eager.state_dict())
-    assert use_attention(_deberta(), "eager") == 0
+    assert use_attention(_deberta(), "eager") == "eager"
 
 
 def test_flex_refuses_other_backbones_and_attention_dropout():
@@ -85,14 +86,13 @@ def test_flex_refuses_other_backbones_and_attention_dropout():
         use_attention(bert, "flex")
     with pytest.raises(ValueError, match="attention_probs_dropout_prob is 0.1; set model.backbone_dropout=0.0"):
         use_attention(_deberta(attention_dropout=0.1), "flex")
-    with pytest.raises(ValueError, match="must be one of eager, flex"):
+    with pytest.raises(ValueError, match="must be one of auto, eager, flex, dflash"):
         use_attention(_deberta(), "sdpa")
 
 
-def test_the_recipe_on_cpu_is_refused_before_anything_loads_with_the_fallback_named():
+def test_flex_on_cpu_is_refused_before_anything_loads_with_the_fallback_named():
     recipe = Path(__file__).resolve().parents[1] / "configs" / "deberta_v3_base.yaml"
-    cfg = load_config(recipe, ["training.device=cpu"])
-    assert cfg.model.attention == "flex"
+    cfg = load_config(recipe, ["training.device=cpu", "model.attention=flex"])
     with pytest.raises(ConfigError, match="model.attention: flex trains on CUDA only .* set model.attention: eager"):
         check_config_against_device(cfg, resolve_device(cfg.training.device))
 
@@ -121,5 +121,5 @@ def test_every_swapped_module_is_of_one_fused_class_and_a_second_switch_changes_
     swapped = [m for m in [*model.modules(), *other.modules()] if "Disentangled" in type(m).__name__]
     assert len(swapped) == 4 and len({type(m) for m in swapped}) == 1
     before = copy.deepcopy(model.state_dict())
-    assert use_attention(model, "flex") == 2
+    assert use_flex(model) == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

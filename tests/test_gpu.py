@@ -44,8 +44,8 @@ def test_mixed_precision_training_on_cuda(precision, tiny_deberta, tmp_path):
     np.testing.assert_allclose(low, fp32, atol=0.05)
 
 
-@pytest.mark.parametrize("attention", ["eager", "flex"])
-def test_the_deberta_recipe_takes_its_steps_in_fp16_as_in_bf16(attention, tiny_deberta_4, tmp_path):
+@pytest.mark.parametrize("attention", ["eager", "flex", "dflash"])
+def test_the_deberta_recipe_takes_its_steps_in_fp16_as_in_bf16(attention, tiny_deberta_wide, tmp_path):
     # For T4 and P100 users: the recipe (LLRD, AWP, SWA, frozen bottom, re-init) under fp16
     # autocast and its grad scaler, on either attention path, takes the steps bf16 takes and
     # ends where bf16 does. At this size the head does most of the learning (on an H200 the
@@ -60,7 +60,7 @@ def test_the_deberta_recipe_takes_its_steps_in_fp16_as_in_bf16(attention, tiny_d
     oof, losses = {}, {}
     for precision in ("bf16", "fp16"):
         cfg = load_config(recipe, [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null",
-                                   "data.max_len=64", "folds.n_splits=2", f"model.name={tiny_deberta_4}",
+                                   "data.max_len=64", "folds.n_splits=2", f"model.name={tiny_deberta_wide}",
                                    "training.epochs=4", "training.lr=1e-3", "training.head_lr=1e-3",
                                    "awp.start_epoch=2", "averaging.start_epoch=4", f"model.attention={attention}",
                                    f"training.precision={precision}", "training.device=cuda"])
@@ -112,7 +112,7 @@ def _graph_cfg(tmp_path, backbone, *extra):
                               "data.max_len=64", "folds.n_splits=2", f"model.name={backbone}", "training.epochs=3",
                               "training.batch_size=8", "training.lr=1e-3", "training.eval_steps=2",
                               "training.max_grad_norm=1.0", "training.precision=fp32", "training.device=cuda",
-                              "model.backbone_dropout=0.0", *extra])
+                              "model.backbone_dropout=0.0", "model.attention=eager", *extra])
 
 
 @pytest.mark.parametrize("backbone", ["tiny_deberta", "tiny_deberta_4"])
@@ -189,16 +189,16 @@ def test_fgm_and_rdrop_change_a_graphed_run(tiny_deberta, tmp_path):
         assert np.abs(_oof_values(tmp_path / name) - _oof_values(tmp_path / "plain")).max() > 1e-3, name
 
 
-def _deberta_pair(share_att_key: bool):
-    """A random DeBERTa-v2 (buckets small enough that 200 tokens reach the log buckets)
-    and its copy with the fused attention."""
+def _deberta_pair(share_att_key: bool, attention: str):
+    """A random DeBERTa-v2 (buckets small enough that 200 tokens reach the log buckets; heads
+    of 32, which both fused paths take) and its copy with a fused attention."""
     import copy
 
     from transformers import DebertaV2Config, DebertaV2Model
 
-    from foldtune.models.deberta_attention import use_attention
+    from foldtune.models.attention import use_attention
 
-    config = DebertaV2Config(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = DebertaV2Config(vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=128, max_position_embeddings=512, type_vocab_size=0,
                              position_biased_input=False, relative_attention=True, position_buckets=16,
                              pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=share_att_key,
@@ -206,7 +206,7 @@ def _deberta_pair(share_att_key: bool):
     torch.manual_seed(0)
     eager = DebertaV2Model(config).cuda()
     fused = copy.deepcopy(eager)
-    assert use_attention(fused, "flex") == 2
+    assert use_attention(fused, attention) == attention
     ids = torch.randint(5, 300, (3, 200), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, 150:] = 0
@@ -223,9 +223,10 @@ def _outputs_and_grads(model, ids, mask, autocast: bool):
     return hidden[real].detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@pytest.mark.parametrize("attention", ["flex", "dflash"])
 @pytest.mark.parametrize("share_att_key", [True, False])
-def test_fused_disentangled_attention_matches_transformers(share_att_key):
-    eager, fused, ids, mask = _deberta_pair(share_att_key)
+def test_fused_disentangled_attention_matches_transformers(share_att_key, attention):
+    eager, fused, ids, mask = _deberta_pair(share_att_key, attention)
     ref_out, ref_grad = _outputs_and_grads(eager, ids, mask, autocast=False)
     # fp32: the same function, summed in another order
     out, grad = _outputs_and_grads(fused, ids, mask, autocast=False)
@@ -240,9 +241,11 @@ def test_fused_disentangled_attention_matches_transformers(share_att_key):
     assert (bf_grad - ref_grad).norm() / ref_grad.norm() < 2 * eager_grad_err + 1e-3
 
 
-def test_fused_attention_trains_as_transformers_attention_does(tiny_deberta, tmp_path):
-    eager = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta), tmp_path / "eager")
-    fused = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, "model.attention=flex"), tmp_path / "flex")
+@pytest.mark.parametrize("attention", ["flex", "dflash"])
+def test_fused_attention_trains_as_transformers_attention_does(attention, tiny_deberta_wide, tmp_path):
+    eager = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta_wide), tmp_path / "eager")
+    fused = run_cross_validation(_graph_cfg(tmp_path, tiny_deberta_wide, f"model.attention={attention}"),
+                                 tmp_path / "flex")
     a = pd.read_csv(tmp_path / "eager" / "oof.csv").iloc[:, 2:].to_numpy()
     b = pd.read_csv(tmp_path / "flex" / "oof.csv").iloc[:, 2:].to_numpy()
     np.testing.assert_allclose(b, a, atol=1e-3)
@@ -334,3 +337,13 @@ def test_a_run_gives_the_same_oof_with_and_without_the_device_warm_up(tiny_deber
     b = pd.read_csv(tmp_path / "warmed" / "oof.csv").iloc[:, 2:].to_numpy()
     np.testing.assert_allclose(b, a, atol=1e-4)
     assert warmed["oof"]["mcrmse"] == pytest.approx(cold["oof"]["mcrmse"], abs=1e-5)
+
+
+def test_auto_takes_flex_for_deberta_on_this_gpu_and_dflash_where_attention_dropout_is_on(tiny_deberta_wide):
+    from foldtune.models.attention import resolve_attention
+
+    with_dropout = load_config(None, [f"model.name={tiny_deberta_wide}"])        # the config's 0.1
+    assert with_dropout.model.attention == "auto"
+    assert resolve_attention(with_dropout, torch.device("cuda")).model.attention == "dflash"
+    without = load_config(None, [f"model.name={tiny_deberta_wide}", "model.backbone_dropout=0.0"])
+    assert resolve_attention(without, torch.device("cuda")).model.attention == "flex"

@@ -287,7 +287,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing; retrain this fold")
     cfg = load_config(config_file)
-    model = TextRegressor.from_backbone_config(load_backbone_config(folder), cfg.model, len(meta["target_columns"]))
+    model = TextRegressor.from_backbone_config(load_backbone_config(folder), cfg.model, len(meta["target_columns"]),
+                                               torch.device(device))
     try:
         restore_low_rank_structure(model.backbone, meta.get("low_rank"))
     except (ValueError, TypeError) as err:

@@ -114,10 +114,11 @@ class ModelConfig:
     freeze_layers: int = 0
     # Recompute activations in the backward pass: far less memory, about a third more time.
     gradient_checkpointing: bool = False
-    # Attention implementation. flex: DeBERTa-v2/v3's disentangled attention as one fused
-    # FlexAttention kernel (CUDA for training; needs attention dropout 0). eager: as
-    # transformers builds it.
-    attention: Literal["eager", "flex"] = "eager"
+    # Attention implementation (models/attention.py). eager: as transformers builds it.
+    # DeBERTa-v2/v3 only: flex, its disentangled attention as one FlexAttention kernel
+    # (CUDA; needs attention dropout 0); dflash, the Triton kernels of disentangled-flash.
+    # auto: the fastest of them this device and backbone support, chosen when a run starts.
+    attention: Literal["auto", "eager", "flex", "dflash"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.pooling_layers >= 1, "model.pooling_layers", "an integer >= 1", self.pooling_layers)
@@ -388,7 +389,8 @@ def _check_cuda_graphs(cfg: "Config") -> None:
     conflicts = [
         ("model.gradient_checkpointing: true", cfg.model.gradient_checkpointing),
         ("training.compile: true", t.compile),
-        ("model.attention: flex (a compiled kernel; untested under capture)", cfg.model.attention == "flex"),
+        (f"model.attention: {cfg.model.attention} (a fused kernel; untested under capture)",
+         cfg.model.attention in ("flex", "dflash")),
         (f"training.optimizer: {t.optimizer} (only adamw replays on the device)", t.optimizer != "adamw"),
         ("training.precision: fp16 (its grad scaler checks on the host; use bf16)", t.precision == "fp16"),
     ]

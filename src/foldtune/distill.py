@@ -163,6 +163,10 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
 
     if cfg.model.type != "transformer":
         raise ConfigError("distillation trains a transformer student: model.type must be transformer")
+    from foldtune.models.attention import resolve_attention
+    from foldtune.runtime.precision import resolve_device
+
+    cfg = resolve_attention(cfg, resolve_device(cfg.training.device))
     d = cfg.distill
     teacher = load_teacher(d.teacher)
     rows = student_rows(cfg, teacher, frame, cfg.training.device)

@@ -31,8 +31,6 @@ import math
 import torch
 from torch import nn
 
-ATTENTIONS = ("eager", "flex")
-
 # Compiled once per process (seconds of Triton compilation), shared by every model in it.
 _compiled_flex = None
 
@@ -160,17 +158,10 @@ def _disentangled_class():
     return DisentangledSelfAttention, FlexDisentangledSelfAttention
 
 
-def use_attention(backbone: nn.Module, attention: str) -> int:
-    """Switch a backbone's attention implementation; returns how many modules changed.
-
-    "eager" leaves the model as transformers built it. "flex" applies to DeBERTa-v2/v3
-    (the only family whose attention transformers does not fuse) and refuses anything
-    else, and a backbone with attention dropout, with a message that says what to set.
-    """
-    if attention not in ATTENTIONS:
-        raise ValueError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-    if attention == "eager":
-        return 0
+def use_flex(backbone: nn.Module) -> int:
+    """Swap a DeBERTa-v2/v3 backbone's attention modules for the fused class; returns how
+    many changed. Refuses any other backbone, and one with attention dropout, with a
+    message that says what to set."""
     original, fused = _disentangled_class()
     modules = [m for m in backbone.modules() if type(m) in (original, fused)]     # twice: a no-op
     if not modules:

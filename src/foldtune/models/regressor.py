@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from foldtune.config import ConfigError, ModelConfig
-from foldtune.models.deberta_attention import use_attention
+from foldtune.models.attention import use_attention
 from foldtune.models.pooling import Pooling, build_pooling
 from foldtune.models.surgery import freeze_bottom, reinit_last_layers, set_dropout
 
@@ -160,26 +160,30 @@ class TextRegressor(nn.Module):
         self.head = head
 
     @classmethod
-    def _assemble(cls, backbone: nn.Module, cfg: ModelConfig, n_targets: int) -> "TextRegressor":
+    def _assemble(cls, backbone: nn.Module, cfg: ModelConfig, n_targets: int, device: torch.device | None,
+                  for_training: bool) -> "TextRegressor":
         backbone = _drop_pooler(backbone)
         set_dropout(backbone, cfg.backbone_dropout)
-        use_attention(backbone, cfg.attention)
+        use_attention(backbone, cfg.attention, device, for_training)
         pooling = build_pooling(cfg, backbone.config.hidden_size)
         return cls(backbone, pooling, RegressionHead(pooling.out_features, n_targets, cfg.head_dropout,
                                                      cfg.head_dropout_samples))
 
     @classmethod
-    def from_backbone_config(cls, config, cfg: ModelConfig, n_targets: int) -> "TextRegressor":
-        """Architecture only (random weights), to be filled from a checkpoint."""
-        return cls._assemble(AutoModel.from_config(config), cfg, n_targets)
+    def from_backbone_config(cls, config, cfg: ModelConfig, n_targets: int,
+                             device: torch.device | None = None) -> "TextRegressor":
+        """Architecture only (random weights), to be filled from a checkpoint and predict
+        on `device` (default the GPU when there is one)."""
+        return cls._assemble(AutoModel.from_config(config), cfg, n_targets, device, for_training=False)
 
     @classmethod
-    def from_pretrained(cls, cfg: ModelConfig, n_targets: int,
-                        target_means: np.ndarray | None = None) -> "TextRegressor":
-        """The pretrained backbone with the config's surgery applied, and a fresh head."""
+    def from_pretrained(cls, cfg: ModelConfig, n_targets: int, target_means: np.ndarray | None = None,
+                        device: torch.device | None = None) -> "TextRegressor":
+        """The pretrained backbone with the config's surgery applied, and a fresh head, to
+        train on `device` (default the GPU when there is one)."""
         # Weights stored in fp16 must still train in fp32: autocast does the low precision.
         backbone = AutoModel.from_pretrained(resolve_backbone(cfg.name), dtype=torch.float32)
-        model = cls._assemble(backbone, cfg, n_targets)
+        model = cls._assemble(backbone, cfg, n_targets, device, for_training=True)
         reinit_last_layers(model.backbone, cfg.reinit_layers)
         freeze_bottom(model.backbone, cfg.freeze_embeddings, cfg.freeze_layers)
         if cfg.gradient_checkpointing:

@@ -12,6 +12,7 @@ import torch
 
 from foldtune.config import Config, ConfigError
 from foldtune.losses import LOSSES
+from foldtune.models.attention import dflash_device_problem
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import check_backbone
@@ -47,6 +48,11 @@ def check_config_against_device(cfg: Config, device: torch.device) -> None:
                           f"capability 7.0 or newer; {torch.cuda.get_device_name(device)} has "
                           f"{torch.cuda.get_device_capability(device)}: set model.attention=eager "
                           f"model.gradient_checkpointing=true")
+    if cfg.model.attention == "dflash":
+        problem = dflash_device_problem(device)
+        if problem is not None:
+            raise ConfigError(f"model.attention: dflash cannot train here: {problem}; set model.attention: auto "
+                              "(the fastest attention this machine has)")
     check_optimizer(cfg.training, device)
     precision = resolve_precision(cfg.training.precision, device)
     if cfg.training.cuda_graphs and device.type != "cuda":

@@ -20,6 +20,7 @@ from foldtune.data.demo import write_demo_files
 from foldtune.data.folds import assign_folds
 from foldtune.data.validate import check_data_files, load_test, load_train
 from foldtune.files import remove_orphans
+from foldtune.models.attention import resolve_attention
 from foldtune.report import write_report_or_warn
 from foldtune.run_layout import CONFIG_FILE, FOLDS_FILE, FoldResult, read_run_csv, start_run_folder
 from foldtune.run_lock import RunLock
@@ -127,9 +128,11 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     """
     if frame is None:
         frame = load_inputs(cfg, fold_parallel)
+    launch = current_launch()
+    # before config.yaml is written: the run records the attention it trains with
+    cfg = resolve_attention(cfg, launch.local_device(resolve_device(cfg.training.device)))
     run_dir = Path(run_dir)
     folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
-    launch = current_launch()
     launch_info = ({"processes": launch.world_size, "process_mode": "fold_parallel" if fold_parallel
                     else "data_parallel"} if launch.world_size > 1 else None)
     fold_of = launch.run_on_main(lambda: saved_folds(cfg, run_dir, frame) if resume

@@ -121,7 +121,7 @@ class FoldTrainer:
         seed_everything(self.cfg.training.seed, self.cfg.training.deterministic)
         mcfg = self.cfg.model
         means = self.data.train.targets.mean(dim=0).numpy() if mcfg.init_head_bias else None
-        self.model = TextRegressor.from_pretrained(mcfg, len(self.data.target_columns), means)
+        self.model = TextRegressor.from_pretrained(mcfg, len(self.data.target_columns), means, self.device)
         self._setup_data()
         with CUDA_LAUNCH_LOCK:
             self._setup_on_device()
