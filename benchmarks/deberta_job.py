@@ -167,7 +167,8 @@ def peer_job(cfg, backbone: Path, train_csv: Path, folds_file: str, logs: Path) 
             "steps_per_fold": [fold["steps"] for fold in peer["folds"]], "folds_file": folds_file}
 
 
-def ceiling(architecture: dict, cfg, tokenizer_folder: Path, train_csv: Path, work: Path, steps: int) -> dict:
+def ceiling(architecture: dict, cfg, tokenizer_folder: Path, train_csv: Path, work: Path, steps: int,
+            profile: bool = False) -> dict:
     """The same-shape BERT's training-step throughput at the recipe's batch size, on the essays' lengths."""
     import numpy as np
     from transformers import AutoModel, AutoTokenizer, BertConfig
@@ -185,11 +186,12 @@ def ceiling(architecture: dict, cfg, tokenizer_folder: Path, train_csv: Path, wo
     AutoModel.from_config(BertConfig(**shape, max_position_embeddings=cfg.data.max_len)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     row = measure("BERT shape, SDPA", PLAIN + [f"data.max_len={cfg.data.max_len}"], lengths, folder, tokenizer,
-                  steps, architecture=architecture)
+                  steps, profile=profile, architecture=architecture)
     # measure's FLOPs count DeBERTa's disentangled terms, which BERT has not: no MFU here
     return {"run": f"ceiling: same-shape BERT, SDPA, batch {cfg.training.batch_size} (training steps only)",
             "samples_per_s": row["samples_per_s"], "timed_steps": row["steps"], "peak_gib": row["peak_gib"],
-            "padding_share": row["padding_share"]}
+            "padding_share": row["padding_share"],
+            **{key: row[key] for key in ("top_kernels", "attention_forward_share") if key in row}}
 
 
 def table(rows: list[dict]) -> str:
@@ -221,6 +223,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default the config's (--tiny 1)")
     parser.add_argument("--max-len", type=int, default=None, help="default the config's (--tiny 64)")
     parser.add_argument("--ceiling", action="store_true", help="also the same-shape BERT SDPA step throughput")
+    parser.add_argument("--profile", action="store_true",
+                        help="the ceiling row also profiles its step (torch.profiler's top kernels; CUDA only)")
     parser.add_argument("--tiny", action="store_true", help="tiny models, 2 folds x 1 epoch: a CPU smoke test")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/deberta_job"))
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here (after each row)")
@@ -268,7 +272,8 @@ def main() -> int:
             keep(with_mfu(foldtune_job([*job_overrides, *extra.split()], backbone, train_csv,
                                        args.runs_dir, name=name.strip())[0]))
         if args.ceiling:
-            keep(ceiling(architecture, cfg, args.minilm, train_csv, work, steps=2 if args.tiny else 20))
+            keep(ceiling(architecture, cfg, args.minilm, train_csv, work, steps=2 if args.tiny else 20,
+                         profile=args.profile))
     print("\n" + table(results))
     steps = {row["run"]: row["steps_per_fold"] for row in results if "oof" in row}
     if len({tuple(s) for s in steps.values()}) > 1:

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -159,13 +160,12 @@ def profile_step(trainer, batch) -> list:
 
 
 def attention_share(trainer, batch) -> float:
-    """Share of the forward pass spent inside the disentangled self-attention modules."""
-    from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
-
+    """Share of the forward pass spent inside the self-attention modules (DeBERTa's
+    disentangled ones under any attention path, BERT's)."""
     spans = []
     hooks = []
     for module in trainer.model.modules():
-        if isinstance(module, DisentangledSelfAttention):
+        if type(module).__name__.endswith("SelfAttention"):
             def pre(mod, args, kwargs=None):
                 mod._start = torch.cuda.Event(enable_timing=True)
                 mod._start.record()
@@ -198,6 +198,7 @@ RECIPE = ["data.max_len=1024", "model.attention=eager", "model.gradient_checkpoi
 # The fused attention has no attention dropout: each flex row sits beside its eager twin
 # without dropout, so the difference is the kernel alone.
 FLEX = ["model.attention=flex", "model.backbone_dropout=0.0"]
+DFLASH = ["model.attention=dflash", "model.backbone_dropout=0.0"]
 NO_DROPOUT = ["model.backbone_dropout=0.0"]
 NO_CKPT = ["model.gradient_checkpointing=false"]
 CKPT = ["model.gradient_checkpointing=true"]
@@ -212,6 +213,9 @@ SETTINGS = {
     "plain+nodrop": PLAIN + NO_DROPOUT,
     "plain+flex": PLAIN + FLEX,
     "plain+flex+bucket": PLAIN + BUCKET + FLEX,
+    "plain+dflash": PLAIN + DFLASH,
+    "plain+dflash+bucket": PLAIN + BUCKET + DFLASH,
+    "recipe-ckpt+dflash": RECIPE + NO_CKPT + DFLASH,
     "plain+ckpt+flex": PLAIN + CKPT + FLEX,
     "recipe+nodrop": RECIPE + NO_DROPOUT,
     "recipe+flex": RECIPE + FLEX,
@@ -233,6 +237,7 @@ MEMORY = {
     "full fine-tune, no checkpointing, flex": (PLAIN + FLEX, 1024),
     "recipe, flex": (RECIPE + FLEX, 1024),
     "recipe without checkpointing, flex": (RECIPE + NO_CKPT + FLEX, 1024),
+    "recipe without checkpointing, dflash": (RECIPE + NO_CKPT + DFLASH, 1024),
     "committed recipe at its max_len 1536": (["data.max_len=1536"], 1536),
     "committed recipe at its max_len 1536, batch 4 x accumulation 2": (
         ["data.max_len=1536", "training.batch_size=4", "training.gradient_accumulation_steps=2"], 1536),
@@ -253,7 +258,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", required=True, help="token lengths of the real texts, one per line")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--only", default=None, help="comma-separated setting names")
+    parser.add_argument("--only", default=None, help="setting names separated by commas (no space after them)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--architecture", default=None, help="JSON of DebertaV2Config changes (a smoke test)")
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="the DeBERTa-v3 model's size")
@@ -262,7 +267,8 @@ def main() -> int:
     args = parser.parse_args()
     architecture = {**DEBERTA_V3_BASE, **SIZES[args.size], **json.loads(args.architecture or "{}")}
     lengths = np.loadtxt(args.lengths, dtype=np.int64)
-    only = args.only.split(",") if args.only else None
+    # names hold ", " themselves: only a comma without a space after it separates them
+    only = re.split(r",(?! )", args.only) if args.only else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"deberta-v3-{args.size}-random"
@@ -272,7 +278,7 @@ def main() -> int:
             if only and name not in only:
                 continue
             rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps,
-                                profile=name in ("plain", "plain+flex"), **common))
+                                profile=name in ("plain", "plain+flex", "plain+dflash"), **common))
         for name, (overrides, width) in MEMORY.items():
             if only and "memory" not in only and name not in only:
                 continue
