@@ -196,3 +196,27 @@ def test_dflash_on_a_cpu_is_refused_before_anything_loads():
 def test_cuda_graphs_refuse_dflash_with_the_key_named():
     with pytest.raises(ConfigError, match="model.attention: dflash \\(a fused kernel; untested under capture\\)"):
         load_config(None, ["model.attention=dflash", "training.cuda_graphs=true"])
+
+
+def test_a_trainer_given_auto_pads_batches_for_the_attention_auto_put_in_place(tiny_deberta_wide, monkeypatch,
+                                                                               tmp_path):
+    """Flex compiles a kernel per width: batches are padded to multiples of 64 whether the
+    config said flex or auto chose it (a FoldTrainer built without a run's resolution)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from foldtune.data.dataset import TextDataset
+    from foldtune.training.trainer import FoldData, FoldTrainer
+
+    monkeypatch.setattr(attention, "fused_on", lambda device: True)    # as on a GPU Triton compiles for
+    ids = [[2, 5, 6, 3], [2, 7, 3]]
+    targets = np.ones((2, 6), dtype=np.float32)
+    data = FoldData(0, TextDataset(ids, targets), TextDataset(ids, targets), ["a", "b"], np.arange(2),
+                    ("a", "b", "c", "d", "e", "f"), (1.0, 5.0))
+    pads = {}
+    for name in ("auto", "eager"):
+        cfg = load_config(None, [f"model.name={tiny_deberta_wide}", f"model.attention={name}",
+                                 "model.backbone_dropout=0.0", "training.device=cpu"])
+        trainer = FoldTrainer(cfg, data, AutoTokenizer.from_pretrained(tiny_deberta_wide), tmp_path / name).setup()
+        pads[name] = (trainer.model.attention, trainer.pad_multiple)
+    assert pads == {"auto": ("flex", 64), "eager": ("eager", 1)}

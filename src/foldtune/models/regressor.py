@@ -158,16 +158,19 @@ class TextRegressor(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.head = head
+        self.attention = "eager"
 
     @classmethod
     def _assemble(cls, backbone: nn.Module, cfg: ModelConfig, n_targets: int, device: torch.device | None,
                   for_training: bool) -> "TextRegressor":
         backbone = _drop_pooler(backbone)
         set_dropout(backbone, cfg.backbone_dropout)
-        use_attention(backbone, cfg.attention, device, for_training)
+        attention = use_attention(backbone, cfg.attention, device, for_training)
         pooling = build_pooling(cfg, backbone.config.hidden_size)
-        return cls(backbone, pooling, RegressionHead(pooling.out_features, n_targets, cfg.head_dropout,
-                                                     cfg.head_dropout_samples))
+        model = cls(backbone, pooling, RegressionHead(pooling.out_features, n_targets, cfg.head_dropout,
+                                                      cfg.head_dropout_samples))
+        model.attention = attention     # what is in place (auto resolved): flex needs static widths
+        return model
 
     @classmethod
     def from_backbone_config(cls, config, cfg: ModelConfig, n_targets: int,

@@ -181,7 +181,7 @@ class FoldTrainer:
 
     def _setup_data(self) -> None:
         tcfg = self.cfg.training
-        static = tcfg.compile or tcfg.cuda_graphs or self.cfg.model.attention == "flex"
+        static = tcfg.compile or tcfg.cuda_graphs or self.model.attention == "flex"
         self.pad_multiple = STATIC_PAD_MULTIPLE if static else 1
         collate = PaddedRows(self.data.train, self.tokenizer.pad_token_id, self.pad_multiple)
         rows = range(len(self.data.train))      # the loader hands row numbers to PaddedRows
