@@ -17,7 +17,8 @@ import yaml
 
 from foldtune.config import ConfigError, load_config
 from foldtune.models import attention
-from foldtune.models.attention import choose_attention, resolve_attention, use_attention
+from foldtune.models.attention import choose_attention, use_attention
+from foldtune.training.checks import resolve_attention
 
 pytest.importorskip("disentangled_flash")
 

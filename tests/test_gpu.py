@@ -340,7 +340,7 @@ def test_a_run_gives_the_same_oof_with_and_without_the_device_warm_up(tiny_deber
 
 
 def test_auto_takes_flex_for_deberta_on_this_gpu_and_dflash_where_attention_dropout_is_on(tiny_deberta_wide):
-    from foldtune.models.attention import resolve_attention
+    from foldtune.training.checks import resolve_attention
 
     with_dropout = load_config(None, [f"model.name={tiny_deberta_wide}"])        # the config's 0.1
     assert with_dropout.model.attention == "auto"

@@ -159,13 +159,12 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
     from foldtune.models.regressor import load_tokenizer
     from foldtune.files import file_sha256
     from foldtune.run_layout import OOF_FILE, SCORES_FILE, fold_dir, oof_frame, start_run_folder, write_fold_result
+    from foldtune.runtime.precision import resolve_device
+    from foldtune.training.checks import resolve_attention
     from foldtune.training.trainer import FoldData, FoldTrainer
 
     if cfg.model.type != "transformer":
         raise ConfigError("distillation trains a transformer student: model.type must be transformer")
-    from foldtune.models.attention import resolve_attention
-    from foldtune.runtime.precision import resolve_device
-
     cfg = resolve_attention(cfg, resolve_device(cfg.training.device))
     d = cfg.distill
     teacher = load_teacher(d.teacher)

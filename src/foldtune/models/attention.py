@@ -6,7 +6,8 @@
 - dflash: the same attention in the Triton training kernels of `disentangled-flash`
   (pinned below; installed by requirements.txt, but foldtune runs without it). Its
   kernels take any length without compiling per width and apply attention dropout.
-- auto: the fastest of these that this device and backbone support (choose_attention),
+- auto: the fastest of these that this device and backbone support (choose_attention;
+  training/checks.py resolve_attention applies it),
   chosen once when a run starts and written into its config.yaml (so a resumed or
   predicted run keeps it).
 
@@ -149,21 +150,3 @@ def _use_dflash(backbone: nn.Module, device: torch.device, for_training: bool) -
                          f"(its {DFLASH_BACKEND} kernels are not usable here); set model.attention=flex or eager")
     return "dflash"
 
-
-def resolve_attention(cfg, device: torch.device):
-    """`cfg` with model.attention auto replaced by this device's choice (choose_attention),
-    logged with the reason; any other value unchanged. Called as a run starts, before its
-    config.yaml is written."""
-    import dataclasses
-
-    from foldtune.models.regressor import load_backbone_config, resolve_backbone
-
-    if cfg.model.attention != "auto" or cfg.model.type != "transformer":
-        return cfg
-    if cfg.training.cuda_graphs:
-        choice, why = "eager", "training.cuda_graphs: true (fused kernels are not captured)"
-    else:
-        config = load_backbone_config(resolve_backbone(cfg.model.name))
-        choice, why = choose_attention(config, device, cfg.model.backbone_dropout)
-    log.info("model.attention auto: %s (%s)", choice, why)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=choice))

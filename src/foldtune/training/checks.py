@@ -8,19 +8,24 @@ through cross_validation.load_inputs. The checks of one section alone live in co
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import torch
 
 from foldtune.config import Config, ConfigError
 from foldtune.losses import LOSSES
-from foldtune.models.attention import dflash_device_problem
+from foldtune.models.attention import choose_attention, dflash_device_problem
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
-from foldtune.models.regressor import check_backbone
+from foldtune.models.regressor import check_backbone, load_backbone_config, resolve_backbone
 from foldtune.optim.factory import check_optimizer
 from foldtune.runtime.precision import resolve_precision
 from foldtune.training.distributed import check_launch
 from foldtune.training.progress import progress_settings
 from foldtune.training.step import check_techniques
+
+log = logging.getLogger("foldtune")
 
 
 def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel: bool) -> None:
@@ -64,3 +69,18 @@ def check_config_against_device(cfg: Config, device: torch.device) -> None:
     if cfg.training.target_weights is not None and len(cfg.training.target_weights) != len(cfg.data.target_columns):
         raise ConfigError(f"training.target_weights has {len(cfg.training.target_weights)} values for "
                           f"{len(cfg.data.target_columns)} targets ({', '.join(cfg.data.target_columns)})")
+
+
+def resolve_attention(cfg: Config, device: torch.device) -> Config:
+    """`cfg` with model.attention auto replaced by this device's choice (choose_attention),
+    logged with the reason; any other value unchanged. Called as a run starts, before its
+    config.yaml is written."""
+    if cfg.model.attention != "auto" or cfg.model.type != "transformer":
+        return cfg
+    if cfg.training.cuda_graphs:
+        choice, why = "eager", "training.cuda_graphs: true (fused kernels are not captured)"
+    else:
+        config = load_backbone_config(resolve_backbone(cfg.model.name))
+        choice, why = choose_attention(config, device, cfg.model.backbone_dropout)
+    log.info("model.attention auto: %s (%s)", choice, why)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=choice))

@@ -20,12 +20,11 @@ from foldtune.data.demo import write_demo_files
 from foldtune.data.folds import assign_folds
 from foldtune.data.validate import check_data_files, load_test, load_train
 from foldtune.files import remove_orphans
-from foldtune.models.attention import resolve_attention
 from foldtune.report import write_report_or_warn
 from foldtune.run_layout import CONFIG_FILE, FOLDS_FILE, FoldResult, read_run_csv, start_run_folder
 from foldtune.run_lock import RunLock
 from foldtune.runtime.precision import resolve_device
-from foldtune.training.checks import check_run
+from foldtune.training.checks import check_run, resolve_attention
 from foldtune.training.distributed import OneProcess, current_launch, launched_world_size
 from foldtune.training.prepared import PreparedRun, finished_folds, tokenized_run
 from foldtune.training.schedulers import fold_scheduler
