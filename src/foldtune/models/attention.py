@@ -5,11 +5,11 @@
   (deberta_attention.py). Compiles a kernel per batch width; no attention dropout.
 - dflash: the same attention in the Triton training kernels of `disentangled-flash`
   (pinned below; installed by requirements.txt, but foldtune runs without it). Its
-  kernels take any length without compiling per width and apply attention dropout.
-- auto: the fastest of these that this device and backbone support (choose_attention;
-  training/checks.py resolve_attention applies it),
-  chosen once when a run starts and written into its config.yaml (so a resumed or
-  predicted run keeps it).
+  kernels serve families of lengths (tuned on first use, not compiled per width), apply
+  attention dropout and take a third less memory than flex.
+- auto: the fastest of these that this device and backbone support (choose_attention),
+  chosen once when a run starts (training/checks.py: resolve_attention) and written into
+  its config.yaml, so a resumed or predicted run keeps it.
 
 Every choice keeps the checkpoint format: a run trained with one predicts with another.
 Prediction with a run trained under dflash, where the package or a GPU is missing (a
