@@ -62,7 +62,7 @@ VOCABULARY_FILE = "vocabulary.json"
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 # Shallow, slow trees: a level-2 model has few features and a few thousand rows. No early
 # stopping, so that no random validation split is drawn and the fit is the same each time.
-HGB_SETTINGS = dict(learning_rate=0.05, max_iter=200, max_leaf_nodes=15, min_samples_leaf=40,
+HGB_SETTINGS = dict(learning_rate=0.05, max_iter=200, max_leaf_nodes=15, min_samples_leaf=20,
                     l2_regularization=1.0, early_stopping=False, random_state=0)
 
 
