@@ -126,7 +126,7 @@ def test_each_folds_rows_are_predicted_by_a_ridge_fitted_on_the_other_folds(thre
     assert scores["oof"] == stack["scores"]["stack_nested_oof"] and scores["n_rows"] == 45
     assert scores["folds"]["1"]["mcrmse"] == pytest.approx(mcrmse(y[folds == 1], nested[folds == 1]), abs=1e-12)
     printed = capsys.readouterr().out
-    assert f"stack (ridge), nested OOF" in printed and f"{mcrmse(y, nested):.4f}" in printed
+    assert "stack (ridge), nested OOF" in printed and f"{mcrmse(y, nested):.4f}" in printed
 
 
 def test_hgb_folds_are_fitted_on_the_other_folds_and_read_back(three_fold_runs, monkeypatch):
