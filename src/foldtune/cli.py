@@ -329,8 +329,9 @@ def _infer(argv: Sequence[str] | None, prog: str) -> int:
     parser.add_argument("--run", action="append", default=None,
                         help="run folder (or exported folder); repeat to average runs (default: the latest under "
                              "runs/)")
-    parser.add_argument("--blend", default=None, metavar="BLEND_JSON",
-                        help="blend the runs of this file (foldtune ensemble) with its per-target weights")
+    parser.add_argument("--blend", default=None, metavar="BLEND_OR_STACK",
+                        help="blend the runs of this file (foldtune ensemble) with its per-target weights, or stack "
+                             "them with the models of this stack folder (foldtune ensemble --stack)")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the latest run (default: %(default)s)")
     parser.add_argument("--weights", default=None,
                         help="one weight per --run, e.g. 0.6,0.4 (normalised to sum to one; default: equal)")

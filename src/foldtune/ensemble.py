@@ -10,6 +10,8 @@ score is the one to compare with a single run's OOF.
 
 blend.json holds the members (paths relative to the file), the targets, the weights,
 both scores and every member's OOF score; `infer.py --blend blend.json` reads it.
+
+`foldtune ensemble --stack RUN ... --out FOLDER` fits a level-2 model instead (foldtune.stack).
 """
 
 from __future__ import annotations
@@ -226,6 +228,13 @@ def _find_train_file(member: Member) -> Path:
 def true_targets(member: Member, ids: Sequence[str], train_file: str | Path | None = None) -> np.ndarray:
     """The true targets of `ids`, from the run's train file (checked against the SHA-256
     the run recorded, when it did)."""
+    rows = train_rows(member, ids, train_file)
+    return rows[list(member.cfg.data.target_columns)].to_numpy(dtype=np.float64)
+
+
+def train_rows(member: Member, ids: Sequence[str], train_file: str | Path | None = None) -> pd.DataFrame:
+    """The rows of `ids`, in that order, from the run's train file (checked against the
+    SHA-256 the run recorded, when it did), indexed by id."""
     from foldtune.data.validate import load_train
     from foldtune.files import file_sha256
 
@@ -238,7 +247,7 @@ def true_targets(member: Member, ids: Sequence[str], train_file: str | Path | No
     unknown = [i for i in ids if i not in frame.index]
     if unknown:
         raise EnsembleError(f"{path} has no row with id {unknown[0]} ({len(unknown)} OOF ids missing)")
-    return frame.loc[list(ids), list(member.cfg.data.target_columns)].to_numpy(dtype=np.float64)
+    return frame.loc[list(ids)]
 
 
 # --- the blend file -------------------------------------------------------------------
@@ -303,16 +312,22 @@ def blend_weights(blend: dict) -> np.ndarray:
     return np.array([blend["weights"][t] for t in blend["target_columns"]], dtype=np.float64)
 
 
-def format_report(blend: dict) -> str:
-    targets = blend["target_columns"]
-    rows = [(name, rep) for name, rep in blend["members_oof"].items()]
-    rows += [("blend, in-sample weights", blend["oof_in_sample"]), ("blend, honest (other folds' weights)",
-                                                                     blend["oof_honest"])]
+def score_table(rows: Sequence[tuple[str, dict]], targets: Sequence[str]) -> list[str]:
+    """The lines of a table of OOF scores (score_report's), one row per (name, report)."""
     width = max(len(name) for name, _ in rows)
     lines = [f"{'OOF':<{width}}  " + "  ".join(f"{t[:11]:>11}" for t in targets) + "       MCRMSE"]
     for name, rep in rows:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{rep['per_target'][t]:>11.4f}" for t in targets)
                      + f"  {rep['mcrmse']:>11.4f}")
+    return lines
+
+
+def format_report(blend: dict) -> str:
+    targets = blend["target_columns"]
+    rows = [(name, rep) for name, rep in blend["members_oof"].items()]
+    rows += [("blend, in-sample weights", blend["oof_in_sample"]), ("blend, honest (other folds' weights)",
+                                                                     blend["oof_honest"])]
+    lines = score_table(rows, targets)
     lines.append("weights (" + blend["method"] + "), members in the order above:")
     for t in targets:
         lines.append(f"  {t}: " + ", ".join(f"{w:.3f}" for w in blend["weights"][t]))
@@ -327,12 +342,27 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--run", action="append", help="a run folder (with oof.csv and config.yaml); repeat for "
                                                          "each run to blend")
     parser.add_argument("positional", nargs="*", help=argparse.SUPPRESS)   # RUN ...: before --run
-    parser.add_argument("--out", required=True, help="blend file to write, e.g. blend.json")
-    parser.add_argument("--method", default="nnls", help="nnls (exact least squares on the simplex) or hill "
+    parser.add_argument("--out", required=True, help="blend file to write, e.g. blend.json (with --stack: a folder)")
+    parser.add_argument("--method", default=None, help="nnls (exact least squares on the simplex) or hill "
                                                          "(greedy selection with replacement); default: nnls")
     parser.add_argument("--train", default=None, help="train CSV with the true targets (default: the first "
                                                       "run's data.train_file)")
+    parser.add_argument("--stack", nargs="+", default=None, metavar="RUN",
+                        help="instead of a blend, a level-2 model per target over these runs' OOF predictions and "
+                             "text statistics, fitted and scored fold by fold (foldtune.stack); --out names its "
+                             "folder")
+    parser.add_argument("--model", default=None, help="with --stack: ridge (standardised, alpha by leave-one-out) "
+                                                      "or hgb (HistGradientBoostingRegressor); default: ridge")
     args = parser.parse_intermixed_args(argv)
+    if args.stack:
+        if args.run or args.positional or args.method:
+            parser.error("--stack names its runs: --run, RUN ... and --method do not apply")
+        from foldtune.stack import stack_main
+
+        return stack_main(args.stack, args.out, args.model or "ridge", args.train)
+    if args.model:
+        parser.error("--model applies to --stack only (a blend has --method)")
+    args.method = args.method or "nnls"
     runs_from_positionals(parser, args)
     from foldtune.config import ConfigError
     from foldtune.data.validate import DataError

@@ -396,12 +396,33 @@ def _log_speed(n_texts: int, seconds: float, what: str) -> None:
              n_texts, what, seconds, 1000 * seconds / max(n_texts, 1))
 
 
+def _member_predictions(runs: Sequence[Path], cfgs: Sequence, texts: Sequence[str], targets: Sequence[str],
+                        source: str | Path, batch_size: int | None, device: str) -> list[tuple[np.ndarray, dict]]:
+    """Each member run's fold average for `texts` and its metadata, raw; a run predicting
+    other targets than `source` (a blend or stack file) expects is refused."""
+    from foldtune.ensemble import EnsembleError
+
+    members = []
+    for run, cfg in zip(runs, cfgs):
+        member_started = time.perf_counter()
+        preds, meta = predict_run(run, texts, batch_size or cfg.training.eval_batch_size, device)
+        if meta["target_columns"] != list(targets):
+            raise EnsembleError(f"{run} predicts {meta['target_columns']}, {source} expects {list(targets)}")
+        members.append((preds, meta))
+        _log_speed(len(texts), time.perf_counter() - member_started, f"{meta['n_folds']} fold(s) of {run}")
+    return members
+
+
 def run_blend_inference(blend_file: str | Path, test_file: str | Path | None, out: str | Path | None,
                         batch_size: int | None = None, clip: bool = True, device: str = "auto") -> Path:
     """`infer.py --blend`: each member run's fold average (clipped as `infer.py --run`
-    clips it), then per target the weighted sum with the blend file's weights."""
-    from foldtune.ensemble import EnsembleError, apply_weights, blend_weights, read_blend
+    clips it), then per target the weighted sum with the blend file's weights. A stack
+    (a folder, or its stack.json) goes to run_stack_inference."""
+    from foldtune.ensemble import apply_weights, blend_weights, read_blend
+    from foldtune.stack import is_stack
 
+    if is_stack(blend_file):
+        return run_stack_inference(blend_file, test_file, out, batch_size, clip, device)
     blend, runs = read_blend(blend_file)
     cfgs = [load_config(run / "config.yaml") for run in runs]
     data = cfgs[0].data
@@ -409,19 +430,38 @@ def run_blend_inference(blend_file: str | Path, test_file: str | Path | None, ou
     texts = test[data.text_column].tolist()
     members = []
     started = time.perf_counter()
-    for run, cfg in zip(runs, cfgs):
-        member_started = time.perf_counter()
-        preds, meta = predict_run(run, texts, batch_size or cfg.training.eval_batch_size, device)
-        if meta["target_columns"] != blend["target_columns"]:
-            raise EnsembleError(f"{run} predicts {meta['target_columns']}, the blend {blend_file} expects "
-                                f"{blend['target_columns']}")
-        if clip:
-            preds = np.clip(preds, *clip_range(cfg.data, meta))
-        members.append(preds)
-        _log_speed(len(texts), time.perf_counter() - member_started, f"{meta['n_folds']} fold(s) of {run}")
+    for cfg, (preds, meta) in zip(cfgs, _member_predictions(runs, cfgs, texts, blend["target_columns"], blend_file,
+                                                              batch_size, device)):
+        members.append(np.clip(preds, *clip_range(cfg.data, meta)) if clip else preds)
     blended = apply_weights(np.stack(members), blend_weights(blend)).astype(np.float32)
     _log_speed(len(texts), time.perf_counter() - started, f"the blend of {len(runs)} runs")
     out = Path(out) if out else Path(blend_file).with_name("submission.csv")
     write_submission(out, test[data.id_column].tolist(), blended, blend["target_columns"], data.id_column)
     log.info("wrote %s: %d rows, %d runs blended with the weights of %s", out, len(test), len(runs), blend_file)
+    return out
+
+
+def run_stack_inference(stack_path: str | Path, test_file: str | Path | None, out: str | Path | None,
+                        batch_size: int | None = None, clip: bool = True, device: str = "auto") -> Path:
+    """`infer.py --blend STACK`: each member run's fold average, raw (the stack was fitted
+    on raw OOF predictions), the test texts' statistics, the stack's model per target;
+    the result clipped as `infer.py --run` clips the first member's predictions."""
+    from foldtune.stack import read_stack
+
+    stack = read_stack(stack_path)
+    cfgs = [load_config(run / "config.yaml") for run in stack.runs]
+    data = cfgs[0].data
+    test = _read_test(test_file, stack.runs[0], data)
+    texts = test[data.text_column].tolist()
+    started = time.perf_counter()
+    members = _member_predictions(stack.runs, cfgs, texts, stack.target_columns, stack_path, batch_size, device)
+    preds = stack.predict(np.stack([p for p, _ in members]), texts)
+    if clip:
+        preds = np.clip(preds, *clip_range(data, members[0][1]))
+    _log_speed(len(texts), time.perf_counter() - started, f"the stack of {len(stack.runs)} runs")
+    out = Path(out) if out else stack.folder / "submission.csv"
+    write_submission(out, test[data.id_column].tolist(), preds.astype(np.float32), stack.target_columns,
+                     data.id_column)
+    log.info("wrote %s: %d rows, %d runs stacked by the %s models of %s", out, len(test), len(stack.runs),
+             stack.record["model"], stack_path)
     return out
