@@ -121,7 +121,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError, ConfigOrigin, load_config, path_problem
     from foldtune.data.validate import DataError, with_folds_of_column
-    from foldtune.ensemble import EnsembleError
+    from foldtune.blend import EnsembleError
     from foldtune.files import as_write_error
     from foldtune.run_lock import NO_LOCK, RunLock, RunLockError
     from foldtune.training.state import StateError
@@ -360,7 +360,7 @@ def _infer(argv: Sequence[str] | None, prog: str) -> int:
 
     setup_console_logging()
     try:
-        from foldtune.ensemble import EnsembleError
+        from foldtune.blend import EnsembleError
         from foldtune.inference import latest_run, parse_weights, run_blend_inference, run_inference
 
         if args.batch_size is not None and args.batch_size < 1:

@@ -57,7 +57,7 @@ class Teacher:
     oof: np.ndarray                         # (members, rows, targets), rows in `ids` order
 
     def blend(self, preds: np.ndarray, fold: int | None = None) -> np.ndarray:
-        from foldtune.ensemble import apply_weights
+        from foldtune.blend import apply_weights
 
         return apply_weights(preds, self.weights if fold is None else self.fold_weights[fold])
 
@@ -76,7 +76,7 @@ class Teacher:
 
 def load_teacher(path: str | Path) -> Teacher:
     """A blend file, or a run folder (a blend of one with weight one)."""
-    from foldtune.ensemble import aligned_oof, blend_weights, load_member, read_blend
+    from foldtune.blend import aligned_oof, blend_weights, load_member, read_blend
 
     path = Path(path)
     if path.is_dir():

@@ -400,7 +400,7 @@ def _member_predictions(runs: Sequence[Path], cfgs: Sequence, texts: Sequence[st
                         source: str | Path, batch_size: int | None, device: str) -> list[tuple[np.ndarray, dict]]:
     """Each member run's fold average for `texts` and its metadata, raw; a run predicting
     other targets than `source` (a blend or stack file) expects is refused."""
-    from foldtune.ensemble import EnsembleError
+    from foldtune.blend import EnsembleError
 
     members = []
     for run, cfg in zip(runs, cfgs):
@@ -418,7 +418,7 @@ def run_blend_inference(blend_file: str | Path, test_file: str | Path | None, ou
     """`infer.py --blend`: each member run's fold average (clipped as `infer.py --run`
     clips it), then per target the weighted sum with the blend file's weights. A stack
     (a folder, or its stack.json) goes to run_stack_inference."""
-    from foldtune.ensemble import apply_weights, blend_weights, read_blend
+    from foldtune.blend import apply_weights, blend_weights, read_blend
     from foldtune.stack import is_stack
 
     if is_stack(blend_file):

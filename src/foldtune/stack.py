@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from foldtune.config import path_problem, save_config
-from foldtune.ensemble import (MAX_EXACT_MEMBERS, EnsembleError, aligned_oof, honest_blend, load_member, score_table,
+from foldtune.blend import (MAX_EXACT_MEMBERS, EnsembleError, aligned_oof, honest_blend, load_member, score_table,
                                train_rows)
 from foldtune.files import atomic_directory, file_sha256
 from foldtune.metrics import score_report
