@@ -24,6 +24,7 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
+from foldtune.run_layout import CONFIG_FILE as RUN_CONFIG_FILE
 from foldtune.run_layout import RESULT_FILE, RUN_FILE, fold_finished, fold_seeds, read_provenance
 from foldtune.runtime.precision import Precision, resolve_device, resolve_precision
 from foldtune.runtime.predict import predict
@@ -61,7 +62,7 @@ class UnfinishedFolds(CheckpointError):
 def run_seeds(run_dir: str | Path) -> tuple[int, ...] | None:
     """The seeds each fold of the run trained (training.seeds of its config.yaml); None: one
     model a fold, in fold_k/best (so too for a folder without a config.yaml)."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = Path(run_dir) / RUN_CONFIG_FILE
     return load_config(path).training.seeds if path.is_file() else None
 
 
