@@ -227,3 +227,15 @@ def test_seeds_trained_in_processes_side_by_side_give_the_sequential_oof(tiny_be
                          "training.parallel_mode=processes")
     assert (run / "oof.csv").read_bytes() == (seeded / "oof.csv").read_bytes()
     assert read_meta(run / "fold_1" / "seed_7" / "best")["seed"] == 7
+
+
+def test_a_compressed_seeded_run_keeps_every_fold_and_seed(seeded, work, tmp_path):
+    from foldtune.compress import compress_run
+
+    summary = compress_run(seeded, tmp_path / "small", rank=4)
+    out = tmp_path / "small"
+    assert list(summary["folds"]) == ["0 seed 42", "0 seed 7", "1 seed 42", "1 seed 7"]
+    assert json.loads((out / "run.json").read_text())["folds"] == [0, 1]
+    assert read_meta(out / "fold_1" / "seed_7" / "best")["seed"] == 7
+    texts = pd.read_csv(work / "test.csv")["full_text"].tolist()
+    assert predict_run(out, texts, device="cpu")[1]["n_models"] == 4
