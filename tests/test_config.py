@@ -39,7 +39,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 TRAINING_KEYS = ("epochs, batch_size, eval_batch_size, lr, head_lr, layerwise_lr_decay, optimizer, weight_decay, "
                  "adam_eps, adam_betas, scheduler, warmup_ratio, warmup_steps, gradient_accumulation_steps, "
                  "max_grad_norm, eval_steps, eval_steps_from_epoch, loss, loss_beta, target_weights, precision, "
-                 "device, seed, log_steps, num_workers, save_state_steps, keep_states, deterministic, "
+                 "device, seed, seeds, log_steps, num_workers, save_state_steps, keep_states, deterministic, "
                  "bucket_batches, compile, parallel_folds, parallel_mode, cuda_graphs")
 
 

@@ -15,6 +15,7 @@ model before compression (benchmarks/compress.py scores a compressed student).
                                          factorised modules ("low_rank") and "compression"
       fold_<k>/result.json               the source fold's (it marks the fold finished for inference;
                                          its scores are the uncompressed model's)
+      fold_<k>/seed_<s>/best/, result.json   instead, for each seed of a run with training.seeds
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Sequence
 from foldtune.commands import Once, as_typed, prog_of
 from foldtune.config import ConfigError, load_config
 from foldtune.files import atomic_directory, atomic_write_json
-from foldtune.run_layout import RESULT_FILE, RUN_FILE, read_provenance
+from foldtune.run_layout import RESULT_FILE, RUN_FILE, FoldSeed, read_provenance
 
 RUN_FILES = ("config.yaml", "folds.csv")
 SUMMARY_FILE = "compress.json"
@@ -56,6 +57,7 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
     folders = fold_checkpoints(run_dir, only=folds)
     summary = {"source": str(run_dir.resolve()), "keep_layers": keep, "rank": rank, "rank_fraction": rank_fraction,
                "embedding": embedding, "linear": linear, "folds": {}}
+    folds = []
     with atomic_directory(out_dir) as tmp:
         for name in RUN_FILES:
             if (run_dir / name).is_file():
@@ -63,7 +65,7 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
         for folder in folders:
             model, meta = load_checkpoint(folder)
             done = compress(model, keep, rank, rank_fraction, embedding, linear)
-            target = tmp / folder.parent.name / "best"
+            target = tmp / folder.relative_to(run_dir)      # fold_k/best, or fold_k/seed_<s>/best
             # the validation score in the source's metadata was the uncompressed model's
             before = {k: meta.pop(k) for k in ("val_mcrmse", "val_per_target") if k in meta}
             done = {**done, "source": str(folder.resolve()), "source_scores": before,
@@ -73,10 +75,11 @@ def compress_run(run_dir: str | Path, out_dir: str | Path, keep: list[int] | Non
                            load_config(folder / CONFIG_FILE), meta)()
             done["bytes_after"] = (target / WEIGHTS_FILE).stat().st_size
             shutil.copy2(folder.parent / RESULT_FILE, target.parent / RESULT_FILE)
-            summary["folds"][str(meta["fold"])] = done
+            summary["folds"][str(FoldSeed(meta["fold"], meta.get("seed")))] = done    # '0', or '0 seed 7'
+            folds.append(meta["fold"])
         # the copy holds exactly these folds, whatever the source's run.json asked for
         atomic_write_json(tmp / RUN_FILE, {**read_provenance(run_dir, missing_ok=True),
-                                           "folds": [int(f) for f in summary["folds"]]})
+                                           "folds": list(dict.fromkeys(folds))})
         atomic_write_json(tmp / SUMMARY_FILE, summary)
     return summary
 

@@ -168,6 +168,11 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"
     seed: int = 42
+    # Train each fold once per seed (replacing seed: weights of the head and re-initialised
+    # layers, dropout, data order) and average the seeds' predictions, in the fold's OOF and
+    # at inference; null: one model a fold, seeded with seed. Each seed's checkpoint is kept
+    # (fold_k/seed_<s>/best) and scored. The folds stay those of folds.seed.
+    seeds: tuple[int, ...] | None = None
     # Not read any more: the loss comes back from the device when the progress display shows
     # it (training/progress.py). Kept so that the saved configs of earlier runs still load.
     log_steps: int = 20
@@ -217,6 +222,11 @@ class TrainingConfig:
         _require(self.loss_beta > 0, "training.loss_beta", "a positive number", self.loss_beta)
         _require(self.target_weights is None or all(w >= 0 for w in self.target_weights) and sum(self.target_weights) > 0,
                  "training.target_weights", "null or non-negative weights, not all zero", self.target_weights)
+        # numpy's generator takes seeds in [0, 2^32) only
+        _require(self.seeds is None or (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+                                        and all(0 <= seed < 2**32 for seed in self.seeds)),
+                 "training.seeds", "null or a non-empty list of distinct integers in [0, 2^32), e.g. [42, 7, 1234]",
+                 None if self.seeds is None else list(self.seeds))
 
 
 @dataclass(frozen=True)

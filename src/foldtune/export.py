@@ -117,13 +117,14 @@ def _write_export(run_dir: Path, out_dir: Path, fp16: bool, allow_missing_folds:
         for folder in folders:
             meta = read_meta(folder)
             verify_files(folder, meta)          # a fold changed after it was saved is not exported
-            target = tmp / folder.parent.name / "best"
+            target = tmp / folder.relative_to(run_dir)      # fold_k/best, or fold_k/seed_<s>/best
             shutil.copytree(folder, target, ignore=shutil.ignore_patterns(WEIGHTS_FILE, ".*"))
             # a tfidf_ridge fold's arrays stay float64: small, and in float16 they would predict otherwise
             copy_weights(folder / WEIGHTS_FILE, target / WEIGHTS_FILE, fp16 and meta.get("model_type") != "tfidf_ridge")
             write_meta(target, meta, list(meta.get(FILES_KEY) or [WEIGHTS_FILE]))     # the copies' SHA-256
             shutil.copy2(folder.parent / RESULT_FILE, target.parent / RESULT_FILE)
-            folds.append(meta["fold"])
+            if meta["fold"] not in folds:       # a fold's seeds follow one another
+                folds.append(meta["fold"])
         # The export holds exactly these folds, whatever run.json asked for.
         atomic_write_json(tmp / RUN_FILE, {**read_provenance(run_dir, missing_ok=True), "folds": folds})
         wheel = build_wheel(tmp, root)

@@ -1,4 +1,8 @@
-"""Predict with every fold checkpoint of a run, average the folds, write a submission."""
+"""Predict with every fold checkpoint of a run, average the folds, write a submission.
+
+A run with training.seeds has a checkpoint per fold and seed (fold_k/seed_<s>/best): each
+fold's seeds are averaged first, then the folds as for a run of one model a fold.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
-from foldtune.run_layout import RESULT_FILE, RUN_FILE, fold_finished, read_provenance
+from foldtune.run_layout import CONFIG_FILE as RUN_CONFIG_FILE
+from foldtune.run_layout import RESULT_FILE, RUN_FILE, fold_finished, fold_seeds, read_provenance
 from foldtune.runtime.precision import Precision, resolve_device, resolve_precision
 from foldtune.runtime.predict import predict
 
@@ -54,13 +59,32 @@ class UnfinishedFolds(CheckpointError):
         super().__init__(f"fold(s) {sorted(reasons)} of {run_dir} have no finished checkpoint ({why}): {remedy}")
 
 
-def _why_unfinished(run_dir: Path, fold: int) -> str | None:
-    """None for a finished fold with a checkpoint; else what is missing."""
-    if not (run_dir / f"fold_{fold}" / "best" / META_FILE).is_file():
-        return f"no checkpoint fold_{fold}/best"
-    if not fold_finished(run_dir, fold):
-        return f"no fold_{fold}/{RESULT_FILE}, so still training or stopped"
+def run_seeds(run_dir: str | Path) -> tuple[int, ...] | None:
+    """The seeds each fold of the run trained (training.seeds of its config.yaml); None: one
+    model a fold, in fold_k/best (so too for a folder without a config.yaml)."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    return load_config(path).training.seeds if path.is_file() else None
+
+
+def _why_unfinished(run_dir: Path, fold: int, seeds: Sequence[int] | None) -> str | None:
+    """None for a finished fold with a checkpoint (of each seed); else what is missing."""
+    for unit in fold_seeds([fold], seeds):
+        folder = unit.folder(run_dir).relative_to(run_dir).as_posix()
+        if not (run_dir / folder / "best" / META_FILE).is_file():
+            return f"no checkpoint {folder}/best"
+        if not fold_finished(run_dir, fold, unit.seed):
+            return f"no {folder}/{RESULT_FILE}, so still training or stopped"
     return None
+
+
+def _checkpoints_of_fold(run_dir: Path, fold: int, seeds: Sequence[int] | None) -> list[Path]:
+    """The fold's best checkpoint folder, or one per seed in the config's order."""
+    return [unit.folder(run_dir) / "best" for unit in fold_seeds([fold], seeds)]
+
+
+def checkpoint_fold(run_dir: str | Path, folder: Path) -> int:
+    """The fold of a checkpoint folder of the run (fold_k/best or fold_k/seed_<s>/best)."""
+    return int(folder.relative_to(run_dir).parts[0].removeprefix("fold_"))
 
 
 def _finished_checkpoints(run_dir: Path, allow_missing: bool,
@@ -73,12 +97,15 @@ def _finished_checkpoints(run_dir: Path, allow_missing: bool,
         if absent:
             raise CheckpointError(f"{run_dir} did not train fold(s) {absent} (it has {expected})")
         expected = sorted(only)
-    unfinished = {fold: why for fold in expected if (why := _why_unfinished(run_dir, fold)) is not None}
+    seeds = run_seeds(run_dir)
+    unfinished = {fold: why for fold in expected if (why := _why_unfinished(run_dir, fold, seeds)) is not None}
     if unfinished and not allow_missing:
         raise UnfinishedFolds(run_dir, unfinished)
-    folders = [run_dir / f"fold_{fold}" / "best" for fold in expected if fold not in unfinished]
+    folders = [folder for fold in expected if fold not in unfinished
+               for folder in _checkpoints_of_fold(run_dir, fold, seeds)]
     if not folders:
-        raise CheckpointError(f"{run_dir} holds no finished fold (fold_k/best and fold_k/{RESULT_FILE}): "
+        where = "fold_k/best" if seeds is None else "fold_k/seed_<s>/best"
+        raise CheckpointError(f"{run_dir} holds no finished fold ({where} and its {RESULT_FILE}): "
                               "has the run finished a fold?")
     return folders, unfinished
 
@@ -86,7 +113,7 @@ def _finished_checkpoints(run_dir: Path, allow_missing: bool,
 def fold_checkpoints(run_dir: str | Path, allow_missing: bool = False,
                      only: Sequence[int] | None = None) -> list[Path]:
     """The best checkpoint folder of every fold the run trains (or of the folds `only`),
-    in fold order.
+    in fold order; with training.seeds, each fold's of every seed.
 
     Only a finished fold is used: one whose fold_k/result.json exists, written once the
     fold has ended (its fold_k/best alone may be an early epoch's while it trains). A fold
@@ -107,7 +134,8 @@ def run_finished(run_dir: str | Path) -> bool:
         folds = run_folds(run_dir)
     except (OSError, ValueError, KeyError, TypeError):      # run.json unreadable: not a run to use
         return False
-    return bool(folds) and all(_why_unfinished(run_dir, fold) is None for fold in folds)
+    seeds = run_seeds(run_dir)
+    return bool(folds) and all(_why_unfinished(run_dir, fold, seeds) is None for fold in folds)
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path:
@@ -172,7 +200,8 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
                 fold_weights: Sequence[float] | None = None,
                 folds: Sequence[int] | None = None) -> tuple[np.ndarray, dict]:
     """The fold-averaged predictions of a run (or of its folds `folds`) for `texts`, and
-    the first fold's metadata.
+    the first fold's metadata. With training.seeds, a fold's prediction is the mean of its
+    seeds' checkpoints' (those that could be read, with allow_missing_folds).
 
     max_len: tokens per text at inference (default: the run's data.max_len; longer is
     allowed, cut the way training cut). fold_weights: one per fold of the run (run.json
@@ -221,11 +250,11 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     dataset = TextDataset(encode_texts(tokenizer, list(texts), max_len, data.truncation,
                                        data.head_fraction).input_ids)
     weight_of = dict(zip(expected, fold_weights if fold_weights is not None else np.ones(len(expected))))
-    total = np.zeros((len(texts), len(targets)), dtype=np.float64)
-    used = 0.0
-    n_used = 0
+    # per fold: the sum of its checkpoints' predictions (its seeds'), and how many were read
+    fold_sums: dict[int, np.ndarray] = {}
+    fold_counts: dict[int, int] = {}
     for folder in folders:
-        fold = int(folder.parent.name.split("_")[1])
+        fold = checkpoint_fold(run_dir, folder)
         try:
             model, _ = load_checkpoint(folder, device_)
         except CheckpointError as err:
@@ -233,17 +262,22 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
                 raise
             log.warning("%s: left out of the average", err)
             continue
-        total += weight_of[fold] * predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_,
-                                             pad_multiple)
-        used += weight_of[fold]
-        n_used += 1
+        preds = predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_, pad_multiple)
+        fold_sums[fold] = fold_sums[fold] + preds if fold in fold_sums else preds.astype(np.float64)
+        fold_counts[fold] = fold_counts.get(fold, 0) + 1
         log.info("predicted %d texts with %s", len(texts), folder)
         del model
-    if n_used == 0:
+    if not fold_sums:
         raise CheckpointError(f"no readable fold checkpoint in {run_dir}")
+    total = np.zeros((len(texts), len(targets)), dtype=np.float64)
+    used = 0.0
+    for fold, fold_sum in fold_sums.items():
+        total += weight_of[fold] * (fold_sum / fold_counts[fold])
+        used += weight_of[fold]
     if used <= 0:
         raise ValueError(f"fold weights of {run_dir}: the folds that could be read all have weight zero")
-    return (total / used).astype(np.float32), {**metas[0], "n_folds": n_used}
+    return (total / used).astype(np.float32), {**metas[0], "n_folds": len(fold_sums),
+                                               "n_models": sum(fold_counts.values())}
 
 
 def run_target_columns(run_dir: str | Path, allow_missing_folds: bool = False) -> list[str]:

@@ -3,6 +3,7 @@
     runs/<name>/
       report.md                  scores per fold and OOF, per target; the plots below
       plots/learning_curves.png  train loss and validation MCRMSE against the step, a line per fold
+                                 (per fold and seed, in a run with training.seeds)
       plots/oof_vs_true.png      OOF prediction against the true score, a panel per target
 
 Written at the end of every run (new or resumed); `foldtune report --run RUN_DIR`
@@ -40,16 +41,24 @@ SCATTER_FILE = "oof_vs_true.png"
 
 
 def scores_table(scores: dict, targets: Sequence[str]) -> str:
-    """Markdown table: a row per fold and the OOF row, a column per target and MCRMSE."""
+    """Markdown table: a row per fold and the OOF row, a column per target and MCRMSE. With
+    training.seeds, a fold's row is its seeds' average, each seed's model follows it, and
+    each seed's own OOF comes before the run's (the seeds' average)."""
     header = ["fold", *targets, "MCRMSE", "best step"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for fold, rep in sorted(scores["folds"].items(), key=lambda kv: int(kv[0])):
-        cells = [fold, *(f"{rep['per_target'][t]:.4f}" for t in targets), f"{rep['mcrmse']:.4f}",
+
+    def add(name: str, rep: dict, mcrmse: str = "{:.4f}") -> None:
+        cells = [name, *(f"{rep['per_target'][t]:.4f}" for t in targets), mcrmse.format(rep["mcrmse"]),
                  str(rep.get("best_step", ""))]
         lines.append("| " + " | ".join(cells) + " |")
-    oof = scores["oof"]
-    cells = ["**OOF**", *(f"{oof['per_target'][t]:.4f}" for t in targets), f"**{oof['mcrmse']:.4f}**", ""]
-    lines.append("| " + " | ".join(cells) + " |")
+
+    for fold, rep in sorted(scores["folds"].items(), key=lambda kv: int(kv[0])):
+        add(fold if "seeds" not in rep else f"{fold} (seeds averaged)", rep)
+        for seed, seed_rep in rep.get("seeds", {}).items():
+            add(f"{fold} seed {seed}", seed_rep)
+    for seed, seed_rep in scores.get("seeds", {}).items():
+        add(f"OOF seed {seed}", seed_rep)
+    add("**OOF**" if "seeds" not in scores else "**OOF** (seeds averaged)", scores["oof"], "**{:.4f}**")
     return "\n".join(lines)
 
 
@@ -79,20 +88,23 @@ def preload_plotting() -> threading.Thread:
     return thread
 
 
-def plot_learning_curves(run_dir: Path, folds: Sequence[int], path: Path) -> Path:
-    """Train loss and validation MCRMSE against the optimizer step, one line per fold."""
+def plot_learning_curves(run_dir: Path, folds: Sequence[int], path: Path, seeds: Sequence[int] | None = None) -> Path:
+    """Train loss and validation MCRMSE against the optimizer step, one line per fold (per
+    fold and seed, with training.seeds)."""
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from foldtune.run_layout import fold_seeds
 
     fig = Figure(figsize=(11, 4))
     # Fixed margins: matplotlib's constrained layout measured every tick label and took
     # half of the time of drawing a report.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.25)
     loss_ax, score_ax = fig.subplots(1, 2)
-    for fold in folds:
-        metrics = pd.read_csv(run_dir / f"fold_{fold}" / "metrics.csv")
-        loss_ax.plot(metrics["step"], metrics["train_loss"], marker=".", label=f"fold {fold}")
-        score_ax.plot(metrics["step"], metrics["val_mcrmse"], marker=".", label=f"fold {fold}")
+    for unit in fold_seeds(folds, seeds):
+        metrics = pd.read_csv(unit.folder(run_dir) / "metrics.csv")
+        loss_ax.plot(metrics["step"], metrics["train_loss"], marker=".", label=f"fold {unit}")
+        score_ax.plot(metrics["step"], metrics["val_mcrmse"], marker=".", label=f"fold {unit}")
     loss_ax.set(title="train loss (mean since the previous evaluation)", xlabel="step", ylabel="loss")
     score_ax.set(title="validation MCRMSE", xlabel="step", ylabel="MCRMSE")
     for ax in (loss_ax, score_ax):
@@ -140,6 +152,15 @@ def _oof_with_truth(run_dir: Path, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     return true, merged[targets]
 
 
+def _seeds_line(scores: dict) -> str:
+    """' (the mean of seeds 42, 7: each alone 0.4567, 0.4612)' for a run with training.seeds."""
+    seeds = scores.get("seeds")
+    if not seeds:
+        return ""
+    alone = ", ".join(f"{rep['mcrmse']:.4f}" for rep in seeds.values())
+    return f" (the mean of seeds {', '.join(seeds)}: each alone {alone})"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.md and its plots for a finished run (scores.json, oof.csv, fold metrics).
 
@@ -168,7 +189,7 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         scores_table(scores, targets),
         "",
-        f"OOF MCRMSE **{scores['oof']['mcrmse']:.4f}**; predicting the training folds' mean scores: "
+        f"OOF MCRMSE **{scores['oof']['mcrmse']:.4f}**{_seeds_line(scores)}; predicting the training folds' mean scores: "
         f"{scores['mean_predictor_mcrmse']:.4f}.",
         "",
         "## Plots",
@@ -176,7 +197,8 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     plots_dir = run_dir / PLOTS_DIR
     plots = [
-        ("Learning curves", CURVES_FILE, lambda path: plot_learning_curves(run_dir, folds, path)),
+        ("Learning curves", CURVES_FILE, lambda path: plot_learning_curves(run_dir, folds, path,
+                                                                           cfg.training.seeds)),
         ("OOF prediction against the true score", SCATTER_FILE,
          lambda path: plot_oof_vs_true(*_oof_with_truth(run_dir, cfg), targets, path)),
     ]

@@ -7,6 +7,12 @@
       tokens.npz    token ids, for fold processes
       fold_<k>/     best/ (checkpoint), oof.csv, metrics.csv, train.log, result.json
 
+A run with training.seeds trains a model of each fold per seed, each in a folder of its own,
+and averages them:
+
+      fold_<k>/oof.csv          the seeds' average
+      fold_<k>/seed_<s>/        best/, oof.csv, metrics.csv, train.log, result.json of seed s
+
 Cross-validation, distillation, the TF-IDF baseline and blends write through here;
 training (resume), inference, export, reports and blends read back through here.
 
@@ -46,6 +52,32 @@ BEST_DIR = "best"                # per fold: the checkpoint of its best evaluati
 
 def fold_dir(run_dir: str | Path, fold: int) -> Path:
     return Path(run_dir) / f"fold_{fold}"
+
+
+@dataclass(frozen=True, order=True)
+class FoldSeed:
+    """What a run trains, one at a time: a model of fold `fold`, seeded with `seed`.
+
+    seed None: the run has no training.seeds, so one model a fold, seeded with
+    training.seed, whose files are in fold_k itself (as before seeds existed).
+    """
+
+    fold: int
+    seed: int | None = None
+
+    def folder(self, run_dir: str | Path) -> Path:
+        """Where its checkpoint (best/), OOF, metrics, log and result are."""
+        folder = fold_dir(run_dir, self.fold)
+        return folder if self.seed is None else folder / f"seed_{self.seed}"
+
+    def __str__(self) -> str:
+        """As the logs name it after the word fold: '0', or '0 seed 7'."""
+        return str(self.fold) if self.seed is None else f"{self.fold} seed {self.seed}"
+
+
+def fold_seeds(folds: Sequence[int], seeds: Sequence[int] | None) -> list[FoldSeed]:
+    """What training `folds` means: each fold's seeds in turn (seeds None: one model a fold)."""
+    return [FoldSeed(fold, seed) for fold in folds for seed in (seeds or (None,))]
 
 
 @dataclass
@@ -132,7 +164,8 @@ def read_run_csv(path: str | Path, id_column: str) -> pd.DataFrame:
     return frame
 
 
-def fold_finished(run_dir: str | Path, fold: int) -> bool:
-    """A fold has finished training when its result file exists: it is written after the
-    fold's last checkpoint (a fold_k/best/ alone may be an early epoch's, still training)."""
-    return (fold_dir(run_dir, fold) / RESULT_FILE).is_file()
+def fold_finished(run_dir: str | Path, fold: int, seed: int | None = None) -> bool:
+    """A fold (its model of `seed`, in a run with training.seeds) has finished training when
+    its result file exists: it is written after the last checkpoint (a best/ alone may be an
+    early epoch's, still training)."""
+    return (FoldSeed(fold, seed).folder(run_dir) / RESULT_FILE).is_file()

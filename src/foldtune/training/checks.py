@@ -35,7 +35,23 @@ def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel:
     if cfg.model.type == "transformer":
         check_backbone(cfg.model.name)
     check_launch(cfg, world_size, fold_parallel)
+    check_seeds(cfg, world_size)
     progress_settings()         # a FOLDTUNE_PROGRESS that means nothing fails now, not at the first fold
+
+
+def check_seeds(cfg: Config, world_size: int) -> None:
+    """training.seeds trains a transformer's folds once per seed, in one process."""
+    if cfg.training.seeds is None:
+        return
+    if cfg.model.type != "transformer":
+        raise ConfigError(f"training.seeds: model.type {cfg.model.type} fits the same model whatever the seed: "
+                          "set training.seeds: null")
+    if cfg.distill.teacher is not None:
+        raise ConfigError("training.seeds: a distillation run trains one student: set training.seeds: null")
+    if world_size > 1:
+        raise ConfigError(f"training.seeds: not under a launch of {world_size} processes yet: run it as plain "
+                          "python train.py (training.parallel_folds trains seeds side by side), or set "
+                          "training.seeds: null")
 
 
 def check_config_against_device(cfg: Config, device: torch.device) -> None:

@@ -21,7 +21,8 @@ from foldtune.data.folds import assign_folds
 from foldtune.data.validate import check_data_files, load_test, load_train
 from foldtune.files import remove_orphans
 from foldtune.report import write_report_or_warn
-from foldtune.run_layout import CONFIG_FILE, FOLDS_FILE, FoldResult, read_run_csv, start_run_folder
+from foldtune.run_layout import (CONFIG_FILE, FOLDS_FILE, FoldResult, FoldSeed, fold_seeds, read_run_csv,
+                                 start_run_folder)
 from foldtune.run_lock import RunLock
 from foldtune.runtime.precision import resolve_device
 from foldtune.training.checks import check_run, resolve_attention
@@ -121,7 +122,8 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
 
     With resume, the run folder's folds are reused, finished folds (checked by their
     files) are read back instead of trained, and an interrupted fold continues from its
-    newest training state. Under accelerate launch each fold is trained data-parallel by
+    newest training state. With training.seeds each fold is trained once per seed: each
+    (fold, seed) model is a fold to the schedulers and to resume. Under accelerate launch each fold is trained data-parallel by
     every process, or (fold_parallel) each process trains its share of the folds; the
     main process scores the run and the others return None.
     """
@@ -140,9 +142,11 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
         # seconds per fold on a CPU: every fold is fitted again, resumed or not
         from foldtune.models.tfidf_ridge import train_tfidf_folds
 
-        results = train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run)
+        results = {FoldSeed(fold): result
+                   for fold, result in train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run).items()}
     else:
-        prepared, results, to_train = _prepare(cfg, run_dir, frame, fold_of, folds_to_run, resume, launch)
+        units = fold_seeds(folds_to_run, cfg.training.seeds)
+        prepared, results, to_train = _prepare(cfg, run_dir, frame, fold_of, units, resume, launch)
         results.update(fold_scheduler(cfg, launch, fold_parallel).run_folds(prepared, to_train))
         if not launch.is_main:
             wait_for_removals()       # its folds' training states, when it trained them in threads
@@ -154,23 +158,23 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     return scores
 
 
-def _prepare(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, folds_to_run: Sequence[int],
-             resume: bool, launch: OneProcess) -> tuple[PreparedRun, dict[int, FoldResult], list[int]]:
-    """(the prepared run, the folds finished before, read back; the folds to train).
+def _prepare(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, units: Sequence[FoldSeed],
+             resume: bool, launch: OneProcess) -> tuple[PreparedRun, dict[FoldSeed, FoldResult], list[FoldSeed]]:
+    """(the prepared run, the folds (fold, seed models) finished before, read back; those to train).
 
     Under a launch the main process tokenizes and decides which folds to train; the
     others read the token ids back, as the fold processes of training.parallel_folds do.
     """
     if launch.world_size == 1:
         prepared = tokenized_run(cfg, run_dir, frame, fold_of)
-        return (prepared, *finished_folds(prepared, folds_to_run, resume))
+        return (prepared, *finished_folds(prepared, units, resume))
     on_main: dict = {}
 
     def prepare() -> list[int]:
         prepared = tokenized_run(cfg, run_dir, frame, fold_of)
         prepared.save_tokens()
         on_main["prepared"] = prepared
-        on_main["finished"], to_train = finished_folds(prepared, folds_to_run, resume)
+        on_main["finished"], to_train = finished_folds(prepared, units, resume)
         return to_train
 
     to_train = launch.run_on_main(prepare)

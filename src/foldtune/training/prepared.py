@@ -6,6 +6,7 @@ token ids back from the run folder), and reads back the folds finished before.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from foldtune.data.dataset import TextDataset, encode_texts
 from foldtune.data.validate import load_train
 from foldtune.files import atomic_path
 from foldtune.models.regressor import load_tokenizer
-from foldtune.run_layout import (CONFIG_FILE, FOLDS_FILE, OOF_FILE, RESULT_FILE, TOKENS_FILE, FoldResult,
+from foldtune.run_layout import (CONFIG_FILE, FOLDS_FILE, OOF_FILE, RESULT_FILE, TOKENS_FILE, FoldResult, FoldSeed,
                                  read_fold_result, read_run_csv, write_fold_result)
 from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
@@ -71,18 +72,25 @@ class PreparedRun:
             target_range=(float(targets.min()), float(targets.max())),
         )
 
-    def progress(self, folds: Sequence[int]) -> RunProgress:
-        """How this process shows the training of `folds`, and each one's steps for the run's
+    def seeded(self, unit: FoldSeed) -> Config:
+        """The config `unit` trains with: the run's, its training.seed the unit's seed (if it has one)."""
+        if unit.seed is None:
+            return self.cfg
+        return dataclasses.replace(self.cfg, training=dataclasses.replace(self.cfg.training, seed=unit.seed))
+
+    def progress(self, units: Sequence[FoldSeed]) -> RunProgress:
+        """How this process shows the training of `units`, and each one's steps for the run's
         time left. Bars only where one process draws on the terminal: under a fold-parallel
         launch each process writes lines."""
         tcfg = self.cfg.training
-        steps = {fold: steps_per_epoch(int(np.sum(self.fold_of != fold)), tcfg) * tcfg.epochs for fold in folds}
+        steps = {unit: steps_per_epoch(int(np.sum(self.fold_of != unit.fold)), tcfg) * tcfg.epochs for unit in units}
         one_display = current_launch().world_size == 1 or self.group.world_size > 1
         return RunProgress.from_environment(bars=one_display, steps_of_fold=steps)
 
-    def train_fold(self, fold: int, in_threads: bool = False, on_running: Callable[[], None] | None = None,
+    def train_fold(self, unit: FoldSeed, in_threads: bool = False, on_running: Callable[[], None] | None = None,
                    progress: RunProgress | None = None) -> FoldResult:
-        """Train the fold, continuing from its newest training state if it has one.
+        """Train the fold (with its seed, in a run with training.seeds), continuing from its
+        newest training state if it has one.
 
         in_threads: other folds train beside this one, in threads of this process. At the
         end the GPU memory torch has cached is then not handed back to the driver (for the
@@ -91,13 +99,13 @@ class PreparedRun:
         the fold's first steps have run (see FoldTrainer.train). progress: how the run shows
         its folds (default: as the environment asks, this fold alone).
         """
-        fold_dir = self.run_dir / f"fold_{fold}"
+        fold_dir = unit.folder(self.run_dir)
         states = state_files(fold_dir)
         state = load_state(states[-1]) if states else None
         if state is not None:
-            log.info("fold %d: continuing from %s", fold, states[-1])
+            log.info("fold %s: continuing from %s", unit, states[-1])
         with BUILDING:          # seeding and building a model use the global generators
-            trainer = FoldTrainer(self.cfg, self.fold_data(fold), self.tokenizer, fold_dir, self.group,
+            trainer = FoldTrainer(self.seeded(unit), self.fold_data(unit.fold), self.tokenizer, fold_dir, self.group,
                                   progress).setup()
         result = trainer.train(state, on_running)
         if not self.group.is_main:
@@ -109,9 +117,9 @@ class PreparedRun:
                 torch.cuda.empty_cache()
         return result
 
-    def unfinished_reason(self, fold: int) -> str | None:
-        """None if the fold's files show a finished fold; else what is missing or wrong."""
-        fold_dir = self.run_dir / f"fold_{fold}"
+    def unfinished_reason(self, unit: FoldSeed) -> str | None:
+        """None if the files of the fold (its seed's) show it finished; else what is missing or wrong."""
+        fold, fold_dir = unit.fold, unit.folder(self.run_dir)
         try:
             summary = read_fold_result(fold_dir)
             float(summary["mcrmse"]), int(summary["best_step"])
@@ -141,9 +149,9 @@ class PreparedRun:
             return f"{changed[0]} does not match the SHA-256 recorded when it was written"
         return None
 
-    def load_fold_result(self, fold: int) -> FoldResult:
-        """A fold trained by another process, read back from its folder."""
-        fold_dir = self.run_dir / f"fold_{fold}"
+    def load_fold_result(self, unit: FoldSeed) -> FoldResult:
+        """A fold (its seed's model) trained by another process, read back from its folder."""
+        fold, fold_dir = unit.fold, unit.folder(self.run_dir)
         summary = read_fold_result(fold_dir)
         oof = read_run_csv(fold_dir / OOF_FILE, self.cfg.data.id_column)
         oof = oof[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
@@ -179,20 +187,20 @@ def tokenized_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.n
     return PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
 
 
-def finished_folds(prepared: PreparedRun, folds_to_run: Sequence[int],
-                   resume: bool) -> tuple[dict[int, FoldResult], list[int]]:
-    """(the folds finished before, read back; the folds to train)."""
-    results: dict[int, FoldResult] = {}
+def finished_folds(prepared: PreparedRun, units: Sequence[FoldSeed],
+                   resume: bool) -> tuple[dict[FoldSeed, FoldResult], list[FoldSeed]]:
+    """(the folds, or (fold, seed) models, finished before, read back; those to train)."""
+    results: dict[FoldSeed, FoldResult] = {}
     to_train = []
-    for fold in folds_to_run:
-        reason = prepared.unfinished_reason(fold) if resume else "new run"
+    for unit in units:
+        reason = prepared.unfinished_reason(unit) if resume else "new run"
         if reason is None:
-            log.info("fold %d: finished before, its files check out: skipped", fold)
-            results[fold] = prepared.load_fold_result(fold)
+            log.info("fold %s: finished before, its files check out: skipped", unit)
+            results[unit] = prepared.load_fold_result(unit)
         else:
             if resume:
-                log.info("fold %d: to train (%s)", fold, reason)
+                log.info("fold %s: to train (%s)", unit, reason)
             # a fold is finished when its result is written (inference relies on it): none is left from before
-            (prepared.run_dir / f"fold_{fold}" / RESULT_FILE).unlink(missing_ok=True)
-            to_train.append(fold)
+            (unit.folder(prepared.run_dir) / RESULT_FILE).unlink(missing_ok=True)
+            to_train.append(unit)
     return results, to_train

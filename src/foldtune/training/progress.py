@@ -198,7 +198,7 @@ class LogProgress:
 
     def doing(self, what: str) -> None:
         with CUDA_LAUNCH_LOCK.released():
-            log.info("fold %d: %s…", self.pace.fold, what)
+            log.info("fold %s: %s…", self.pace.fold, what)
 
     def close(self) -> None:
         pass

@@ -1,6 +1,7 @@
 """Fold schedulers: how the folds of a run are trained, behind one interface.
 
-`run_folds(prepared, folds)` trains `folds` of a prepared run and returns their results:
+`run_folds(prepared, folds)` trains `folds` of a prepared run and returns their results
+(a fold is a FoldSeed: with training.seeds, each (fold, seed) model is one to schedule):
 one after another (`Sequential`), side by side in threads (`InThreads`) or in
 processes (`InProcesses`) of one device, or over the processes of an accelerate launch
 (`Launched`). `fold_scheduler` picks the kind from the config and the launch, in one place.
@@ -94,7 +95,8 @@ class Launched:
             return Sequential().run_folds(prepared, folds)
         own_folds = folds_of_process(folds, launch)
         side_by_side = self.parallel_folds > 1 and len(own_folds) > 1
-        log.info("process %d of %d: fold(s) %s%s", launch.rank, launch.world_size, own_folds or "none",
+        log.info("process %d of %d: fold(s) %s%s", launch.rank, launch.world_size,
+                 _listed(own_folds) if own_folds else "none",
                  f", {min(self.parallel_folds, len(own_folds))} at a time in threads" if side_by_side else "")
         self.here.run_folds(prepared, own_folds)
         if not launch.is_main:
@@ -135,9 +137,10 @@ def train_folds_in_processes(prepared: PreparedRun, folds: Sequence[int], parall
                 forwarded = stop
         while pending and len(running) < parallel:
             fold = pending.pop(0)
-            log.info("fold %d: started in its own process", fold)
+            log.info("fold %s: started in its own process", fold)
+            seed = [] if fold.seed is None else [str(fold.seed)]
             running[fold] = subprocess.Popen(
-                [sys.executable, "-m", "foldtune.training.fold_worker", str(prepared.run_dir), str(fold)])
+                [sys.executable, "-m", "foldtune.training.fold_worker", str(prepared.run_dir), str(fold.fold), *seed])
         time.sleep(0.2)
         for fold, process in list(running.items()):
             if process.poll() is not None:
@@ -147,8 +150,8 @@ def train_folds_in_processes(prepared: PreparedRun, folds: Sequence[int], parall
     if forwarded is not None:
         raise TrainingInterrupted(forwarded)
     if failed:
-        logs = ", ".join(str(prepared.run_dir / f"fold_{f}" / "train.log") for f in failed)
-        raise RuntimeError(f"fold(s) {failed} failed in their processes; see {logs}")
+        logs = ", ".join(str(f.folder(prepared.run_dir) / "train.log") for f in failed)
+        raise RuntimeError(f"fold(s) {_listed(failed)} failed in their processes; see {logs}")
     return {fold: prepared.load_fold_result(fold) for fold in folds}
 
 
@@ -217,7 +220,7 @@ def train_folds_in_threads(prepared: PreparedRun, folds: Sequence[int], parallel
                 except TrainingInterrupted as stop:
                     interrupted = stop
                 except Exception as err:  # the others finish; the first failure is raised below
-                    log.error("fold %d failed: %s", futures[future], err)
+                    log.error("fold %s failed: %s", futures[future], err)
                     failed.append(err)
     finally:
         sys.setswitchinterval(switch_interval)
@@ -233,7 +236,7 @@ def _wait_for_folds(prepared: PreparedRun, folds: Sequence[int]) -> None:
     ends the launch (the launcher stops the others); a stop signal ends the wait."""
     waiting = list(folds)
     if waiting:
-        log.info("waiting for fold(s) %s of the other processes", waiting)
+        log.info("waiting for fold(s) %s of the other processes", _listed(waiting))
     while waiting:
         stop = stop_requested()
         if stop is not None:
@@ -241,3 +244,8 @@ def _wait_for_folds(prepared: PreparedRun, folds: Sequence[int]) -> None:
         waiting = [fold for fold in waiting if prepared.unfinished_reason(fold) is not None]
         if waiting:
             time.sleep(1.0)
+
+
+def _listed(folds: Sequence) -> str:
+    """'[0, 2]', or '[0 seed 42, 0 seed 7]' in a run with training.seeds."""
+    return f"[{', '.join(map(str, folds))}]"

@@ -35,7 +35,7 @@ from foldtune.metrics import score_report
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
-from foldtune.run_layout import OOF_FILE, FoldResult, oof_frame
+from foldtune.run_layout import OOF_FILE, FoldResult, FoldSeed, oof_frame
 from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK, to_host
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.predict import padded_batches, predict_batches
@@ -104,6 +104,12 @@ class FoldTrainer:
             progress = NO_PROGRESS
         self.run_progress = RunProgress.from_environment() if progress is None else progress
         self.progress: FoldProgress = NoProgress()          # the fold's own, once it trains
+
+    @property
+    def unit(self) -> FoldSeed:
+        """The fold and, in a run with training.seeds, the seed this model trains with
+        (training.seed: the caller sets it to one of the seeds); how logs and progress name it."""
+        return FoldSeed(self.data.fold, None if self.cfg.training.seeds is None else self.cfg.training.seed)
 
     # --- setup ---------------------------------------------------------------------
 
@@ -219,16 +225,16 @@ class FoldTrainer:
         before them.
         """
         tcfg = self.cfg.training
-        fold = self.data.fold
+        fold, unit = self.data.fold, self.unit
         start_epoch, position = self.load_state_dict(state) if state else (0, 0)
         self.graphs.prepare()
-        log.info("fold %d: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s%s",
-                 fold, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
+        log.info("fold %s: %d train / %d valid rows, %d steps (%d warmup), device %s, precision %s%s%s",
+                 unit, len(self.data.train), len(self.data.valid), self.total_steps, self.warmup_steps,
                  self.device, self.precision.name, self.group.describe(),
                  f"; resumed at step {self.step}" if state else "")
         started = time.perf_counter()
         running_at = self.step + 2
-        self.progress = self.run_progress.fold(fold, self.total_steps, self.step)
+        self.progress = self.run_progress.fold(unit, self.total_steps, self.step)
         try:
             for epoch in range(start_epoch, tcfg.epochs):
                 epoch_start_order = self.generator.get_state()
@@ -261,7 +267,7 @@ class FoldTrainer:
             seconds = self.seconds_before + time.perf_counter() - started
             self._write_oof()
             self.progress.close()               # the bar's last state above the fold's result
-            log.info("fold %d: best MCRMSE %.4f at step %d (%.0f s)", fold, self.best_score, self.best_step, seconds)
+            log.info("fold %s: best MCRMSE %.4f at step %d (%.0f s)", unit, self.best_score, self.best_step, seconds)
         finally:
             if on_running is not None:
                 on_running()
@@ -379,11 +385,11 @@ class FoldTrainer:
         if len(rngs) > 1:
             state["rng_by_rank"] = rngs
         snapshot = Snapshot(state)          # the copies from the GPU finish while training goes on
-        fold_dir, keep, fold, step = self.fold_dir, self.cfg.training.keep_states, self.data.fold, self.step
+        fold_dir, keep, fold, step = self.fold_dir, self.cfg.training.keep_states, self.unit, self.step
 
         def write() -> None:
             path = save_state(fold_dir, snapshot.value(), keep=keep)
-            log.info("fold %d: training state saved at step %d (%s)", fold, step, path.name)
+            log.info("fold %s: training state saved at step %d (%s)", fold, step, path.name)
 
         self._submit(write)
 
@@ -454,7 +460,7 @@ class FoldTrainer:
         if self.group.is_main:
             atomic_write_csv(self.fold_dir / "metrics.csv", pd.DataFrame(self.metrics_rows))
         extra = f", averaged {candidates[1][2]['mcrmse']:.4f}" if len(candidates) > 1 else ""
-        log.info("fold %d step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.data.fold, self.step,
+        log.info("fold %s step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.unit, self.step,
                  epoch, train_loss, trained["mcrmse"], extra, f" (best: {best})" if best else "")
 
     def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> None:
@@ -474,14 +480,16 @@ class FoldTrainer:
             "max_len": self.cfg.data.max_len,
             "foldtune_version": __version__,
         }
+        if self.unit.seed is not None:
+            meta["seed"] = self.unit.seed
         self.progress.doing(f"saving the checkpoint of step {self.step}")
         job = checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta)
-        fold, step = self.data.fold, self.step
+        fold, step = self.unit, self.step
 
         def write() -> None:
             folder = job()
             # said once the folder is written: a write that fails ends the run instead
-            log.info("fold %d: checkpoint of step %d saved to %s", fold, step, folder)
+            log.info("fold %s: checkpoint of step %d saved to %s", fold, step, folder)
 
         self._submit(write)
 
