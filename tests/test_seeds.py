@@ -239,3 +239,9 @@ def test_a_compressed_seeded_run_keeps_every_fold_and_seed(seeded, work, tmp_pat
     assert read_meta(out / "fold_1" / "seed_7" / "best")["seed"] == 7
     texts = pd.read_csv(work / "test.csv")["full_text"].tolist()
     assert predict_run(out, texts, device="cpu")[1]["n_models"] == 4
+
+
+def test_seeds_written_without_brackets_on_the_command_line_are_integers():
+    assert load_config(None, ["training.seeds=42,7"]).training.seeds == (42, 7)
+    # a string list keeps its pieces as they are: a column named "7" stays "7"
+    assert load_config(None, ["data.target_columns=a,7"]).data.target_columns == ("a", "7")

@@ -458,6 +458,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+            # training.seeds=42,7 on the command line: the pieces of a string are strings
+            value = [int(v) if int in args and v.lstrip("+-").isdigit() else v for v in value]
         _require(isinstance(value, (list, tuple)), key, "a list", value)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
