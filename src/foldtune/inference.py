@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from foldtune.checkpoint import (CONFIG_FILE, META_FILE, CheckpointError, check_
                                  read_meta)
 from foldtune.config import ConfigError, DataConfig, load_config, path_problem
 from foldtune.data.collate import STATIC_PAD_MULTIPLE
-from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.data.dataset import TextDataset, encode_data
+from foldtune.data.windows import Windows
 from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
@@ -218,8 +220,9 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     pad_multiple = STATIC_PAD_MULTIPLE if run_cfg.model.attention == "flex" and fused_on(device_) else 1
     max_len = max_len or data.max_len
     check_max_len(load_backbone_config(folders[0]), max_len)
-    dataset = TextDataset(encode_texts(tokenizer, list(texts), max_len, data.truncation,
-                                       data.head_fraction).input_ids)
+    data = dataclasses.replace(data, max_len=max_len)     # windows: of max_len tokens too
+    windows = Windows.of(tokenizer, data)
+    dataset = TextDataset(encode_data(tokenizer, list(texts), data).input_ids)
     weight_of = dict(zip(expected, fold_weights if fold_weights is not None else np.ones(len(expected))))
     total = np.zeros((len(texts), len(targets)), dtype=np.float64)
     used = 0.0
@@ -234,7 +237,7 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
             log.warning("%s: left out of the average", err)
             continue
         total += weight_of[fold] * predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_,
-                                             pad_multiple)
+                                             pad_multiple, windows)
         used += weight_of[fold]
         n_used += 1
         log.info("predicted %d texts with %s", len(texts), folder)
