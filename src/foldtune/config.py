@@ -57,7 +57,7 @@ class DataConfig:
     # content tokens apart (null: three quarters of a window's content). The backbone reads
     # every window and the pooling pools a text's tokens across its windows, each token
     # counted once (models/stitch.py). A text longer than max_windows windows cover is cut
-    # after the last one (max_len 512, 4 windows: 1,656 tokens with BERT's [CLS] and [SEP]).
+    # after the last one (max_len 512, 4 windows: 1,656 tokens besides BERT's [CLS] and [SEP]).
     long_text: Literal["truncate", "head_tail", "windows"] = "truncate"
     head_fraction: float = 0.25
     window_stride: int | None = None

@@ -1,5 +1,6 @@
 """Batches padded to their own longest row; length-bucketed batches for training and
-length-sorted ones for prediction, so little compute goes to padding."""
+length-sorted ones for prediction, so little compute goes to padding. With data.long_text
+windows a batch's rows are its texts' windows, with a stitch plan (data/windows.py)."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def window_batch(texts: Sequence[Sequence[int]], windows: Windows, pad_token_id:
 class WindowPadding:
     """Collate rows of token ids into window batches (data.long_text: windows; data/windows.py)."""
 
-    def __init__(self, windows, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, windows: Windows, pad_token_id: int, pad_to_multiple_of: int = 1):
         self.pad = DynamicPadding(pad_token_id, pad_to_multiple_of)     # checks the pad token
         self.windows = windows
 
@@ -133,7 +134,7 @@ class WindowPadding:
 class WindowedRows(WindowPadding):
     """Collate row numbers of a dataset into window batches, as PaddedRows does rows."""
 
-    def __init__(self, dataset, windows, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, dataset, windows: Windows, pad_token_id: int, pad_to_multiple_of: int = 1):
         super().__init__(windows, pad_token_id, pad_to_multiple_of)
         self.dataset = dataset
 
@@ -141,14 +142,14 @@ class WindowedRows(WindowPadding):
         return super().__call__([self.dataset[row] for row in rows])
 
 
-def row_collate(dataset, pad_token_id: int, pad_to_multiple_of: int = 1, windows=None):
+def row_collate(dataset, pad_token_id: int, pad_to_multiple_of: int = 1, windows: Windows | None = None):
     """What collates a loader's row numbers of `dataset`: PaddedRows, or WindowedRows for windows."""
     if windows is None:
         return PaddedRows(dataset, pad_token_id, pad_to_multiple_of)
     return WindowedRows(dataset, windows, pad_token_id, pad_to_multiple_of)
 
 
-def item_collate(pad_token_id: int, pad_to_multiple_of: int = 1, windows=None):
+def item_collate(pad_token_id: int, pad_to_multiple_of: int = 1, windows: Windows | None = None):
     """What collates a dataset's items: DynamicPadding, or WindowPadding for windows."""
     if windows is None:
         return DynamicPadding(pad_token_id, pad_to_multiple_of)

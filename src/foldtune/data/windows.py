@@ -6,7 +6,7 @@ own, [CLS] content [SEP], at most max_len ids. The last window is aligned to the
 end (full, overlapping its neighbour more), unless max_windows windows do not reach the
 end: then the text is cut after the last one.
 
-A window batch holds the windows of all its texts as rows (the backbone reads them at
+A window batch (data/collate.py: window_batch) holds the windows of all its texts as rows (the backbone reads them at
 once) and a stitch plan that puts each text's token states back in the order of the
 text (models/stitch.py): for each position of a text, the (window, position) pairs that
 read it and a weight each, 1/k for a token read by k windows. A window's special tokens
