@@ -121,7 +121,8 @@ def test_overlapping_tokens_count_once_and_the_windows_cls_and_sep_are_one_token
         cls = torch.stack([states[pooling][w, 0] for w in range(3)]).mean(dim=0)
         sep = torch.stack([states[pooling][w, 15] for w in range(3)]).mean(dim=0)
         for i in range(27):
-            reads = [states[pooling][w, 1 + i - start] for w, start in enumerate([0, 10, 13]) if start <= i < start + 14]
+            reads = [states[pooling][w, 1 + i - start] for w, start in enumerate([0, 10, 13])
+                     if start <= i < start + 14]
             assert len(reads) == ([1] * 10 + [2] * 3 + [3] + [2] * 10 + [1] * 3)[i]
             per_token.append(torch.stack(reads).mean(dim=0))
         text = torch.stack([cls, *per_token, sep])                 # 29 tokens, each once
