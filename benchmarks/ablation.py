@@ -42,7 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "no_backbone_dropout": ["model.backbone_dropout=0.0"],
     "madgrad": ["training.optimizer=madgrad", "training.lr=5e-5"],
     "adamw_8bit": ["training.optimizer=adamw_8bit"],
-    "head_tail": ["data.truncation=head_tail", "data.head_fraction=0.25"],
+    "head_tail": ["data.long_text=head_tail", "data.head_fraction=0.25"],
 }
 
 
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--prefix", default="", help="prefix of the run folders' names")
     parser.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     parser.add_argument("--define", action="append", default=[], metavar="NAME=KEY=VALUE;KEY=VALUE",
-                        help="an extra variant, e.g. 'combo=data.truncation=head_tail;model.backbone_dropout=0.0'")
+                        help="an extra variant, e.g. 'combo=data.long_text=head_tail;model.backbone_dropout=0.0'")
     parser.add_argument("common", nargs="*", help="overrides given to every variant (after --)")
     args = parser.parse_args()
     for definition in args.define:

@@ -42,7 +42,7 @@ from foldtune.checkpoint import WEIGHTS_FILE, load_checkpoint
 from foldtune.compress import compress_run
 from foldtune.config import load_config
 from foldtune.data.collate import DynamicPadding
-from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.data.dataset import TextDataset, encode_data
 from foldtune.data.validate import load_train
 from foldtune.files import file_sha256
 from foldtune.inference import inference_precision
@@ -169,8 +169,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    encode = lambda texts: encode_texts(tokenizer, texts, cfg.data.max_len, cfg.data.truncation,  # noqa: E731
-                                        cfg.data.head_fraction).input_ids
+    encode = lambda texts: encode_data(tokenizer, texts, cfg.data).input_ids  # noqa: E731
     dataset = TextDataset(encode(frame[cfg.data.text_column][scored].tolist()))
     healing = None
     if args.heal_epochs > 0:

@@ -59,5 +59,5 @@ def test_cut_keeps_the_head_or_the_head_and_the_tail():
 def test_head_tail_truncation_keeps_the_end_of_the_text(bert_tokenizer):
     text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
     full = bert_tokenizer(text)["input_ids"]
-    encoded = encode_texts(bert_tokenizer, [text], max_len=6, truncation="head_tail", head_fraction=0.5)
+    encoded = encode_texts(bert_tokenizer, [text], max_len=6, long_text="head_tail", head_fraction=0.5)
     assert encoded.input_ids[0] == [101, full[1], full[2], full[-3], full[-2], 102]

@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_scores_match_oof
 from foldtune.checkpoint import load_checkpoint, read_meta
 from foldtune.config import load_config
-from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.data.dataset import TextDataset, encode_data
 from foldtune.data.demo import make_demo
 from foldtune.runtime.precision import resolve_device, resolve_precision
 from foldtune.runtime.predict import predict
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["cohesion", "syntax", "vocabulary", "phraseology", "grammar", "conventions"]
 
 EVERY_TECHNIQUE = [
-    "data.truncation=head_tail", "data.head_fraction=0.5",
+    "data.long_text=head_tail", "data.head_fraction=0.5",
     "model.pooling=weighted_layers", "model.pooling_layers=3",
     "model.head_dropout=0.2", "model.head_dropout_samples=4", "model.backbone_dropout=0.0",
     "model.reinit_layers=1", "model.freeze_embeddings=true", "model.freeze_layers=1",
@@ -83,14 +83,12 @@ def _check_run(work: Path, run: Path, train: pd.DataFrame, test: pd.DataFrame) -
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(best))
-        data = TextDataset(encode_texts(tokenizer, texts, cfg.data.max_len, cfg.data.truncation,
-                                        cfg.data.head_fraction).input_ids)
+        data = TextDataset(encode_data(tokenizer, texts, cfg.data).input_ids)
         preds = predict(model, data, 8, tokenizer.pad_token_id, device, precision)
         # exact in fp32; under bf16 autocast other batch shapes round differently
         atol = 1e-5 if precision.dtype is None else 2e-2
         np.testing.assert_allclose(preds, rows[TARGETS].to_numpy(), atol=atol)
-        test_data = TextDataset(encode_texts(tokenizer, test["full_text"].tolist(), cfg.data.max_len,
-                                             cfg.data.truncation, cfg.data.head_fraction).input_ids)
+        test_data = TextDataset(encode_data(tokenizer, test["full_text"].tolist(), cfg.data).input_ids)
         test_preds.append(predict(model, test_data, 8, tokenizer.pad_token_id, device, precision))
     result = _run([str(REPO / "infer.py"), "--run", str(run), "--test", "test.csv", "--out", "sub.csv"], work)
     assert result.returncode == 0, result.stderr

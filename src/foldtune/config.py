@@ -50,10 +50,18 @@ class DataConfig:
     # clipped to it); null: no check, predictions clipped to the range seen in training.
     target_range: tuple[float, float] | None = None
     max_len: int = 512
-    # head: keep the start of a long text; head_tail: keep its start and its end (the
-    # conclusion of an essay says much of its quality), head_fraction of max_len first.
-    truncation: Literal["head", "head_tail"] = "head"
+    # How a text longer than max_len tokens is read. truncate: its start only; head_tail:
+    # its start and its end (the conclusion of an essay says much of its quality),
+    # head_fraction of max_len first; windows: all of it, as overlapping windows of max_len
+    # tokens, each with the tokenizer's special tokens, whose starts lie window_stride
+    # content tokens apart (null: three quarters of a window's content). The backbone reads
+    # every window and the pooling pools a text's tokens across its windows, each token
+    # counted once (models/stitch.py). A text longer than max_windows windows cover is cut
+    # after the last one (max_len 512, 4 windows: 1,656 tokens besides BERT's [CLS] and [SEP]).
+    long_text: Literal["truncate", "head_tail", "windows"] = "truncate"
     head_fraction: float = 0.25
+    window_stride: int | None = None
+    max_windows: int = 4
     # Write the built-in demo essays to the demo's own files (train_file and test_file at
     # their defaults, data/demo/) where they are absent; a path the user chose is never written.
     demo: bool = False
@@ -61,6 +69,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.max_len >= 8, "data.max_len", "an integer >= 8", self.max_len)
         _require(0 < self.head_fraction < 1, "data.head_fraction", "a number in (0, 1)", self.head_fraction)
+        _require(self.window_stride is None or 1 <= self.window_stride <= self.max_len, "data.window_stride",
+                 f"null or an integer in [1, data.max_len={self.max_len}]", self.window_stride)
+        _require(self.max_windows >= 1, "data.max_windows", "an integer >= 1", self.max_windows)
         _require(self.target_range is None or self.target_range[0] < self.target_range[1], "data.target_range",
                  "null or [low, high] with low < high", self.target_range)
         _require(len(self.target_columns) >= 1, "data.target_columns", "at least one column", self.target_columns)
@@ -403,6 +414,8 @@ def _check_cuda_graphs(cfg: "Config") -> None:
          cfg.model.attention in ("flex", "dflash")),
         (f"training.optimizer: {t.optimizer} (only adamw replays on the device)", t.optimizer != "adamw"),
         ("training.precision: fp16 (its grad scaler checks on the host; use bf16)", t.precision == "fp16"),
+        ("data.long_text: windows (the number of windows changes from batch to batch)",
+         cfg.data.long_text == "windows"),
     ]
     found = [what for what, present in conflicts if present]
     if found:
@@ -510,8 +523,33 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys renamed since runs were saved: a run folder's config.yaml (and a user's YAML) with
+# the old key loads as the new one. data.truncation head|head_tail became data.long_text
+# truncate|head_tail.
+_RENAMED = {("data", "truncation"): ("long_text", {"head": "truncate"})}
+
+
+def _renamed_keys(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """values with each old key of _RENAMED given under its new name (its values mapped);
+    a section that holds both the old and the new key fails."""
+    out = dict(values)
+    for (section, old), (new, value_of) in _RENAMED.items():
+        inner = out.get(section)
+        if not isinstance(inner, Mapping) or old not in inner:
+            continue
+        inner = dict(inner)
+        if new in inner:
+            raise ConfigError(f"config keys '{section}.{old}' and '{section}.{new}' are both set; "
+                              f"'{section}.{old}' is the old name of '{section}.{new}': keep only the latter",
+                              f"{section}.{old}")
+        value = inner.pop(old)
+        inner[new] = value_of.get(value, value) if isinstance(value, str) else value
+        out[section] = inner
+    return out
+
+
 def config_from_dict(values: Mapping[str, Any]) -> Config:
-    return _build(Config, values, "")
+    return _build(Config, _renamed_keys(values), "")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

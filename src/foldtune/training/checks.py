@@ -18,7 +18,8 @@ from foldtune.losses import LOSSES
 from foldtune.models.attention import choose_attention, dflash_device_problem
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
-from foldtune.models.regressor import check_backbone, load_backbone_config, resolve_backbone
+from foldtune.data.windows import Windows
+from foldtune.models.regressor import check_backbone, load_backbone_config, load_tokenizer, resolve_backbone
 from foldtune.optim.factory import check_optimizer
 from foldtune.runtime.precision import resolve_precision
 from foldtune.training.distributed import check_launch
@@ -34,6 +35,8 @@ def check_run(cfg: Config, device: torch.device, world_size: int, fold_parallel:
     check_config_against_device(cfg, device)
     if cfg.model.type == "transformer":
         check_backbone(cfg.model.name)
+        if cfg.data.long_text == "windows":     # the stride against the room the tokenizer's special tokens leave
+            Windows.of(load_tokenizer(cfg.model.name), cfg.data)
     check_launch(cfg, world_size, fold_parallel)
     check_seeds(cfg, world_size)
     progress_settings()         # a FOLDTUNE_PROGRESS that means nothing fails now, not at the first fold

@@ -30,6 +30,7 @@ import torch
 
 from foldtune.config import Config, ConfigError
 from foldtune.data.collate import round_up
+from foldtune.data.windows import text_rows
 from foldtune.training.state import restore_rng
 
 T = TypeVar("T")
@@ -179,8 +180,8 @@ class DataParallel:
         if stop == start:
             # A last batch with fewer rows than processes: this one still runs a step
             # (the gradient all-reduce needs every process), on a row weighted zero.
-            return {key: value[:1] for key, value in batch.items()}, 0.0
-        local = {key: value[start:stop] for key, value in batch.items()}
+            return text_rows(batch, 0, 1), 0.0
+        local = text_rows(batch, start, stop)
         # Drop the padding columns that none of this process's rows needs.
         width = int(local["attention_mask"].sum(dim=1).max())
         width = min(round_up(width, pad_multiple), local["input_ids"].shape[1])

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from foldtune.checkpoint import WEIGHTS_FILE, CheckpointError, changed_files, read_meta
 from foldtune.config import Config, load_config
-from foldtune.data.dataset import TextDataset, encode_texts
+from foldtune.data.dataset import TextDataset, encode_data
 from foldtune.data.validate import load_train
 from foldtune.files import atomic_path
 from foldtune.models.regressor import load_tokenizer
@@ -182,8 +182,7 @@ class PreparedRun:
 def tokenized_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray) -> PreparedRun:
     """The run's texts tokenized once, for all its folds."""
     tokenizer = load_tokenizer(cfg.model.name)
-    encoded = encode_texts(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data.max_len, cfg.data.truncation,
-                           cfg.data.head_fraction)
+    encoded = encode_data(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data)
     return PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from foldtune.config import Config, ConfigError
+from foldtune.data.collate import model_inputs
 from foldtune.training.averaging import AveragingHook
 from foldtune.training.awp import AWP
 from foldtune.training.fgm import FGM
@@ -67,7 +68,7 @@ class TrainingStep:
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The task loss of a batch and the model's predictions."""
         with self.precision.autocast():
-            preds = self.model(batch["input_ids"], batch["attention_mask"])
+            preds = self.model(**model_inputs(batch))
         return self.loss_fn(preds, batch["labels"], batch.get("row_weight")), preds
 
     def loss(self, batch: dict) -> torch.Tensor:

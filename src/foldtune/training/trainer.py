@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from foldtune import __version__
 from foldtune.checkpoint import checkpoint_job
 from foldtune.config import Config
-from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, PaddedRows
+from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, row_collate
+from foldtune.data.windows import Windows
 from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
 from foldtune.losses import build_loss
@@ -189,8 +190,10 @@ class FoldTrainer:
         tcfg = self.cfg.training
         static = tcfg.compile or tcfg.cuda_graphs or self.model.attention == "flex"
         self.pad_multiple = STATIC_PAD_MULTIPLE if static else 1
-        collate = PaddedRows(self.data.train, self.tokenizer.pad_token_id, self.pad_multiple)
-        rows = range(len(self.data.train))      # the loader hands row numbers to PaddedRows
+        # data.long_text windows: batches of the texts' windows (data/windows.py); None: a row a text
+        self.windows = Windows.of(self.tokenizer, self.cfg.data)
+        collate = row_collate(self.data.train, self.tokenizer.pad_token_id, self.pad_multiple, self.windows)
+        rows = range(len(self.data.train))      # the loader hands row numbers to the collate
         # The data order's own generator: saved with the state, so a resumed epoch
         # replays the same order and skips the batches already seen.
         self.generator = generator = torch.Generator().manual_seed(tcfg.seed)
@@ -410,7 +413,8 @@ class FoldTrainer:
             # With static shapes (CUDA graphs, compile, flex) the folds' batches get the same shapes too.
             self._valid_batches = list(padded_batches(valid, self.cfg.training.eval_batch_size,
                                                       self.tokenizer.pad_token_id, self.device, self.pad_multiple,
-                                                      EVAL_ROWS_MULTIPLE if self.pad_multiple > 1 else 1))
+                                                      EVAL_ROWS_MULTIPLE if self.pad_multiple > 1 else 1,
+                                                      self.windows))
             self._valid_rows = len(valid)
         preds = (predict_batches(model, self._valid_batches, self._valid_rows, self.precision)
                  if self._valid_rows else np.empty((0, len(self.data.target_columns)), dtype=np.float32))
