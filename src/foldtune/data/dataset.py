@@ -17,20 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from foldtune.data.windows import Windows
+from foldtune.data.windows import Windows, special_token_template
 
 log = logging.getLogger(__name__)
-
-
-def special_token_template(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a single text ([CLS] ... [SEP])."""
-    probe = "hello world"
-    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(body) + 1):
-        if full[start:start + len(body)] == body:
-            return list(full[:start]), list(full[start + len(body):])
-    raise ValueError(f"cannot find how {type(tokenizer).__name__} adds special tokens around a text")
 
 
 @dataclass

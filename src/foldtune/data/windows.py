@@ -28,6 +28,17 @@ from foldtune.config import ConfigError
 STITCH_KEYS = ("stitch_window", "stitch_position", "stitch_weight")
 
 
+def special_token_template(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text ([CLS] ... [SEP])."""
+    probe = "hello world"
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(body) + 1):
+        if full[start:start + len(body)] == body:
+            return list(full[:start]), list(full[start + len(body):])
+    raise ValueError(f"cannot find how {type(tokenizer).__name__} adds special tokens around a text")
+
+
 @dataclass(frozen=True)
 class Windows:
     """How a tokenizer's texts are cut into windows: n_prefix and n_suffix special tokens
@@ -42,8 +53,6 @@ class Windows:
     @classmethod
     def of(cls, tokenizer, data) -> "Windows | None":
         """The windows of DataConfig `data` for `tokenizer`; None unless data.long_text is windows."""
-        from foldtune.data.dataset import special_token_template      # dataset.py imports this module
-
         if data.long_text != "windows":
             return None
         prefix, suffix = special_token_template(tokenizer)
