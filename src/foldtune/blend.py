@@ -284,18 +284,25 @@ def build_blend(run_dirs: Sequence[str | Path], out: str | Path, method: str = "
     return blend
 
 
+def read_record(path: Path, kind: str, fmt: str, named: str, written_by: str) -> dict:
+    """The JSON record in `path` (a `kind`, e.g. "blend file", of format `fmt`), or an
+    EnsembleError that says what is wrong with it, calling it `named`, and what writes one."""
+    problem = path_problem(path, f"a {kind}")
+    if problem is not None:
+        raise EnsembleError(f"{named} {problem}: write one with {written_by}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EnsembleError(f"{path} is not valid JSON ({err})") from None
+    if record.get("format") != fmt:
+        raise EnsembleError(f"{path} is not a foldtune {kind} (format {record.get('format')!r})")
+    return record
+
+
 def read_blend(path: str | Path) -> tuple[dict, list[Path]]:
     """A blend file and its members' run folders (resolved from the file's folder)."""
     path = Path(path)
-    problem = path_problem(path, "a blend file")
-    if problem is not None:
-        raise EnsembleError(f"blend file {problem}: write one with foldtune ensemble")
-    try:
-        blend = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EnsembleError(f"{path} is not valid JSON ({err})") from None
-    if blend.get("format") != BLEND_FORMAT:
-        raise EnsembleError(f"{path} is not a foldtune blend file (format {blend.get('format')!r})")
+    blend = read_record(path, "blend file", BLEND_FORMAT, "blend file", "foldtune ensemble")
     runs = [(path.resolve().parent / m).resolve() for m in blend["members"]]
     for target, w in blend["weights"].items():
         if len(w) != len(runs) or min(w) < 0 or abs(sum(w) - 1) > 1e-6:

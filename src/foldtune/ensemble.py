@@ -42,22 +42,26 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.stack:
         if args.run or args.positional or args.method:
             parser.error("--stack names its runs: --run, RUN ... and --method do not apply")
-        from foldtune.stack import stack_main
+        from foldtune.stack import build_stack, format_stack_report
 
-        return stack_main(args.stack, args.out, args.model or "ridge", args.train)
-    if args.model:
-        parser.error("--model applies to --stack only (a blend has --method)")
-    args.method = args.method or "nnls"
-    runs_from_positionals(parser, args)
+        def build() -> str:
+            return format_stack_report(build_stack(args.stack, args.out, args.model or "ridge", args.train))
+    else:
+        if args.model:
+            parser.error("--model applies to --stack only (a blend has --method)")
+        runs_from_positionals(parser, args)
+
+        def build() -> str:
+            return format_report(build_blend(args.run, args.out, args.method or "nnls", args.train))
     from foldtune.config import ConfigError
     from foldtune.data.validate import DataError
 
     try:
-        blend = build_blend(args.run, args.out, args.method, args.train)
+        report = build()
     except (EnsembleError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_report(blend))
+    print(report)
     print(f"wrote {args.out}")
     return 0
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,8 +45,8 @@ from typing import Sequence
 import numpy as np
 
 from foldtune.config import path_problem, save_config
-from foldtune.blend import (MAX_EXACT_MEMBERS, EnsembleError, aligned_oof, honest_blend, load_member, score_table,
-                               train_rows)
+from foldtune.blend import (MAX_EXACT_MEMBERS, EnsembleError, aligned_oof, honest_blend, load_member, read_record,
+                            score_table, train_rows)
 from foldtune.files import atomic_directory, file_sha256
 from foldtune.metrics import score_report
 from foldtune.registry import Registry
@@ -274,15 +273,7 @@ def read_stack(path: str | Path) -> Stack:
     """The stack folder `path` (or its stack.json), its models loaded."""
     path = Path(path)
     file = path / STACK_FILE if path.is_dir() else path
-    problem = path_problem(file, "a stack file")
-    if problem is not None:
-        raise EnsembleError(f"stack {problem}: write one with foldtune ensemble --stack")
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EnsembleError(f"{file} is not valid JSON ({err})") from None
-    if record.get("format") != STACK_FORMAT:
-        raise EnsembleError(f"{file} is not a foldtune stack file (format {record.get('format')!r})")
+    record = read_record(file, "stack file", STACK_FORMAT, "stack", "foldtune ensemble --stack")
     folder = file.resolve().parent
     runs = [(folder / m).resolve() for m in record["members"]]
     expected = feature_names(len(runs), record["target_columns"])
@@ -304,18 +295,3 @@ def format_stack_report(stack: dict) -> str:
     if stack["model"] == "ridge":
         lines.append("ridge alpha per target: " + ", ".join(f"{t} {m['alpha']:g}" for t, m in stack["models"].items()))
     return "\n".join(lines)
-
-
-def stack_main(run_dirs: Sequence[str], out: str, model: str, train_file: str | None) -> int:
-    """`foldtune ensemble --stack RUN ... --out FOLDER`: build, print the scores, say where."""
-    from foldtune.config import ConfigError
-    from foldtune.data.validate import DataError
-
-    try:
-        stack = build_stack(run_dirs, out, model, train_file)
-    except (EnsembleError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_stack_report(stack))
-    print(f"wrote {out}")
-    return 0
