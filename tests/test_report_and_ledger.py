@@ -219,3 +219,18 @@ def test_a_ledger_piped_to_a_reader_that_has_gone_ends_quietly(hand_made_runs, t
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_stopped_seeded_run_counts_the_folds_whose_every_seed_finished(tmp_path):
+    """training.seeds: a fold's models are in fold_k/seed_<s>/; the fold has finished when
+    every seed's has, and its score is then the mean of its seeds'."""
+    from foldtune.runs import list_runs
+
+    run = _hand_made_run(tmp_path / "runs", "seeded", "2026-12-01T10:00:00", "aaaa1111" * 8,
+                         (*ESSAYS, "training.seeds=[42,7]"), None, {}, (0, 1))
+    for fold, seed, score in ((0, 42, 0.46), (0, 7, 0.48), (1, 42, 0.50)):     # fold 1 seed 7 still to train
+        (run / f"fold_{fold}" / f"seed_{seed}").mkdir()
+        (run / f"fold_{fold}" / f"seed_{seed}" / "result.json").write_text(json.dumps({"mcrmse": score}))
+    (entry,) = list_runs(tmp_path / "runs")
+    assert entry.score_or_status == "unfinished 1/2"
+    assert entry.folds == {0: pytest.approx(0.47)}

@@ -14,7 +14,8 @@ A run's status, read from its folder:
                train or resume it
   unfinished   a fold began (a fold_k/ folder exists) and the run has no scores.json: it
                stopped or crashed; shown as `unfinished d/n`, d folds finished (their
-               fold_k/result.json) of the n it was asked to train (run.json)
+               fold_k/result.json; with training.seeds, every seed's) of the n it was
+               asked to train (run.json)
   failed       no fold began (no fold_k/ folder): it stopped while it started
   broken       its config.yaml cannot be read
 """
@@ -107,7 +108,7 @@ def read_run(path: Path) -> RunEntry:
         entry.folds = {int(f): float(rep["mcrmse"]) for f, rep in scores["folds"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         entry.oof = None
-        entry.folds = _finished_fold_scores(path)
+        entry.folds = _finished_fold_scores(path, entry.config.training.seeds if entry.config else None)
         entry.status = "unfinished" if _fold_folders(path) else "failed"
     if holder is not None and holder.get("purpose") in ("training", "resume"):
         entry.status = "training"
@@ -119,13 +120,17 @@ def _fold_folders(path: Path) -> list[Path]:
     return [p for p in path.glob("fold_*") if p.is_dir() and p.name[len("fold_"):].isdigit()]
 
 
-def _finished_fold_scores(path: Path) -> dict[int, float]:
-    """MCRMSE of each fold whose fold_k/result.json can be read."""
+def _finished_fold_scores(path: Path, seeds: Sequence[int] | None = None) -> dict[int, float]:
+    """MCRMSE of each fold whose fold_k/result.json can be read. With training.seeds, a
+    fold has finished when every seed's fold_k/seed_<s>/result.json can be read; its score
+    here is the mean of its seeds' (the score of their averaged predictions comes with
+    scores.json, when the run ends)."""
     scores = {}
     for folder in _fold_folders(path):
+        results = [folder / RESULT_FILE] if not seeds else [folder / f"seed_{seed}" / RESULT_FILE for seed in seeds]
         try:
-            scores[int(folder.name[len("fold_"):])] = float(
-                json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))["mcrmse"])
+            seed_scores = [float(json.loads(result.read_text(encoding="utf-8"))["mcrmse"]) for result in results]
+            scores[int(folder.name[len("fold_"):])] = sum(seed_scores) / len(seed_scores)
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return dict(sorted(scores.items()))
