@@ -83,13 +83,8 @@ def window_batch(texts: Sequence[Sequence[int]], windows: Windows, pad_token_id:
     """The windows of `texts` (ids with special tokens) padded into rows, a text's windows
     in consecutive rows, and the stitch plan of each text."""
     split = [windows.split(ids) for ids in texts]
-    rows = [window for text in split for window in text]
-    width = round_up(max(len(window) for window in rows), pad_to_multiple_of)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, window in enumerate(rows):
-        input_ids[row, :len(window)] = torch.as_tensor(window, dtype=torch.long)
-        attention_mask[row, :len(window)] = 1
+    padded = DynamicPadding(pad_token_id, pad_to_multiple_of)([{"input_ids": window} for text in split
+                                                               for window in text])
 
     n_content = [len(windows.parts(ids)[1]) for ids in texts]
     specials = windows.n_prefix + windows.n_suffix
@@ -111,7 +106,7 @@ def window_batch(texts: Sequence[Sequence[int]], windows: Windows, pad_token_id:
             count[t, at] += 1
         first_row += len(text)
     weight = np.where(np.arange(reads) < count[..., None], 1.0 / np.maximum(count, 1)[..., None], 0.0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
+    return {**padded,
             "stitch_window": torch.from_numpy(source_window), "stitch_position": torch.from_numpy(source_position),
             "stitch_weight": torch.from_numpy(weight.astype(np.float32))}
 

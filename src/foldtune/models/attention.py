@@ -39,6 +39,10 @@ def _is_deberta(config) -> bool:
     return getattr(config, "model_type", None) == "deberta-v2"
 
 
+def _head_size(config) -> int:
+    return config.hidden_size // config.num_attention_heads
+
+
 def _attention_dropout(config, backbone_dropout: float | None) -> float:
     if backbone_dropout is not None:
         return backbone_dropout
@@ -49,9 +53,10 @@ def dflash_problem(config, device: torch.device) -> str | None:
     """Why dflash cannot train `config`'s backbone on `device` (None: it can)."""
     if not _is_deberta(config):
         return f"it computes DeBERTa-v2/v3's attention and this backbone is a {getattr(config, 'model_type', '?')}"
-    head_size = config.hidden_size // config.num_attention_heads
+    head_size = _head_size(config)
     if head_size not in DFLASH_HEAD_SIZES:
-        return f"its kernels take heads of {', '.join(map(str, DFLASH_HEAD_SIZES))} dimensions, this model's have {head_size}"
+        return (f"its kernels take heads of {', '.join(map(str, DFLASH_HEAD_SIZES))} dimensions, this model's "
+                f"have {head_size}")
     return dflash_device_problem(device)
 
 
@@ -87,7 +92,7 @@ def choose_attention(config, device: torch.device, backbone_dropout: float | Non
     """
     if not _is_deberta(config):
         return "eager", f"{getattr(config, 'model_type', 'this backbone')} uses transformers' own attention"
-    head_size = config.hidden_size // config.num_attention_heads
+    head_size = _head_size(config)
     dropout = _attention_dropout(config, backbone_dropout)
     if fused_on(device) and head_size in DFLASH_HEAD_SIZES and dropout == 0:
         return "flex", "foldtune's FlexAttention kernel"

@@ -29,8 +29,8 @@ def padded_batches(dataset: TextDataset, batch_size: int, pad_token_id: int, dev
     filled = [rows + rows[-1:] * (round_up(len(rows), rows_multiple) - len(rows)) for rows in batches]
     # Its own generator: a loader draws a seed when iterated, and training's global
     # generator (dropout) must not depend on when the batches were made.
-    loader = DataLoader(dataset, batch_sampler=filled,
-                        collate_fn=item_collate(pad_token_id, pad_to_multiple_of, windows), pin_memory=device.type == "cuda", generator=torch.Generator())
+    loader = DataLoader(dataset, batch_sampler=filled, collate_fn=item_collate(pad_token_id, pad_to_multiple_of, windows),
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
     for rows, batch in zip(batches, loader):
         yield rows, {key: value.to(device, non_blocking=True) for key, value in model_inputs(batch).items()}
 
