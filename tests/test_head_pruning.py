@@ -322,3 +322,18 @@ def test_infer_reads_a_pruned_run(pruned_run, monkeypatch):
     preds, _ = predict_run(run, texts, device="cpu")
     assert len(submission) == len(texts)
     np.testing.assert_allclose(submission[TARGETS].to_numpy(), preds, rtol=0, atol=1e-5)
+
+
+def test_a_compressed_pruned_run_records_the_heads_of_the_layers_it_keeps(pruned_run, tmp_path):
+    from foldtune.compress import compress_run
+
+    _, run = pruned_run
+    compress_run(run, tmp_path / "small", keep=[1], rank=4)
+    for fold in (0, 1):
+        pruned = read_meta(run / f"fold_{fold}" / "best")["pruned_heads"]
+        meta = read_meta(tmp_path / "small" / f"fold_{fold}" / "best")
+        # layer 1 is the only one left, now layer 0
+        assert meta.get("pruned_heads", {}) == ({"0": pruned["1"]} if "1" in pruned else {})
+        model, _ = load_checkpoint(tmp_path / "small" / f"fold_{fold}" / "best")
+        heads = model.backbone.encoder.layer[0].attention.self.num_attention_heads
+        assert heads == 2 - len(pruned.get("1", []))

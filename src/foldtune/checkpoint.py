@@ -78,7 +78,9 @@ def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Con
     # its factorised modules so that loading builds them again.
     structure = low_rank_structure(model.backbone)
     meta = copy.deepcopy({**meta, "low_rank": structure} if structure else meta)
-    # Attention heads removed by pruning.heads: the same removal before loading.
+    # Attention heads removed by pruning.heads, as the model has them now (a copied meta's
+    # record may name layers that compress dropped): the same removal before loading.
+    meta.pop("pruned_heads", None)
     pruned = pruned_heads_structure(model.backbone)
     if pruned:
         meta["pruned_heads"] = pruned

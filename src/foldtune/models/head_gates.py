@@ -275,11 +275,16 @@ def pruned_heads_structure(backbone: nn.Module) -> dict[str, list[int]]:
     records so that loading removes the same heads. Read from the modules, so a layer
     dropped or moved later (compress's keep_layers) is recorded where it is now."""
     try:
-        parts = attention_parts(backbone)
-    except (ConfigError, ValueError):
+        layers = encoder_layers(backbone)
+    except ValueError:
         return {}
-    return {str(i): list(part.attention.pruned_heads) for i, part in enumerate(parts)
-            if getattr(part.attention, "pruned_heads", None)}
+    found = {}
+    for i, layer in enumerate(layers):
+        # read from the module itself: a compressed model's projections are factorised
+        heads = getattr(getattr(getattr(layer, "attention", None), "self", None), "pruned_heads", None)
+        if heads:
+            found[str(i)] = list(heads)
+    return found
 
 
 def restore_pruned_heads(backbone: nn.Module, structure: dict | None) -> None:
