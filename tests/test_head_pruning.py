@@ -337,3 +337,29 @@ def test_a_compressed_pruned_run_records_the_heads_of_the_layers_it_keeps(pruned
         model, _ = load_checkpoint(tmp_path / "small" / f"fold_{fold}" / "best")
         heads = model.backbone.encoder.layer[0].attention.self.num_attention_heads
         assert heads == 2 - len(pruned.get("1", []))
+
+
+def test_a_fold_stopped_after_its_pruned_checkpoint_resumes_to_the_same_oof(tiny_bert, tmp_path, monkeypatch):
+    """The process died after the pruned checkpoint was written and before the fold's result:
+    the state of the end of epoch 1 is still there. The resume trains epoch 2 again; where no
+    step of it beats the saved best, the checkpoint, already pruned, stays the fold's."""
+    from foldtune.training import prepared
+    from foldtune.training.resume import resume_run
+    from foldtune.training.state import state_files
+    from foldtune.training.trainer import FoldTrainer
+
+    keep = ("pruning.heads.enabled=true", "pruning.heads.target_heads=2", "pruning.heads.l0_lambda=0.1",
+            "training.precision=fp32", "training.epochs=2", "folds.n_splits=2")
+    with monkeypatch.context() as patch:
+        patch.setattr(prepared, "remove_states", lambda fold_dir, wait=True: None)   # as if it never came
+        run = train_tiny_run(tiny_bert, tmp_path, "pruned", *keep)
+    assert state_files(run / "fold_0")
+    finished = pd.read_csv(run / "oof.csv")
+    gates = read_meta(run / "fold_0" / "best")["head_gates"]
+    for path in [run / "fold_0" / "result.json", run / "fold_0" / "oof.csv", run / "oof.csv", run / "scores.json"]:
+        path.unlink()
+    monkeypatch.setattr(FoldTrainer, "_evaluate_and_keep_best", lambda self, epoch, train_loss: None)
+    resume_run(run)
+    np.testing.assert_allclose(pd.read_csv(run / "oof.csv")[TARGETS].to_numpy(), finished[TARGETS].to_numpy(),
+                               rtol=0, atol=1e-6)
+    assert read_meta(run / "fold_0" / "best")["head_gates"] == gates

@@ -26,7 +26,7 @@ from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 
 from foldtune import __version__
-from foldtune.checkpoint import WEIGHTS_FILE, checkpoint_job
+from foldtune.checkpoint import WEIGHTS_FILE, checkpoint_job, load_checkpoint, read_meta
 from foldtune.config import Config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, row_collate
 from foldtune.data.windows import Windows
@@ -512,6 +512,16 @@ class FoldTrainer:
         become that model's: it is the one inference loads, and fixing a gate of 0.7 to 1
         changes its predictions."""
         if getattr(self.model, "head_gates", None) is None or self.best_step < 0:
+            return
+        if "head_gates" in read_meta(self.best_dir):
+            # Pruned before a stop that came ahead of the fold's result, and no step trained
+            # since beat it: that model is the fold's. Scored again for the OOF.
+            pruned, _ = load_checkpoint(self.best_dir, self.device)
+            report, preds = self.evaluate(pruned)
+            self.best_score, self.best_per_target, self.best_oof = report["mcrmse"], report["per_target"], preds
+            with CUDA_LAUNCH_LOCK.released():
+                log.info("fold %s: the best checkpoint's heads were pruned before the stop; valid MCRMSE %.4f",
+                         self.unit, self.best_score)
             return
         self.progress.doing("pruning the attention heads of the best checkpoint")
         load_model(self.model, str(self.best_dir / WEIGHTS_FILE), device=str(self.device))
