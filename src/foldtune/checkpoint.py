@@ -7,6 +7,8 @@
       foldtune.yaml       the run's resolved config
       foldtune.json       fold, targets, scores, step: what inference needs to know;
                           for a compressed model, its factorised modules ("low_rank");
+                          for a model trained with pruning.heads, the removed heads
+                          of each layer ("pruned_heads") and what the gates did ("head_gates");
                           the SHA-256 and size of model.safetensors as written ("files"),
                           checked by every load
 """
@@ -30,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from foldtune.config import Config, dump_config, load_config
 from foldtune.files import atomic_directory, file_sha256
 from foldtune.models.compress import low_rank_structure, restore_low_rank_structure
+from foldtune.models.head_gates import pruned_heads_structure, restore_pruned_heads
 from foldtune.models.regressor import TextRegressor, load_backbone_config
 from foldtune.runtime.snapshot import Snapshot
 
@@ -75,6 +78,12 @@ def checkpoint_job(folder: str | Path, model: TextRegressor, tokenizer, cfg: Con
     # its factorised modules so that loading builds them again.
     structure = low_rank_structure(model.backbone)
     meta = copy.deepcopy({**meta, "low_rank": structure} if structure else meta)
+    # Attention heads removed by pruning.heads, as the model has them now (a copied meta's
+    # record may name layers that compress dropped): the same removal before loading.
+    meta.pop("pruned_heads", None)
+    pruned = pruned_heads_structure(model.backbone)
+    if pruned:
+        meta["pruned_heads"] = pruned
 
     def write() -> Path:
         with atomic_directory(folder) as tmp:
@@ -290,8 +299,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     model = TextRegressor.from_backbone_config(load_backbone_config(folder), cfg.model, len(meta["target_columns"]),
                                                torch.device(device))
     try:
-        restore_low_rank_structure(model.backbone, meta.get("low_rank"))
-    except (ValueError, TypeError) as err:
+        restore_pruned_heads(model.backbone, meta.get("pruned_heads"))      # before the factorisation of
+        restore_low_rank_structure(model.backbone, meta.get("low_rank"))    # the pruned projections
+    except (ValueError, TypeError, IndexError) as err:
         raise CheckpointError(f"{folder / META_FILE}: {err}") from None
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))

@@ -324,6 +324,50 @@ class RDropConfig:
 
 
 @dataclass(frozen=True)
+class HeadPruningConfig:
+    """L0 pruning of attention heads: a hard-concrete gate per head (Louizos et al. 2018)
+    scales its output; the expected number of open heads, times l0_lambda, is added to the
+    loss; at the fold's end the gates are fixed to 0/1 and the closed heads are removed
+    from the saved model (models/head_gates.py, training/head_pruning.py)."""
+
+    enabled: bool = False
+    # Weight of the penalty. No target: l0_lambda * (expected open heads). With a target:
+    # l0_lambda * |expected open heads - target|, which pushes from both sides.
+    l0_lambda: float = 0.01
+    # Heads to keep (in all layers together), or the share of heads to remove; at most one
+    # of the two. At the end the target's number of heads of the largest log_alpha are kept;
+    # with neither, the heads whose evaluation gate is above 0.5.
+    target_heads: int | None = None
+    target_sparsity: float | None = None
+    # First epoch (counting from 1) with gates and penalty; before it every head is open.
+    start_epoch: int = 1
+    # The gates' temperature (beta): lower draws gates closer to exactly 0 or 1.
+    temperature: float = 2 / 3
+    # Learning rate of the gates' log_alpha (own optimizer group, no weight decay).
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.l0_lambda >= 0, "pruning.heads.l0_lambda", "a number >= 0", self.l0_lambda)
+        _require(self.target_heads is None or self.target_heads >= 1, "pruning.heads.target_heads",
+                 "null or an integer >= 1", self.target_heads)
+        _require(self.target_sparsity is None or 0 <= self.target_sparsity < 1, "pruning.heads.target_sparsity",
+                 "null or a number in [0, 1)", self.target_sparsity)
+        _require(self.target_heads is None or self.target_sparsity is None, "pruning.heads.target_sparsity",
+                 f"null when pruning.heads.target_heads is set ({self.target_heads}): one target",
+                 self.target_sparsity)
+        _require(self.start_epoch >= 1, "pruning.heads.start_epoch", "an integer >= 1", self.start_epoch)
+        _require(self.temperature > 0, "pruning.heads.temperature", "a positive number", self.temperature)
+        _require(self.lr > 0, "pruning.heads.lr", "a positive number", self.lr)
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Structured pruning while training; attention heads only, so far."""
+
+    heads: HeadPruningConfig = field(default_factory=HeadPruningConfig)
+
+
+@dataclass(frozen=True)
 class TfidfConfig:
     """The tfidf_ridge model: word and character n-gram TF-IDF side by side, one ridge
     regression per fold for all targets."""
@@ -393,6 +437,7 @@ class Config:
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     fgm: FGMConfig = field(default_factory=FGMConfig)
     rdrop: RDropConfig = field(default_factory=RDropConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -38,19 +38,29 @@ def _part_lrs(model: nn.Module, cfg: TrainingConfig) -> tuple[dict[str, str], di
         lrs["backbone"] = cfg.lr
         part_of.update({f"backbone.{name}": "backbone" for name, _ in (backbone.named_parameters() if backbone else [])})
     lrs["head"] = head_lr
+    # A module that sets `own_lr` (the attention-head gates of pruning.heads) learns in a
+    # part of its own at that rate.
+    for module_name, module in model.named_modules():
+        own_lr = getattr(module, "own_lr", None)
+        if own_lr is not None:
+            lrs[module_name] = own_lr
+            part_of.update({f"{module_name}.{name}": module_name for name, _ in module.named_parameters()})
     return part_of, lrs
 
 
 def parameter_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
     """Optimizer groups with a `name`, `lr` and `weight_decay` each; frozen weights left out."""
     part_of, lrs = _part_lrs(model, cfg)
+    # Parts of their own (own_lr) are not decayed: decay would pull log_alpha to 0, gates half-open.
+    own = {name for name, module in model.named_modules() if getattr(module, "own_lr", None) is not None}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             full = f"{module_name}.{param_name}" if module_name else param_name
-            key = (part_of.get(full, "head"), is_no_decay(module, param_name))
+            part = part_of.get(full, "head")
+            key = (part, part in own or is_no_decay(module, param_name))
             buckets.setdefault(key, []).append(param)
     groups = []
     for part, lr in lrs.items():

@@ -101,5 +101,7 @@ def resolve_attention(cfg: Config, device: torch.device) -> Config:
     else:
         config = load_backbone_config(resolve_backbone(cfg.model.name))
         choice, why = choose_attention(config, device, cfg.model.backbone_dropout)
+        if choice == "dflash" and cfg.pruning.heads.enabled:
+            choice, why = "eager", "pruning.heads: dflash's encoder bypasses the gated output projection"
     log.info("model.attention auto: %s (%s)", choice, why)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=choice))

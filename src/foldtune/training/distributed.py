@@ -328,6 +328,10 @@ def check_launch(cfg: Config, world_size: int, fold_parallel: bool) -> None:
                           "or set ACCELERATE_USE_CPU=1 to train on the CPUs")
     if fold_parallel:
         return
+    if cfg.pruning.heads.enabled:
+        raise ConfigError("pruning.heads.enabled: true cannot train data-parallel (the gates' log_alpha has no "
+                          "gradient before pruning.heads.start_epoch, which DistributedDataParallel refuses): "
+                          "use --fold-parallel, or set pruning.heads.enabled=false", "pruning.heads.enabled")
     if t.cuda_graphs:
         raise ConfigError("training.cuda_graphs: true cannot train data-parallel (the gradient all-reduce is not "
                           "in the captured graph): set training.cuda_graphs: false, or use --fold-parallel")

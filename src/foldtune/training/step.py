@@ -24,11 +24,13 @@ from foldtune.data.collate import model_inputs
 from foldtune.training.averaging import AveragingHook
 from foldtune.training.awp import AWP
 from foldtune.training.fgm import FGM
+from foldtune.training.head_pruning import HeadPruning
 from foldtune.training.hooks import GradientAccumulation, GradientClipping, LearningRateSchedule, StepHook, overrides
 from foldtune.training.rdrop import RDrop
 
-# Every technique around the step, in the order of its hooks at each moment.
-TECHNIQUES: tuple[type[StepHook], ...] = (RDrop, AWP, FGM, GradientClipping, LearningRateSchedule, AveragingHook,
+# Every technique around the step, in the order of its hooks at each moment. HeadPruning
+# first: its penalty is added once, around R-Drop's two passes.
+TECHNIQUES: tuple[type[StepHook], ...] = (HeadPruning, RDrop, AWP, FGM, GradientClipping, LearningRateSchedule, AveragingHook,
                                           GradientAccumulation)
 
 
@@ -137,6 +139,7 @@ def technique_hooks(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimi
     """The hooks of the techniques cfg switches on, in TECHNIQUES' order. Gradient
     accumulation is the trainer's (it says where a group of micro-batches ends)."""
     build = {
+        HeadPruning: lambda: HeadPruning(model.head_gates, cfg.pruning.heads),
         RDrop: lambda: RDrop(cfg.rdrop),
         AWP: lambda: AWP(model, optimizer, cfg.awp),
         FGM: lambda: FGM(model, cfg.fgm),

@@ -22,10 +22,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 
 from foldtune import __version__
-from foldtune.checkpoint import checkpoint_job
+from foldtune.checkpoint import WEIGHTS_FILE, checkpoint_job, load_checkpoint, read_meta
 from foldtune.config import Config
 from foldtune.data.collate import STATIC_PAD_MULTIPLE, LengthBucketSampler, row_collate
 from foldtune.data.windows import Windows
@@ -33,6 +34,7 @@ from foldtune.data.dataset import TextDataset
 from foldtune.files import BackgroundWriter, atomic_write_csv
 from foldtune.losses import build_loss
 from foldtune.metrics import score_report
+from foldtune.models.head_gates import attach_head_gates
 from foldtune.models.regressor import TextRegressor
 from foldtune.optim.factory import build_optimizer
 from foldtune.optim.schedulers import build_scheduler, warmup_steps
@@ -44,6 +46,7 @@ from foldtune.runtime.snapshot import Snapshot
 from foldtune.training.averaging import build_averaging
 from foldtune.training.distributed import ONE_PROCESS, DataParallel, OneProcess, current_launch
 from foldtune.training.graphs import NO_GRAPHS, GraphedSteps
+from foldtune.training.head_pruning import fix_and_prune
 from foldtune.training.hooks import GradientAccumulation
 from foldtune.training.progress import NO_PROGRESS, FoldProgress, NoProgress, RunProgress
 from foldtune.training.state import capture_rng, save_state
@@ -129,6 +132,7 @@ class FoldTrainer:
         mcfg = self.cfg.model
         means = self.data.train.targets.mean(dim=0).numpy() if mcfg.init_head_bias else None
         self.model = TextRegressor.from_pretrained(mcfg, len(self.data.target_columns), means, self.device)
+        attach_head_gates(self.model, self.cfg.pruning.heads)     # pruning.heads: before the optimizer
         self._setup_data()
         with CUDA_LAUNCH_LOCK:
             self._setup_on_device()
@@ -267,6 +271,8 @@ class FoldTrainer:
                 if stop:
                     raise TrainingInterrupted(stop)
             self.writer.wait()
+            with CUDA_LAUNCH_LOCK:
+                self._prune_best_heads()
             seconds = self.seconds_before + time.perf_counter() - started
             self._write_oof()
             self.progress.close()               # the bar's last state above the fold's result
@@ -467,13 +473,14 @@ class FoldTrainer:
         log.info("fold %s step %d epoch %.2f: train loss %.4f, valid MCRMSE %.4f%s%s", self.unit, self.step,
                  epoch, train_loss, trained["mcrmse"], extra, f" (best: {best})" if best else "")
 
-    def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False) -> None:
-        """Copy the weights now and write the best checkpoint folder in the background."""
+    def save_checkpoint(self, model: torch.nn.Module, averaged: bool = False, head_gates: dict | None = None) -> None:
+        """Copy the weights now and write the best checkpoint folder in the background;
+        head_gates: what pruning.heads did to the model (foldtune.json's "head_gates")."""
         if not self.group.is_main:
             return
         meta = {
             "fold": self.data.fold,
-            "step": self.step,
+            "step": self.best_step,
             "val_mcrmse": self.best_score,
             "val_per_target": self.best_per_target,
             "averaged_weights": averaged,
@@ -486,9 +493,11 @@ class FoldTrainer:
         }
         if self.unit.seed is not None:
             meta["seed"] = self.unit.seed
-        self.progress.doing(f"saving the checkpoint of step {self.step}")
+        if head_gates is not None:
+            meta["head_gates"] = head_gates
+        self.progress.doing(f"saving the checkpoint of step {self.best_step}")
         job = checkpoint_job(self.best_dir, model, self.tokenizer, self.cfg, meta)
-        fold, step = self.unit, self.step
+        fold, step = self.unit, self.best_step
 
         def write() -> None:
             folder = job()
@@ -496,6 +505,38 @@ class FoldTrainer:
             log.info("fold %s: checkpoint of step %d saved to %s", fold, step, folder)
 
         self._submit(write)
+
+    def _prune_best_heads(self) -> None:
+        """pruning.heads: the best checkpoint's weights with their gates fixed to 0/1 and the
+        closed heads removed, scored again and saved in its place. The fold's score and OOF
+        become that model's: it is the one inference loads, and fixing a gate of 0.7 to 1
+        changes its predictions."""
+        if getattr(self.model, "head_gates", None) is None or self.best_step < 0:
+            return
+        if "head_gates" in read_meta(self.best_dir):
+            # Pruned before a stop that came ahead of the fold's result, and no step trained
+            # since beat it: that model is the fold's. Scored again for the OOF.
+            pruned, _ = load_checkpoint(self.best_dir, self.device)
+            report, preds = self.evaluate(pruned)
+            self.best_score, self.best_per_target, self.best_oof = report["mcrmse"], report["per_target"], preds
+            with CUDA_LAUNCH_LOCK.released():
+                log.info("fold %s: the best checkpoint's heads were pruned before the stop; valid MCRMSE %.4f",
+                         self.unit, self.best_score)
+            return
+        self.progress.doing("pruning the attention heads of the best checkpoint")
+        load_model(self.model, str(self.best_dir / WEIGHTS_FILE), device=str(self.device))
+        done = fix_and_prune(self.model, self.cfg.pruning.heads)
+        self.model.to(self.device)
+        gated = self.best_score
+        report, preds = self.evaluate()
+        self.best_score, self.best_per_target, self.best_oof = report["mcrmse"], report["per_target"], preds
+        self.save_checkpoint(self.model, head_gates={**done, "val_mcrmse_gated": gated})
+        self.writer.wait()
+        with CUDA_LAUNCH_LOCK.released():
+            log.info("fold %s: %d of %d attention heads kept; valid MCRMSE %.4f gated, %.4f pruned", self.unit,
+                     done["kept"], done["of"], gated, self.best_score)
+            self._record_evaluation(float(self.cfg.training.epochs), float("nan"), self._backbone_lr(),
+                                    [("pruned", self.model, report, preds)], "pruned")
 
     def _write_oof(self) -> None:
         if not self.group.is_main:
