@@ -104,9 +104,14 @@ def run_search(search: Search, trials: int, startup_trials: int = 2, seed: int =
     try:
         _record_or_compare(search)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{search.out.resolve() / STUDY_FILE}")
+        earlier = sum(summary.n_trials for summary in optuna.get_all_study_summaries(storage)
+                      if summary.study_name == STUDY_NAME)
         study = optuna.create_study(
-            storage=f"sqlite:///{search.out.resolve() / STUDY_FILE}", study_name=STUDY_NAME, direction="minimize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            storage=storage, study_name=STUDY_NAME, direction="minimize",
+            # seeded anew past the trials it holds: a resumed search seeded as it started
+            # would draw its first trials' values again
+            sampler=optuna.samplers.TPESampler(seed=seed + earlier),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0),
             load_if_exists=True)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
