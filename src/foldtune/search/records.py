@@ -51,10 +51,14 @@ def best_trial(study):
 def trials_table(study, search: "Search") -> pd.DataFrame:
     """A row per trial, in order: its state (complete, pruned, fail, running, waiting), OOF
     MCRMSE, run folder, values of the space's keys and fold scores (empty: not trained)."""
+    from optuna.trial import TrialState
+
     folds = range(search.base.folds.n_splits)
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        rows.append({"number": trial.number, "state": trial.state.name.lower(), "oof_mcrmse": trial.value,
+        # optuna gives a pruned trial its last fold's score as its value: no OOF MCRMSE
+        oof = trial.value if trial.state == TrialState.COMPLETE else None
+        rows.append({"number": trial.number, "state": trial.state.name.lower(), "oof_mcrmse": oof,
                      "run": trial.user_attrs.get("run", ""),
                      **{key: trial.params.get(key) for key in search.space.keys},
                      **{f"fold_{fold}": trial.intermediate_values.get(fold) for fold in folds}})

@@ -121,10 +121,12 @@ def run_search(search: Search, trials: int, startup_trials: int = 2, seed: int =
         done = len(_ended(study))
         if done >= trials:
             log.info("%s holds %d ended trial(s), --trials %d: none to run", search.out, done, trials)
-        for _ in range(trials - done):
-            _run_trial(study, search, frame)
+        try:
+            for _ in range(trials - done):
+                _run_trial(study, search, frame)
+                write_records(study, search)
+        finally:        # a trial that stopped or failed is recorded too
             write_records(study, search)
-        write_records(study, search)
         return study
     finally:
         lock.release()
