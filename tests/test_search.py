@@ -211,17 +211,17 @@ def _run(base: Path, out: Path, trials: int):
 
 def test_a_trial_is_pruned_after_a_fold_worse_than_the_median_of_the_complete_trials(base, tmp_path, monkeypatch):
     _scripted(monkeypatch, [
-        [0.5, 0.5],       # complete
-        [0.7, 0.7],       # worse than trial 0 at fold 0, but fewer than 2 complete trials: not pruned
+        [0.5, 0.3],       # complete
+        [0.7, 0.3],       # worse than trial 0 at fold 0, but fewer than 2 complete trials: not pruned
         [0.9, 0.1],       # fold 0 above the median of 0.5 and 0.7 (0.6): pruned, fold 1 never trained
-        [0.55, 0.6],      # below the median: goes on
-        [0.54, 0.99],     # below the median of 0.5, 0.55, 0.7; its last fold is the worst, but a finished
-                          # run is not pruned
+        [0.55, 0.3],      # below the median: goes on
+        [0.54, 0.99],     # below the median of 0.5, 0.55, 0.7; after its last fold its best (0.54) is above
+                          # the median there (0.3), but a run that has trained every fold is not pruned
     ])
     _run(base, tmp_path / "s", 5)
     trials = _trials(tmp_path / "s")
     assert trials["state"].tolist() == ["complete", "complete", "pruned", "complete", "complete"]
-    assert trials["oof_mcrmse"].tolist()[:2] == [0.5, 0.7] and trials["oof_mcrmse"].isna().tolist()[2]
+    assert trials["oof_mcrmse"].tolist()[:2] == [0.4, 0.5] and trials["oof_mcrmse"].isna().tolist()[2]
     assert trials.loc[2, "fold_0"] == 0.9 and pd.isna(trials.loc[2, "fold_1"])
     assert trials.loc[4, ["fold_0", "fold_1"]].tolist() == [0.54, 0.99]
     cfg = load_config(tmp_path / "s" / "best.yaml")
