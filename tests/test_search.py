@@ -17,6 +17,7 @@ from foldtune.run_layout import FoldSeed
 from foldtune.runs import list_runs
 from foldtune.search import study as search_study
 from foldtune.search.command import main as search_main
+from foldtune.search.definition import prepare_search
 from foldtune.search.space import Choices, Range, SpaceError, load_space
 from foldtune.training.stopping import TrainingInterrupted, clear_stop_request
 
@@ -205,7 +206,7 @@ def _scripted(monkeypatch, runs: list) -> list:
 
 
 def _run(base: Path, out: Path, trials: int):
-    search = search_study.prepare_search(base, [], base.with_name("space.yaml"), out)
+    search = prepare_search(base, [], base.with_name("space.yaml"), out)
     return search_study.run_search(search, trials, startup_trials=2)
 
 
@@ -256,4 +257,4 @@ def test_the_report_says_why_it_has_no_importances(base, tmp_path, monkeypatch):
 
 def test_a_search_refuses_folds_trained_side_by_side(base):
     with pytest.raises(ConfigError, match=r"^training.parallel_folds=2: a search trains a trial's folds one after "):
-        search_study.prepare_search(base, ["training.parallel_folds=2"], base.with_name("space.yaml"), None)
+        prepare_search(base, ["training.parallel_folds=2"], base.with_name("space.yaml"), None)

@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from foldtune.files import as_write_error
     from foldtune.run_lock import RunLockError
     from foldtune.search.records import BEST_FILE, best_trial
-    from foldtune.search.study import prepare_search, run_search
+    from foldtune.search.definition import prepare_search
+    from foldtune.search.study import run_search
     from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
     install_signal_handlers()

@@ -17,7 +17,7 @@ from foldtune.config import apply_overrides, load_config, read_yaml
 from foldtune.files import atomic_path, atomic_write_csv, atomic_write_text
 
 if TYPE_CHECKING:
-    from foldtune.search.study import Search
+    from foldtune.search.definition import Search
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.yaml"

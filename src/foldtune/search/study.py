@@ -19,63 +19,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pandas as pd
 
-from foldtune.config import Config, ConfigError, ConfigOrigin, config_to_dict, load_config
-from foldtune.data.validate import with_folds_of_column
+from foldtune.config import Config, ConfigError, ConfigOrigin, config_to_dict
 from foldtune.files import atomic_write_json
 from foldtune.logs import log_to_run_folder, stop_logging_to
 from foldtune.run_layout import FoldResult, FoldSeed
 from foldtune.run_lock import RunLock
+from foldtune.search.definition import Search
 from foldtune.search.records import write_records
-from foldtune.search.space import SearchSpace, load_space, with_values
 
 log = logging.getLogger("foldtune")
 
 STUDY_NAME = "foldtune-search"       # one study per search folder
 STUDY_FILE = "study.db"
 SEARCH_FILE = "search.json"
-TRIAL_RUN = "trial_{:04d}"           # a trial's run folder in the search folder
-
-
-@dataclass(frozen=True)
-class Search:
-    """What a search trains: its base config (file and overrides), its space, its folder."""
-
-    config: Path
-    overrides: tuple[str, ...]
-    base: Config
-    space: SearchSpace
-    out: Path
-
-    def trial_config(self, number: int, values: dict[str, Any]) -> Config:
-        """The base config with a trial's values, its run folder out/trial_NNNN."""
-        return with_values(self.base, {**values, "output.dir": str(self.out), "output.name": TRIAL_RUN.format(number)})
-
-
-def prepare_search(config: str | Path, overrides: Sequence[str], space: str | Path,
-                   out: str | Path | None) -> Search:
-    """The base config and the space, checked before any trial: the space on the base
-    config and the device the trials train on (training/checks.py)."""
-    from foldtune.runtime.precision import resolve_device
-    from foldtune.training.checks import check_config_against_device
-
-    origin = ConfigOrigin(config, tuple(overrides))
-    base = with_folds_of_column(load_config(config, overrides), origin)
-    if base.training.parallel_folds > 1:
-        raise ConfigError(f"training.parallel_folds={base.training.parallel_folds}: a search trains a trial's folds "
-                          "one after another, to prune it after each: set training.parallel_folds: 1")
-    if base.distill.teacher is not None:
-        raise ConfigError("distill.teacher: a distillation run trains one student, with no folds to prune on: "
-                          "search its config without distill.teacher")
-    device = resolve_device(base.training.device)
-    checked = load_space(space, base, lambda cfg: check_config_against_device(cfg, device))
-    out = Path(out) if out is not None else Path(base.output.dir) / f"search-{Path(config).stem}"
-    return Search(Path(config), tuple(overrides), base, checked, out)
 
 
 def train_folds(cfg: Config, frame: pd.DataFrame, after_fold: Callable[[FoldSeed, FoldResult], None]) -> dict:
