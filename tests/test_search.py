@@ -258,3 +258,13 @@ def test_the_report_says_why_it_has_no_importances(base, tmp_path, monkeypatch):
 def test_a_search_refuses_folds_trained_side_by_side(base):
     with pytest.raises(ConfigError, match=r"^training.parallel_folds=2: a search trains a trial's folds one after "):
         prepare_search(base, ["training.parallel_folds=2"], base.with_name("space.yaml"), None)
+
+
+def test_a_trial_that_fails_is_recorded_failed_and_not_counted(base, tmp_path, monkeypatch):
+    _scripted(monkeypatch, [[0.5, 0.5], RuntimeError("out of memory")])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _run(base, tmp_path / "s", 2)
+    assert _trials(tmp_path / "s")["state"].tolist() == ["complete", "fail"]
+    _scripted(monkeypatch, [[0.6, 0.6]])
+    _run(base, tmp_path / "s", 2)
+    assert _trials(tmp_path / "s")["state"].tolist() == ["complete", "fail", "complete"]

@@ -81,12 +81,12 @@ def run_search(search: Search, trials: int, startup_trials: int = 2, seed: int =
         done = len(_ended(study))
         if done >= trials:
             log.info("%s holds %d ended trial(s), --trials %d: none to run", search.out, done, trials)
-        try:
-            for _ in range(trials - done):
+        write_records(study, search)        # a resumed search's, its stopped trials marked failed
+        for _ in range(trials - done):
+            try:
                 _run_trial(study, search, frame)
+            finally:        # a trial that stopped or failed is recorded too
                 write_records(study, search)
-        finally:        # a trial that stopped or failed is recorded too
-            write_records(study, search)
         return study
     finally:
         lock.release()
@@ -115,12 +115,11 @@ def _run_trial(study, search: Search, frame: pd.DataFrame) -> None:
 
     trial = study.ask()
     values = search.space.suggest(trial)
-    cfg = search.trial_config(trial.number, values)
-    trial.set_user_attr("run", cfg.output.name)
-    models_per_fold = len(cfg.training.seeds or (None,))
-    last_fold = cfg.folds.n_splits - 1
-    seed_scores: dict[int, list[float]] = {}
     log.info("trial %d: %s", trial.number, ", ".join(f"{key}={value!r}" for key, value in values.items()))
+    # the space holds no folds.* key and no list (training.seeds): the base config's folds and seeds
+    models_per_fold = len(search.base.training.seeds or (None,))
+    last_fold = search.base.folds.n_splits - 1
+    seed_scores: dict[int, list[float]] = {}
 
     def after_fold(unit: FoldSeed, result: FoldResult) -> None:
         seed_scores.setdefault(unit.fold, []).append(result.score)
@@ -136,6 +135,9 @@ def _run_trial(study, search: Search, frame: pd.DataFrame) -> None:
             raise optuna.TrialPruned()
 
     try:
+        # values the space allows one by one may be refused together (a ConfigError): the trial fails
+        cfg = search.trial_config(trial.number, values)
+        trial.set_user_attr("run", cfg.output.name)
         scores = train_folds(cfg, frame, after_fold)
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
