@@ -17,7 +17,7 @@ from foldtune import commands, ensemble, export, report, runs
 from foldtune.cli import distill_main
 from foldtune.compress import main as compress_main
 
-NAMES = ["train", "infer", "runs", "report", "export", "ensemble", "compress", "distill"]
+NAMES = ["train", "infer", "runs", "report", "export", "ensemble", "compress", "search", "distill"]
 HEAVY = {"torch", "transformers", "pandas", "sklearn"}
 
 
@@ -53,10 +53,11 @@ SPELLINGS = (
     + [(["-m", "foldtune", name, "--help"], f"python -m foldtune {name}") for name in NAMES]
     + [(["train.py", "--help"], "train.py"), (["infer.py", "--help"], "infer.py")]
     + [(["-m", f"foldtune.{name}", "--help"], f"python -m foldtune.{name}")
-       for name in ("runs", "report", "export", "ensemble", "compress")]
+       for name in ("runs", "report", "export", "ensemble", "compress", "search")]
     + [([*_console_script("foldtune", "foldtune.commands:main"), "--help"], "foldtune COMMAND"),
        ([*_console_script("foldtune-train", "foldtune.cli:train_main"), "--help"], "foldtune-train"),
-       ([*_console_script("foldtune-export", "foldtune.export:main"), "--help"], "foldtune-export")]
+       ([*_console_script("foldtune-export", "foldtune.export:main"), "--help"], "foldtune-export"),
+       ([*_console_script("foldtune-search", "foldtune.search.command:main"), "--help"], "foldtune-search")]
 )
 
 

@@ -44,6 +44,8 @@ COMMANDS = {
                         "fit per-target blend weights on the OOF of runs trained on the same folds: blend.json"),
     "compress": Command("foldtune.compress", "main",
                         "write a smaller copy of a run: fewer encoder layers, low-rank factors"),
+    "search": Command("foldtune.search.command", "main",
+                      "search config keys with optuna, trials pruned fold by fold: trials.csv, best.yaml, report.md"),
     "distill": Command("foldtune.cli", "distill_main",
                        "train one student on targets mixed from the true scores and a teacher's (train with "
                        "distill.teacher)"),

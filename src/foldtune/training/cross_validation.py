@@ -28,7 +28,7 @@ from foldtune.runtime.precision import resolve_device
 from foldtune.training.checks import check_run, resolve_attention
 from foldtune.training.distributed import OneProcess, current_launch, launched_world_size
 from foldtune.training.prepared import PreparedRun, finished_folds, tokenized_run
-from foldtune.training.schedulers import fold_scheduler
+from foldtune.training.schedulers import AfterFold, Sequential, fold_scheduler
 from foldtune.training.state import wait_for_removals
 from foldtune.training.summary import summarize
 
@@ -117,7 +117,7 @@ def saved_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame) -> np.ndarray:
 
 def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int] | None = None,
                          frame: pd.DataFrame | None = None, resume: bool = False,
-                         fold_parallel: bool = False) -> dict | None:
+                         fold_parallel: bool = False, after_fold: AfterFold | None = None) -> dict | None:
     """Train the chosen folds of `cfg` into `run_dir`; return the scores written to scores.json.
 
     With resume, the run folder's folds are reused, finished folds (checked by their
@@ -126,6 +126,9 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     (fold, seed) model is a fold to the schedulers and to resume. Under accelerate launch each fold is trained data-parallel by
     every process, or (fold_parallel) each process trains its share of the folds; the
     main process scores the run and the others return None.
+
+    after_fold: called after each fold (fold, seed model) that trains, with its result;
+    the folds then train one after another in this process (a search prunes there).
     """
     if frame is None:
         frame = load_inputs(cfg, fold_parallel)
@@ -147,7 +150,8 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     else:
         units = fold_seeds(folds_to_run, cfg.training.seeds)
         prepared, results, to_train = _prepare(cfg, run_dir, frame, fold_of, units, resume, launch)
-        results.update(fold_scheduler(cfg, launch, fold_parallel).run_folds(prepared, to_train))
+        scheduler = fold_scheduler(cfg, launch, fold_parallel) if after_fold is None else Sequential(after_fold)
+        results.update(scheduler.run_folds(prepared, to_train))
         if not launch.is_main:
             wait_for_removals()       # its folds' training states, when it trained them in threads
             return None

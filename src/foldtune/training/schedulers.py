@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from foldtune.config import Config
 from foldtune.report import preload_plotting
-from foldtune.run_layout import FoldResult
+from foldtune.run_layout import FoldResult, FoldSeed
 from foldtune.runtime.precision import resolve_device
 from foldtune.training.distributed import OneProcess, current_launch, fold_group, folds_of_process
 from foldtune.training.prepared import PreparedRun
@@ -32,6 +32,9 @@ log = logging.getLogger("foldtune")
 
 THREADS_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while folds train in threads
 
+# Told of each fold (a FoldSeed) and its result once it has finished.
+AfterFold = Callable[[FoldSeed, FoldResult], None]
+
 
 class FoldScheduler(Protocol):
     def run_folds(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
@@ -39,11 +42,22 @@ class FoldScheduler(Protocol):
 
 
 class Sequential:
-    """One fold after another, in this process."""
+    """One fold after another, in this process.
+
+    after_fold: called with each fold and its result as soon as the fold has finished (a
+    search reports the fold's score to its pruner there, and may raise to end the run)."""
+
+    def __init__(self, after_fold: AfterFold | None = None):
+        self.after_fold = after_fold
 
     def run_folds(self, prepared: PreparedRun, folds: Sequence[int]) -> dict[int, FoldResult]:
         progress = prepared.progress(folds)
-        return {fold: prepared.train_fold(fold, progress=progress) for fold in folds}
+        results = {}
+        for fold in folds:
+            results[fold] = prepared.train_fold(fold, progress=progress)
+            if self.after_fold is not None:
+                self.after_fold(fold, results[fold])
+        return results
 
 
 class _SideBySide:

@@ -1,0 +1,169 @@
+"""A search's trials: each a run folder of the search folder, trained fold by fold, pruned early.
+
+    <out>/
+      study.db       optuna's study (SQLite): every trial, its values and fold scores
+      search.json    the base config and the space, as the search started: a resume must match
+      trial_0000/    a run folder per trial (foldtune runs --runs-dir <out> lists them)
+      trials.csv  best.yaml  report.md  importance.png      (records.py)
+
+A trial trains its folds one after another; after each fold its score goes to the study
+(trial.report, step = the fold) and optuna's MedianPruner stops a trial whose fold is worse
+than the median of the complete trials' at that fold. A pruned trial's run folder stays
+as it stopped: its finished folds, no scores.json (`foldtune runs` shows it unfinished), and
+the study and trials.csv record it pruned. Running the same command again resumes: the
+trials that ended are kept, --trials counts the complete and pruned ones, and a trial that
+was running when the search stopped is marked failed and its values tried again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+import pandas as pd
+
+from foldtune.config import Config, ConfigError, ConfigOrigin, config_to_dict
+from foldtune.files import atomic_write_json
+from foldtune.logs import log_to_run_folder, stop_logging_to
+from foldtune.run_layout import FoldResult, FoldSeed
+from foldtune.run_lock import RunLock
+from foldtune.search.definition import Search
+from foldtune.search.records import write_records
+
+log = logging.getLogger("foldtune")
+
+STUDY_NAME = "foldtune-search"       # one study per search folder
+STUDY_FILE = "study.db"
+SEARCH_FILE = "search.json"
+
+
+def train_folds(cfg: Config, frame: pd.DataFrame, after_fold: Callable[[FoldSeed, FoldResult], None]) -> dict:
+    """Train every fold of `cfg` into a new run folder (locked, its log in train.log, as
+    train.py does), telling after_fold of each fold; the run's scores."""
+    from foldtune.training.cross_validation import new_run_dir, run_cross_validation
+
+    lock = new_run_dir(cfg, "trial")
+    run_log = log_to_run_folder(lock.folder)
+    try:
+        return run_cross_validation(cfg, lock.folder, None, frame, after_fold=after_fold)
+    finally:
+        lock.release()
+        stop_logging_to(run_log)
+
+
+def run_search(search: Search, trials: int, startup_trials: int = 2, seed: int = 0):
+    """Run trials until the study holds `trials` complete or pruned ones; the study."""
+    import optuna
+
+    from foldtune.training.cross_validation import load_inputs
+
+    frame = load_inputs(search.base, origin=ConfigOrigin(search.config, search.overrides))
+    search.out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(search.out, "search").acquire()
+    try:
+        _record_or_compare(search)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{search.out.resolve() / STUDY_FILE}")
+        earlier = sum(summary.n_trials for summary in optuna.get_all_study_summaries(storage)
+                      if summary.study_name == STUDY_NAME)
+        study = optuna.create_study(
+            storage=storage, study_name=STUDY_NAME, direction="minimize",
+            # seeded anew past the trials it holds: a resumed search seeded as it started
+            # would draw its first trials' values again
+            sampler=optuna.samplers.TPESampler(seed=seed + earlier),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0),
+            load_if_exists=True)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            log.warning("trial %d was running when the search stopped: marked failed; its values are tried again",
+                        trial.number)
+            _fail_and_retry(study, trial.number, trial.params)
+        done = len(_ended(study))
+        if done >= trials:
+            log.info("%s holds %d ended trial(s), --trials %d: none to run", search.out, done, trials)
+        write_records(study, search)        # a resumed search's, its stopped trials marked failed
+        for _ in range(trials - done):
+            try:
+                _run_trial(study, search, frame)
+            finally:        # a trial that stopped or failed is recorded too
+                write_records(study, search)
+        return study
+    finally:
+        lock.release()
+
+
+def _ended(study) -> list:
+    """The trials that count towards --trials: complete or pruned."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def _fail_and_retry(study, number: int, params: dict[str, Any]) -> None:
+    from optuna.trial import TrialState
+
+    study.tell(number, state=TrialState.FAIL)
+    study.enqueue_trial(params)
+
+
+def _run_trial(study, search: Search, frame: pd.DataFrame) -> None:
+    """Ask the study for a trial, train it fold by fold (pruned when a fold is worse than
+    the median), tell the study how it ended."""
+    import optuna
+
+    from foldtune.training.stopping import TrainingInterrupted
+
+    trial = study.ask()
+    values = search.space.suggest(trial)
+    log.info("trial %d: %s", trial.number, ", ".join(f"{key}={value!r}" for key, value in values.items()))
+    # the space holds no folds.* key and no list (training.seeds): the base config's folds and seeds
+    models_per_fold = len(search.base.training.seeds or (None,))
+    last_fold = search.base.folds.n_splits - 1
+    seed_scores: dict[int, list[float]] = {}
+
+    def after_fold(unit: FoldSeed, result: FoldResult) -> None:
+        seed_scores.setdefault(unit.fold, []).append(result.score)
+        if len(seed_scores[unit.fold]) < models_per_fold:
+            return                  # the fold's other seeds are still to train
+        # with training.seeds, the mean of its seeds' scores (the ledger's too, until the run ends)
+        score = sum(seed_scores[unit.fold]) / models_per_fold
+        trial.report(score, step=unit.fold)
+        # after the last fold the run is whole: it ends complete, whatever its folds' ranks
+        if unit.fold != last_fold and trial.should_prune():
+            log.info("trial %d pruned after fold %d: MCRMSE %.4f is worse than the median of the complete trials' "
+                     "fold %d", trial.number, unit.fold, score, unit.fold)
+            raise optuna.TrialPruned()
+
+    try:
+        # values the space allows one by one may be refused together (a ConfigError): the trial fails
+        cfg = search.trial_config(trial.number, values)
+        trial.set_user_attr("run", cfg.output.name)
+        scores = train_folds(cfg, frame, after_fold)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    except TrainingInterrupted:
+        _fail_and_retry(study, trial.number, values)
+        raise
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    study.tell(trial, scores["oof"]["mcrmse"])
+    log.info("trial %d: OOF MCRMSE %.4f (best so far: trial %d, %.4f)", trial.number, scores["oof"]["mcrmse"],
+             study.best_trial.number, study.best_value)
+
+
+def _record_or_compare(search: Search) -> None:
+    """search.json: written when the search starts; a resumed search must have the same
+    base config and space, or its trials would not compare."""
+    path = search.out / SEARCH_FILE
+    now = {"config": str(search.config), "overrides": list(search.overrides), "base": config_to_dict(search.base),
+           "space": search.space.as_dict()}
+    if not path.is_file():
+        atomic_write_json(path, now)
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    differ = [what for what, key in (("base config", "base"), ("space", "space")) if before.get(key) != now[key]]
+    if differ:
+        raise ConfigError(f"{search.out} holds a search of another {' and '.join(differ)} ({path}): resume it with "
+                          f"the config, overrides and space it started with, or give another --out")
