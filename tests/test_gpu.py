@@ -135,6 +135,24 @@ def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path, c
     np.testing.assert_allclose(lb, la, rtol=1e-4)
 
 
+def test_graphed_window_batches_train_as_eager_ones_do(tiny_bert, tmp_path, caplog):
+    """data.long_text windows under CUDA graphs: batches padded to fixed shapes (more windows,
+    a longer stitch plan, stand-in texts) replay the eager steps' training."""
+    windows = ("data.long_text=windows", "data.max_len=32", "model.pooling=mean")
+    eager = run_cross_validation(_graph_cfg(tmp_path, tiny_bert, *windows), tmp_path / "eager")
+    graphed = run_cross_validation(_graph_cfg(tmp_path, tiny_bert, *windows, "training.cuda_graphs=true"),
+                                   tmp_path / "graphed")
+    assert graphed["oof"]["mcrmse"] == pytest.approx(eager["oof"]["mcrmse"], abs=1e-4)
+    a = pd.read_csv(tmp_path / "eager" / "oof.csv").iloc[:, 2:].to_numpy()
+    b = pd.read_csv(tmp_path / "graphed" / "oof.csv").iloc[:, 2:].to_numpy()
+    np.testing.assert_allclose(b, a, atol=1e-4)
+    log = (tmp_path / "graphed" / "fold_0" / "train.log").read_text()
+    assert log.count("captured a CUDA graph") >= 1
+    la = pd.read_csv(tmp_path / "eager" / "fold_0" / "metrics.csv")["train_loss"].to_numpy()
+    lb = pd.read_csv(tmp_path / "graphed" / "fold_0" / "metrics.csv")["train_loss"].to_numpy()
+    np.testing.assert_allclose(lb, la, rtol=1e-4)
+
+
 def test_a_graphed_run_stopped_midway_resumes_to_the_same_oof(tiny_deberta, tmp_path, monkeypatch):
     from foldtune.training.resume import resume_run
 

@@ -14,11 +14,12 @@ from transformers import AutoTokenizer
 
 from conftest import train_tiny_run
 from foldtune.config import ConfigError, DataConfig, ModelConfig, config_from_dict, load_config
-from foldtune.data.collate import DynamicPadding, model_inputs, window_batch
+from foldtune.data.collate import DynamicPadding, fixed_window_shapes, model_inputs, window_batch
 from foldtune.data.dataset import encode_data
 from foldtune.data.windows import Windows
 from foldtune.models.pooling import POOLINGS
 from foldtune.models.regressor import TextRegressor
+from foldtune.training.graphs import filled_texts
 
 SENTENCE = "the quick brown fox jumps over the lazy dog"      # 9 tokens for MiniLM's tokenizer
 # 27 and 19 tokens: three and two windows of max_len 16
@@ -143,6 +144,59 @@ def test_texts_of_one_and_three_windows_in_a_batch_each_get_their_own_output(tin
     assert torch.cdist(alone, alone).add(torch.eye(4)).min() > 1e-3
 
 
+# --- fixed shapes for CUDA graphs (training/graphs.py) ------------------------------------
+
+
+def _mixed_batch(tokenizer):
+    windows = Windows.of(tokenizer, WINDOWS16)
+    texts = _ids(tokenizer, ["a short one", LONG, SENTENCE, MIDDLE])
+    batch = window_batch(texts, windows, 0)
+    batch["labels"] = torch.tensor([[1.0, 2.0], [3.0, 4.0], [2.5, 3.5], [4.0, 1.5]])
+    return windows, batch
+
+
+def test_a_window_batch_padded_to_graph_shapes_gives_each_text_the_same_output(tiny_bert, tokenizer):
+    windows, batch = _mixed_batch(tokenizer)
+    assert tuple(batch["input_ids"].shape) == (7, 16) and tuple(batch["stitch_weight"].shape) == (4, 29, 3)
+    fixed = fixed_window_shapes(batch, windows.max_windows)
+    # 7 windows -> 8 (the stand-in repeats window 0); 29 positions -> 256; 3 reads -> max_windows 4
+    assert tuple(fixed["input_ids"].shape) == (8, 16) and tuple(fixed["stitch_weight"].shape) == (4, 256, 4)
+    assert torch.equal(fixed["input_ids"][7], batch["input_ids"][0])
+    assert fixed["stitch_weight"][:, 29:].abs().sum() == 0 and fixed["stitch_weight"][:, :, 3].abs().sum() == 0
+    assert torch.equal(fixed["stitch_weight"][:, :29, :3], batch["stitch_weight"])
+    for pooling in sorted(POOLINGS.names()):
+        model = _model(tiny_bert, pooling)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**model_inputs(fixed)), model(**model_inputs(batch)), atol=1e-6, rtol=0)
+
+
+def test_a_short_window_batch_filled_with_stand_in_texts_trains_as_the_short_batch(tiny_bert, tokenizer):
+    from foldtune.losses import build_loss
+    from foldtune.config import TrainingConfig
+
+    windows, batch = _mixed_batch(tokenizer)
+    short = {key: value for key, value in batch.items()}
+    filled = filled_texts(fixed_window_shapes(short, windows.max_windows), 6)
+    # windows stay (the stand-ins read them); texts 4 and 5 copy texts 0 and 1 at weight 0
+    assert len(filled["input_ids"]) == 8 and len(filled["labels"]) == 6
+    assert filled["row_weight"].tolist() == [1, 1, 1, 1, 0, 0]
+    assert torch.equal(filled["stitch_window"][4:], filled["stitch_window"][:2])
+    loss_fn = build_loss(TrainingConfig(loss="mse"), 2)
+
+    def loss_and_grads(b):
+        model = _model(tiny_bert, "mean")      # eval mode: no dropout, the same draws both ways
+        loss = loss_fn(model(**model_inputs(b)), b["labels"], b.get("row_weight"))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_a, grads_a = loss_and_grads(batch)
+    loss_b, grads_b = loss_and_grads(filled)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=0)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
 def test_a_data_parallel_shard_of_a_window_batch_keeps_each_texts_windows(tiny_bert, tokenizer):
     from foldtune.training.distributed import DataParallel
 
@@ -223,11 +277,6 @@ def test_the_old_truncation_key_loads_as_long_text(tmp_path, old, new):
 
 
 def test_the_refusals_name_the_key_and_what_it_expects(tokenizer, tiny_bert):
-    with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.long_text=windows", "training.cuda_graphs=true"])
-    assert str(err.value) == ("training.cuda_graphs: true cannot be combined with data.long_text: windows (the number "
-                              "of windows changes from batch to batch): switch those off or set "
-                              "training.cuda_graphs: false")
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.long_text=windows", "data.max_len=16", "data.window_stride=0"])
     assert str(err.value) == ("config key 'data.window_stride' set on the command line: expected null or an integer "

@@ -459,8 +459,6 @@ def _check_cuda_graphs(cfg: "Config") -> None:
          cfg.model.attention in ("flex", "dflash")),
         (f"training.optimizer: {t.optimizer} (only adamw replays on the device)", t.optimizer != "adamw"),
         ("training.precision: fp16 (its grad scaler checks on the host; use bf16)", t.precision == "fp16"),
-        ("data.long_text: windows (the number of windows changes from batch to batch)",
-         cfg.data.long_text == "windows"),
     ]
     found = [what for what, present in conflicts if present]
     if found:

@@ -137,6 +137,28 @@ class WindowedRows(WindowPadding):
         return super().__call__([self.dataset[row] for row in rows])
 
 
+# Under training.cuda_graphs a window batch's number of windows and its texts' stitched
+# length are rounded up to these (and its reads per position to max_windows): with the
+# widths' multiple of 64, a fold of essays needs a few dozen shapes, each captured once.
+GRAPH_WINDOW_ROWS = 8
+GRAPH_TEXT_LENGTH = 256
+
+
+def fixed_window_shapes(batch: dict[str, torch.Tensor], reads: int) -> dict[str, torch.Tensor]:
+    """A window batch padded to the shapes a replayed step takes (training/graphs.py): its
+    window rows repeated up to a multiple of GRAPH_WINDOW_ROWS (stand-ins no text reads),
+    its stitch plan padded with reads of weight zero up to a text length that is a multiple
+    of GRAPH_TEXT_LENGTH and `reads` reads a position. Each text's output is unchanged."""
+    n_windows = len(batch["input_ids"])
+    texts, length, have = batch["stitch_weight"].shape
+    # copies of real windows, not rows of padding: a window no token attends to would give
+    # NaN states, whose zero weight in the stitch would still make the gradients NaN
+    rows = torch.arange(round_up(n_windows, GRAPH_WINDOW_ROWS)) % n_windows
+    pad = (0, reads - have, 0, round_up(length, GRAPH_TEXT_LENGTH) - length)
+    return {**batch, "input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
+            **{key: torch.nn.functional.pad(batch[key], pad) for key in STITCH_KEYS}}
+
+
 def row_collate(dataset, pad_token_id: int, pad_to_multiple_of: int = 1, windows: Windows | None = None):
     """What collates a loader's row numbers of `dataset`: PaddedRows, or WindowedRows for windows."""
     if windows is None:

@@ -5,7 +5,9 @@ A small encoder on a large GPU spends its steps launching kernels, not computing
 With `training.cuda_graphs` the whole step (forward, loss, backward, clipping and the
 optimizer's update) is captured once per batch shape and then replayed: the batch is
 copied into the graph's own input tensors and one replay does the rest. Batch widths
-are padded to multiples of 64, so a fold needs a handful of graphs. An epoch's short
+are padded to multiples of 64, so a fold needs a handful of graphs (with data.long_text
+windows, also the number of windows and the stitched length: data/collate.py's
+fixed_window_shapes, a few dozen graphs). An epoch's short
 last batch is filled up to the batch size with copies of its rows, weighed zero in the
 loss (`row_weight`), and replayed too: run eagerly, it cost a slow step under the fold's
 launch lock at every epoch end (and cuDNN plans for its shape). Only a larger batch, or a new
@@ -31,6 +33,8 @@ import logging
 import torch
 from torch import nn
 
+from foldtune.data.collate import fixed_window_shapes
+from foldtune.data.windows import STITCH_KEYS, Windows
 from foldtune.training.step import TrainingStep
 from foldtune.runtime.launch_lock import wait_for_stream
 
@@ -58,8 +62,11 @@ class GraphedSteps:
     shape and per set of hooks acting (training/hooks.py: a hook may start acting at an
     epoch)."""
 
-    def __init__(self, step: TrainingStep, batch_size: int, max_graphs: int = 16):
+    def __init__(self, step: TrainingStep, batch_size: int, max_graphs: int = 16, windows: Windows | None = None):
         self.step = step
+        # data.long_text windows: batches padded to fixed shapes (data/collate.py), more of them
+        self.windows = windows
+        max_graphs = max_graphs if windows is None else 2 * max_graphs
         self.optimizer = step.optimizer
         self.batch_size = batch_size
         self.max_graphs = max_graphs
@@ -82,12 +89,13 @@ class GraphedSteps:
         """One training step as a replay; False when the batch must go the eager way instead."""
         if not self.optimizer.state:        # the first step creates the optimizer's state
             return False
-        rows, width = batch["input_ids"].shape
-        shape = (self.batch_size, width, self.step.variant)
-        entry = self.graphs.get(shape)
-        if entry is None and (rows > self.batch_size or len(self.graphs) >= self.max_graphs):
+        if len(batch["labels"]) > self.batch_size:
             return False
         batch = self.filled(batch)
+        shape = (self.step.variant, *((key, tuple(value.shape)) for key, value in sorted(batch.items())))
+        entry = self.graphs.get(shape)
+        if entry is None and len(self.graphs) >= self.max_graphs:
+            return False
         if entry is None:
             entry = self.graphs[shape] = self._capture(batch)
         graph, static = entry
@@ -105,15 +113,15 @@ class GraphedSteps:
         self.optimizer.zero_grad(set_to_none=True)
 
     def filled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch with its row weights, filled up to the batch size with stand-in rows
-        (copies of its own, so every row the model sees is a real one) weighed zero."""
-        rows = len(batch["input_ids"])
-        if rows == self.batch_size:
+        """The batch with its row weights, filled up to the batch size with stand-in texts
+        weighed zero; a window batch also padded to fixed shapes (data/collate.py)."""
+        if self.windows is not None:
+            batch = {key: value.pin_memory() for key, value in
+                     fixed_window_shapes(batch, self.windows.max_windows).items()}
+        if len(batch["labels"]) == self.batch_size:
             return {**batch, "row_weight": self._all_rows}
-        index = torch.arange(self.batch_size) % rows
-        weight = (torch.arange(self.batch_size) < rows).float()
         # pinned, as the trainer's batches are: copied to the graph's inputs without waiting
-        return {**{key: value[index].pin_memory() for key, value in batch.items()}, "row_weight": weight.pin_memory()}
+        return {key: value.pin_memory() for key, value in filled_texts(batch, self.batch_size).items()}
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         static = {key: value.to(self.device, copy=True) for key, value in batch.items()}
@@ -146,6 +154,18 @@ class GraphedSteps:
         log.info("captured a CUDA graph for batches of shape %s (%d so far)", tuple(static["input_ids"].shape),
                  len(self.graphs) + 1)
         return graph, static
+
+
+def filled_texts(batch: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    """A short batch filled up to batch_size texts with stand-ins, copies of its own texts
+    (so every row the model sees is a real one), and `row_weight` 0 for them, 1 for its
+    own. A window batch's windows stay as they are: its stand-in texts read the windows of
+    the texts they copy."""
+    texts = len(batch["labels"])
+    index = torch.arange(batch_size) % texts
+    per_window = ("input_ids", "attention_mask") if STITCH_KEYS[0] in batch else ()
+    filled = {key: value if key in per_window else value[index] for key, value in batch.items()}
+    return {**filled, "row_weight": (torch.arange(batch_size) < texts).float()}
 
 
 def cache_relative_positions(model: nn.Module) -> None:

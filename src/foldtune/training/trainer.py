@@ -164,7 +164,7 @@ class FoldTrainer:
         # A data-parallel step must average its gradients over the processes, which a replay
         # of the model's own step would not: there every step runs eagerly.
         graphed = tcfg.cuda_graphs and self.group.world_size == 1
-        self.graphs = GraphedSteps(self.training_step, tcfg.batch_size) if graphed else NO_GRAPHS
+        self.graphs = GraphedSteps(self.training_step, tcfg.batch_size, windows=self.windows) if graphed else NO_GRAPHS
         # Checkpoints and training states are written in a thread while training goes on.
         self.writer = BackgroundWriter()
         self._valid_batches: list | None = None
