@@ -25,8 +25,12 @@ class Stitch:
 
     def __call__(self, states: torch.Tensor) -> torch.Tensor:
         """[n_texts, text length, size] in float32 from [n_windows, width, size] states."""
-        read = states[self.window, self.position]           # [texts, length, reads, size]
-        return (read * self.weight.unsqueeze(-1)).sum(dim=2)
+        n_windows, width, size = states.shape
+        # index_select on the flattened states rather than states[window, position]: its
+        # backward is an index_add, which a CUDA graph captures like an embedding's
+        flat = (self.window * width + self.position).reshape(-1)
+        read = states.reshape(n_windows * width, size).index_select(0, flat).view(*self.window.shape, size)
+        return (read * self.weight.unsqueeze(-1)).sum(dim=2)             # [texts, length, size]
 
     def layers(self, all_hidden: Sequence[torch.Tensor] | None) -> "StitchedLayers | None":
         return None if all_hidden is None else StitchedLayers(all_hidden, self)
