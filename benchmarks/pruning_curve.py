@@ -211,7 +211,8 @@ def main() -> int:
             row = train_row(share, total, overrides, args.runs_dir)
             keep({**row, **infer_row(Path(row["run_dir"]), test_csv, args.runs_dir, row["run"])})
     print("\n" + table(results))
-    folds = {row["run"]: pd.read_csv(row["folds_file"], dtype={"text_id": str}).sort_values("text_id")["fold"].tolist() for row in results}
+    folds = {row["run"]: pd.read_csv(row["folds_file"], dtype={"text_id": str}).sort_values("text_id")["fold"].tolist()
+             for row in results}
     if len({tuple(f) for f in folds.values()}) > 1:
         print(f"the rows' folds differ: {', '.join(folds)}", file=sys.stderr)
         return 1
