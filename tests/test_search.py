@@ -297,3 +297,28 @@ def test_a_trial_that_fails_is_recorded_failed_and_not_counted(base, tmp_path, m
     _scripted(monkeypatch, [[0.6, 0.6]])
     _run(base, tmp_path / "s", 2)
     assert _trials(tmp_path / "s")["state"].tolist() == ["complete", "fail", "complete"]
+
+
+def test_a_trial_refused_or_out_of_memory_is_failed_and_the_search_goes_on(base, tmp_path, monkeypatch):
+    import torch
+
+    _scripted(monkeypatch, [
+        [0.5, 0.5],
+        ConfigError("model.pooling weighted_layers: pooling_layers 4 but the backbone has 2 layers\nmore"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        [0.6, 0.6],
+    ])
+    _run(base, tmp_path / "s", 2)
+    trials = _trials(tmp_path / "s")
+    assert trials["state"].tolist() == ["complete", "fail", "fail", "complete"]
+    assert trials["oof_mcrmse"].tolist()[3] == 0.6
+
+
+def test_three_failed_trials_in_a_row_end_the_search_in_one_line(base, tmp_path, monkeypatch):
+    _scripted(monkeypatch, [ConfigError(f"refused {n}") for n in range(3)] + [[0.5, 0.5]])
+    with pytest.raises(ConfigError) as stopped:
+        _run(base, tmp_path / "s", 1)
+    assert str(stopped.value) == (f"3 trials in a row failed (the last: refused 2): change the space "
+                                  f"({base.with_name('space.yaml')}) or the base config, then run the same "
+                                  "command to resume")
+    assert _trials(tmp_path / "s")["state"].tolist() == ["fail", "fail", "fail"]

@@ -12,7 +12,10 @@ than the median of the complete trials' at that fold. A pruned trial's run folde
 as it stopped: its finished folds, no scores.json (`foldtune runs` shows it unfinished), and
 the study and trials.csv record it pruned. Running the same command again resumes: the
 trials that ended are kept, --trials counts the complete and pruned ones, and a trial that
-was running when the search stopped is marked failed and its values tried again.
+was running when the search stopped is marked failed and its values tried again. A trial
+whose values are refused together (a ConfigError) or do not fit the GPU (out of memory) is
+recorded failed and the search goes on; MAX_FAILED_IN_A_ROW such trials in a row end it.
+Any other error ends the search, its trial recorded failed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ log = logging.getLogger("foldtune")
 STUDY_NAME = "foldtune-search"       # one study per search folder
 STUDY_FILE = "study.db"
 SEARCH_FILE = "search.json"
+# Failed trials in a row (values refused together, out of memory) after which the search
+# stops: the space or the base config needs a change, not more draws.
+MAX_FAILED_IN_A_ROW = 3
 
 
 def train_folds(cfg: Config, frame: pd.DataFrame, after_fold: Callable[[FoldSeed, FoldResult], None]) -> dict:
@@ -82,11 +88,17 @@ def run_search(search: Search, trials: int, startup_trials: int = 2, seed: int =
         if done >= trials:
             log.info("%s holds %d ended trial(s), --trials %d: none to run", search.out, done, trials)
         write_records(study, search)        # a resumed search's, its stopped trials marked failed
-        for _ in range(trials - done):
+        failed: list[str] = []           # the errors of the failed trials since the last that ended
+        while len(_ended(study)) < trials:
             try:
-                _run_trial(study, search, frame)
+                error = _run_trial(study, search, frame)
             finally:        # a trial that stopped or failed is recorded too
                 write_records(study, search)
+            failed = failed + [error] if error else []
+            if len(failed) >= MAX_FAILED_IN_A_ROW:
+                raise ConfigError(f"{len(failed)} trials in a row failed (the last: {failed[-1]}): change the "
+                                  f"space ({search.space.path}) or the base config, then run the same command to "
+                                  "resume")
         return study
     finally:
         lock.release()
@@ -106,10 +118,12 @@ def _fail_and_retry(study, number: int, params: dict[str, Any]) -> None:
     study.enqueue_trial(params)
 
 
-def _run_trial(study, search: Search, frame: pd.DataFrame) -> None:
+def _run_trial(study, search: Search, frame: pd.DataFrame) -> str | None:
     """Ask the study for a trial, train it fold by fold (pruned when a fold is worse than
-    the median), tell the study how it ended."""
+    the median), tell the study how it ended. The error's line when its values were refused
+    together or ran out of memory (the trial failed, the search goes on), else None."""
     import optuna
+    import torch
 
     from foldtune.training.stopping import TrainingInterrupted
 
@@ -141,16 +155,23 @@ def _run_trial(study, search: Search, frame: pd.DataFrame) -> None:
         scores = train_folds(cfg, frame, after_fold)
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return
+        return None
     except TrainingInterrupted:
         _fail_and_retry(study, trial.number, values)
         raise
+    except (ConfigError, torch.OutOfMemoryError) as err:
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        trial.set_user_attr("error", line)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d failed, the search goes on: %s", trial.number, line)
+        return line
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     study.tell(trial, scores["oof"]["mcrmse"])
     log.info("trial %d: OOF MCRMSE %.4f (best so far: trial %d, %.4f)", trial.number, scores["oof"]["mcrmse"],
              study.best_trial.number, study.best_value)
+    return None
 
 
 def _record_or_compare(search: Search) -> None:
