@@ -49,6 +49,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deberta_speed import DEBERTA_V3_BASE  # noqa: E402
+from rows import Rows, tiny_defaults  # noqa: E402
 from scaling import deberta_backbone  # noqa: E402
 
 CONFIG = REPO / "configs" / "deberta_v3_base.yaml"
@@ -235,21 +236,14 @@ def main() -> int:
                         help="the GPU's dense bf16 peak for MFU (default an H100/H200 SXM's 989)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for foldtune, after --")
     args = parser.parse_args()
-    for key, value in TINY_JOB.items() if args.tiny else ():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    tiny_defaults(args, TINY_JOB)
     job_overrides = [*(TINY_OVERRIDES if args.tiny else []),
                      *([f"training.epochs={args.epochs}"] if args.epochs else []),
                      *([f"data.max_len={args.max_len}"] if args.max_len else []), *args.overrides]
     architecture = {**DEBERTA_V3_BASE, **(TINY_ARCHITECTURE if args.tiny else {})}
     args.runs_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-
-    def keep(row: dict) -> None:
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=1))
+    results = Rows(args.out)
+    keep = results.keep
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -52,6 +52,9 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import Rows, tiny_defaults  # noqa: E402
+
 CONFIG = REPO / "configs" / "ellipse_minilm_fast.yaml"
 TINY_ARCHITECTURE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 TINY_JOB = dict(rows=40, test_rows=10)
@@ -186,17 +189,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="more config overrides for every row, after --")
     args = parser.parse_args()
     targets = parse_targets(args.targets)
-    for key, value in TINY_JOB.items() if args.tiny else ():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    tiny_defaults(args, TINY_JOB)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-
-    def keep(row: dict) -> None:
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=1))
+    results = Rows(args.out)
+    keep = results.keep
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
