@@ -234,3 +234,15 @@ def test_a_stopped_seeded_run_counts_the_folds_whose_every_seed_finished(tmp_pat
     (entry,) = list_runs(tmp_path / "runs")
     assert entry.score_or_status == "unfinished 1/2"
     assert entry.folds == {0: pytest.approx(0.47)}
+
+
+def test_a_search_trial_its_pruner_stopped_is_listed_pruned_not_unfinished(tmp_path):
+    from foldtune.runs import list_runs
+
+    run = _hand_made_run(tmp_path / "runs", "trial_0002", "2026-12-01T10:00:00", "aaaa1111" * 8, ESSAYS, None,
+                         {0: 0.52}, (0, 1))
+    (entry,) = list_runs(tmp_path / "runs")
+    assert (entry.status, entry.score_or_status) == ("unfinished", "unfinished 1/2")
+    (run / "pruned.json").write_text(json.dumps({"trial": 2, "after_fold": 0, "mcrmse": 0.52}))
+    (entry,) = list_runs(tmp_path / "runs")
+    assert (entry.status, entry.score_or_status) == ("pruned", "pruned 1/2")

@@ -253,6 +253,10 @@ def test_a_trial_is_pruned_after_a_fold_worse_than_the_median_of_the_complete_tr
     assert trials["state"].tolist() == ["complete", "complete", "pruned", "complete", "complete"]
     assert trials["oof_mcrmse"].tolist()[:2] == [0.4, 0.5] and trials["oof_mcrmse"].isna().tolist()[2]
     assert trials.loc[2, "fold_0"] == 0.9 and pd.isna(trials.loc[2, "fold_1"])
+    # the trial's folder says so too (`foldtune runs` lists it pruned); no other trial's does
+    assert json.loads((tmp_path / "s" / "trial_0002" / "pruned.json").read_text()) == {
+        "trial": 2, "after_fold": 0, "mcrmse": 0.9}
+    assert sorted(p.parent.name for p in (tmp_path / "s").glob("trial_*/pruned.json")) == ["trial_0002"]
     assert trials.loc[4, ["fold_0", "fold_1"]].tolist() == [0.54, 0.99]
     cfg = load_config(tmp_path / "s" / "best.yaml")
     assert cfg.training.lr == trials.loc[0, "training.lr"]
@@ -312,6 +316,9 @@ def test_a_trial_refused_or_out_of_memory_is_failed_and_the_search_goes_on(base,
     trials = _trials(tmp_path / "s")
     assert trials["state"].tolist() == ["complete", "fail", "fail", "complete"]
     assert trials["oof_mcrmse"].tolist()[3] == 0.6
+    assert trials["error"].fillna("").tolist() == [
+        "", "model.pooling weighted_layers: pooling_layers 4 but the backbone has 2 layers",
+        "CUDA out of memory. Tried to allocate 2.00 GiB", ""]
 
 
 def test_three_failed_trials_in_a_row_end_the_search_in_one_line(base, tmp_path, monkeypatch):

@@ -48,6 +48,7 @@ SCORES_FILE = "scores.json"      # per fold and OOF, per target
 TOKENS_FILE = "tokens.npz"       # token ids of every row, for fold processes
 RESULT_FILE = "result.json"      # per fold: its scores, written when the fold has finished
 BEST_DIR = "best"                # per fold: the checkpoint of its best evaluation
+PRUNED_FILE = "pruned.json"      # a search trial stopped by the search's pruner (search/study.py)
 
 
 def fold_dir(run_dir: str | Path, fold: int) -> Path:

@@ -16,6 +16,8 @@ A run's status, read from its folder:
                stopped or crashed; shown as `unfinished d/n`, d folds finished (their
                fold_k/result.json; with training.seeds, every seed's) of the n it was
                asked to train (run.json)
+  pruned       a trial of `foldtune search` that its pruner stopped after a fold worse
+               than the median (pruned.json); shown as `pruned d/n`, as unfinished
   failed       no fold began (no fold_k/ folder): it stopped while it started
   broken       its config.yaml cannot be read
 """
@@ -33,7 +35,7 @@ from typing import Any, Sequence
 
 from foldtune.commands import prog_of, warn_deprecated
 from foldtune.config import Config, ConfigError, config_diff, load_config
-from foldtune.run_layout import RESULT_FILE
+from foldtune.run_layout import PRUNED_FILE, RESULT_FILE
 from foldtune.run_lock import live_holder
 
 # Keys that differ between any two runs by design: not worth listing.
@@ -55,7 +57,7 @@ class RunEntry:
     oof: float | None = None
     folds: dict[int, float] = field(default_factory=dict)    # MCRMSE of each finished fold
     folds_asked: int = 0
-    status: str = "finished"              # finished, training, unfinished, failed or broken
+    status: str = "finished"              # finished, training, unfinished, pruned, failed or broken
     problem: str = ""                     # why a broken run is broken
     changes: list[tuple[str, Any, Any]] = field(default_factory=list)
 
@@ -79,8 +81,8 @@ class RunEntry:
     def score_or_status(self) -> str:
         if self.status == "finished":
             return f"{self.oof:.4f}"
-        if self.status == "unfinished":
-            return f"unfinished {len(self.folds)}/{self.folds_asked}"
+        if self.status in ("unfinished", "pruned"):
+            return f"{self.status} {len(self.folds)}/{self.folds_asked}"
         return self.status
 
 
@@ -109,7 +111,8 @@ def read_run(path: Path) -> RunEntry:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         entry.oof = None
         entry.folds = _finished_fold_scores(path, entry.config.training.seeds if entry.config else None)
-        entry.status = "unfinished" if _fold_folders(path) else "failed"
+        entry.status = ("pruned" if (path / PRUNED_FILE).is_file() else "unfinished") if _fold_folders(path) \
+            else "failed"
     if holder is not None and holder.get("purpose") in ("training", "resume"):
         entry.status = "training"
     return entry
@@ -255,7 +258,7 @@ def diff_runs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or prog_of("runs"),
                                      description="List the runs of a folder, grouped by data set and targets: start, "
-                                                 "backbone, OOF MCRMSE or status (training, unfinished, failed, "
+                                                 "backbone, OOF MCRMSE or status (training, unfinished, pruned, failed, "
                                                  "broken), fold score range, and the config keys changed since the "
                                                  "group's run started before.")
     parser.add_argument("--runs-dir", help="folder of run folders (default: runs)")

@@ -1,6 +1,7 @@
 """What a search found, written to its folder after every trial, each file whole or not at all:
 
-    trials.csv      a row per trial: number, state, OOF MCRMSE, run folder, its values, each fold's score
+    trials.csv      a row per trial: number, state, OOF MCRMSE, run folder, its values, each fold's score,
+                    why it failed
     best.yaml       the base config with the best complete trial's values: python train.py --config best.yaml
     report.md       the trials' table, the best trial, each key's importance (importance.png)
 """
@@ -61,8 +62,11 @@ def trials_table(study, search: "Search") -> pd.DataFrame:
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "oof_mcrmse": oof,
                      "run": trial.user_attrs.get("run", ""),
                      **{key: trial.params.get(key) for key in search.space.keys},
-                     **{f"fold_{fold}": trial.intermediate_values.get(fold) for fold in folds}})
-    columns = ["number", "state", "oof_mcrmse", "run", *search.space.keys, *(f"fold_{fold}" for fold in folds)]
+                     **{f"fold_{fold}": trial.intermediate_values.get(fold) for fold in folds},
+                     "error": trial.user_attrs.get("error", "")})
+    # error: why a failed trial's values could not train (refused together, out of memory)
+    columns = ["number", "state", "oof_mcrmse", "run", *search.space.keys, *(f"fold_{fold}" for fold in folds),
+               "error"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 from foldtune.config import Config, ConfigError, ConfigOrigin, config_to_dict
 from foldtune.files import atomic_write_json
 from foldtune.logs import log_to_run_folder, stop_logging_to
-from foldtune.run_layout import FoldResult, FoldSeed
+from foldtune.run_layout import PRUNED_FILE, FoldResult, FoldSeed
 from foldtune.run_lock import RunLock
 from foldtune.search.definition import Search
 from foldtune.search.records import write_records
@@ -144,6 +144,9 @@ def _run_trial(study, search: Search, frame: pd.DataFrame) -> str | None:
         trial.report(score, step=unit.fold)
         # after the last fold the run is whole: it ends complete, whatever its folds' ranks
         if unit.fold != last_fold and trial.should_prune():
+            # said in the trial's folder too: `foldtune runs` shows it pruned, not unfinished
+            atomic_write_json(search.out / cfg.output.name / PRUNED_FILE,
+                              {"trial": trial.number, "after_fold": unit.fold, "mcrmse": score})
             log.info("trial %d pruned after fold %d: MCRMSE %.4f is worse than the median of the complete trials' "
                      "fold %d", trial.number, unit.fold, score, unit.fold)
             raise optuna.TrialPruned()
