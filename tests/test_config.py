@@ -183,3 +183,17 @@ def test_the_fast_minilm_config_is_the_plain_one_with_the_measured_speed_switche
                        ("training", "eval_batch_size"): 256, ("training", "eval_steps_from_epoch"): 2,
                        ("training", "parallel_folds"): 5,
                        ("training", "parallel_mode"): "threads"}
+
+
+def test_a_config_file_that_is_not_yaml_fails_in_one_line_with_where(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"config file {path} is not valid YAML: line 3, column 1: expected ',' or ']', "
+                              "but got '<stream end>'")
+    path.write_text("training:\n\tlr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"config file {path} is not valid YAML: line 2, column 1: found character '\\t' "
+                              "that cannot start any token")

@@ -205,6 +205,14 @@ def test_a_space_mistake_fails_in_one_line_naming_the_file_and_the_key(tmp_path,
     assert str(caught.value) == f"{path}: {message}"
 
 
+def test_a_space_file_that_is_not_yaml_fails_in_one_line_with_where(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("training.lr: [1, 2\n")
+    with pytest.raises(SpaceError) as caught:
+        load_space(path, Config(), lambda cfg: None)
+    assert str(caught.value) == f"{path}: not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"
+
+
 def test_the_command_checks_the_space_before_any_trial(base, tmp_path, capsys):
     path = _space(tmp_path, {"training.lr": {"low": 1e-3, "high": 1e-5}})
     out = tmp_path / "never"

@@ -655,6 +655,14 @@ def path_problem(path: str | Path, kind: str) -> str | None:
     return f"{path.resolve()} is a {'file' if folder else 'folder'}, not {kind}"
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: where it is and what the parser expected (PyYAML's own
+    message spans several lines, with a quote of the file)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     problem = path_problem(path, "a YAML file")
@@ -663,7 +671,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
-from foldtune.config import Config, ConfigError, config_from_dict, config_to_dict
+from foldtune.config import Config, ConfigError, config_from_dict, config_to_dict, yaml_problem
 
 RANGE_FIELDS = ("low", "high", "log", "step")
 # The trials share the base config's folds (their scores compare) and the search names their folders.
@@ -109,7 +109,7 @@ def load_space(path: str | Path, base: Config, check: Callable[[Config], None] =
     try:
         entries = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: not valid YAML: {err}") from None
+        raise SpaceError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(entries, dict) or not entries:
         raise SpaceError(f"{path}: expected a mapping of config keys to a range or choices, e.g. "
                          "'training.lr: {low: 1.0e-5, high: 1.0e-4, log: true}', got "
