@@ -197,3 +197,25 @@ def test_every_exported_file_and_folder_has_the_mode_of_the_umask(tiny_deberta, 
     assert {"fold_0/best/model.safetensors", "fold_1/best/model.safetensors", "fold_1/best"} <= set(modes)
     assert {name: oct(mode) for name, mode in modes.items()
             if mode != (folder_mode if (out / name).is_dir() else file_mode)} == {}
+
+
+def test_a_pruned_deberta_run_exports_and_scores_offline_as_infer_does(tiny_deberta, tmp_path):
+    """pruning.heads on DeBERTa-v2, through train, infer and export: the export's folds load
+    their pruned shapes back in a fresh process (foldtune.json's pruned_heads)."""
+    from foldtune.checkpoint import read_meta
+
+    backbone = shutil.copytree(tiny_deberta, tmp_path / "backbone")
+    run = train_tiny_run(backbone, tmp_path, "pruned", "pruning.heads.enabled=true", "pruning.heads.target_heads=2",
+                         "training.precision=fp32")
+    assert [read_meta(run / f"fold_{fold}" / "best")["head_gates"]["kept"] for fold in (0, 1)] == [2, 2]
+    assert infer_main(["--run", str(run), "--test", str(tmp_path / "test.csv"), "--out", str(tmp_path / "infer.csv"),
+                       "--device", "cpu"]) == 0
+    export_run(run, tmp_path / "kaggle")
+    shutil.rmtree(run)
+    shutil.rmtree(backbone)
+    for fold in (0, 1):
+        assert read_meta(tmp_path / "kaggle" / f"fold_{fold}" / "best")["pruned_heads"]
+    expected = pd.read_csv(tmp_path / "infer.csv")
+    got = _score_offline(tmp_path / "kaggle", tmp_path / "test.csv", tmp_path / "offline.csv")
+    assert got["text_id"].tolist() == expected["text_id"].tolist()
+    np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-6, rtol=0)
