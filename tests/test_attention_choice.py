@@ -221,3 +221,35 @@ def test_a_trainer_given_auto_pads_batches_for_the_attention_auto_put_in_place(t
         trainer = FoldTrainer(cfg, data, AutoTokenizer.from_pretrained(tiny_deberta_wide), tmp_path / name).setup()
         pads[name] = (trainer.model.attention, trainer.pad_multiple)
     assert pads == {"auto": ("flex", 64), "eager": ("eager", 1)}
+
+
+def test_training_pad_to_multiple_of_sets_the_batch_widths_and_flex_takes_whole_tiles(tiny_deberta_wide, monkeypatch,
+                                                                                      tmp_path):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from foldtune.data.dataset import TextDataset
+    from foldtune.training.trainer import FoldData, FoldTrainer
+
+    monkeypatch.setattr(attention, "fused_on", lambda device: True)
+    ids = [[2, 5, 6, 3], [2, 7, 3]]
+    targets = np.ones((2, 6), dtype=np.float32)
+    data = FoldData(0, TextDataset(ids, targets), TextDataset(ids, targets), ["a", "b"], np.arange(2),
+                    ("a", "b", "c", "d", "e", "f"), (1.0, 5.0))
+    got = {}
+    for name, multiple in (("auto", 256), ("eager", 32)):
+        cfg = load_config(None, [f"model.name={tiny_deberta_wide}", f"model.attention={name}",
+                                 "model.backbone_dropout=0.0", "training.device=cpu",
+                                 f"training.pad_to_multiple_of={multiple}"])
+        trainer = FoldTrainer(cfg, data, AutoTokenizer.from_pretrained(tiny_deberta_wide), tmp_path / name).setup()
+        got[name] = (trainer.model.attention, trainer.pad_multiple,
+                     next(iter(trainer.train_loader))["input_ids"].shape[1])
+    assert got == {"auto": ("flex", 256, 256), "eager": ("eager", 32, 32)}
+    cfg = load_config(None, [f"model.name={tiny_deberta_wide}", "model.attention=flex",
+                             "training.pad_to_multiple_of=96"])
+    with pytest.raises(ConfigError) as err:
+        resolve_attention(cfg, torch.device("cpu"))
+    assert str(err.value) == ("training.pad_to_multiple_of: 96 with model.attention flex, whose kernels take widths "
+                              "in whole tiles of 64: set a multiple of 64 (e.g. 128 or 256) or null")
+    with pytest.raises(ConfigError, match="training.pad_to_multiple_of.*expected null or an integer >= 1, got 0"):
+        load_config(None, ["training.pad_to_multiple_of=0"])

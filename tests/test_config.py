@@ -40,7 +40,7 @@ TRAINING_KEYS = ("epochs, batch_size, eval_batch_size, lr, head_lr, layerwise_lr
                  "adam_eps, adam_betas, scheduler, warmup_ratio, warmup_steps, gradient_accumulation_steps, "
                  "max_grad_norm, eval_steps, eval_steps_from_epoch, loss, loss_beta, target_weights, precision, "
                  "device, seed, seeds, log_steps, num_workers, save_state_steps, keep_states, deterministic, "
-                 "bucket_batches, compile, parallel_folds, parallel_mode, cuda_graphs")
+                 "bucket_batches, compile, pad_to_multiple_of, parallel_folds, parallel_mode, cuda_graphs")
 
 
 def test_a_key_mistyped_on_the_command_line_is_named_with_the_key_it_meant(tmp_path):

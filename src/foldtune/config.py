@@ -206,6 +206,11 @@ class TrainingConfig:
     # AWP, accumulation, gradient checkpointing or compile).
     bucket_batches: bool = False
     compile: bool = False
+    # Batch widths rounded up to a multiple of this (training and evaluation). null: 64
+    # under compile, cuda_graphs and model.attention flex (few shapes to compile or capture:
+    # flex compiles a kernel per width), else 1 (each batch as wide as its longest row).
+    # Under flex a multiple of 64: a coarser one compiles fewer kernels for more padding.
+    pad_to_multiple_of: int | None = None
     parallel_folds: int = 1
     parallel_mode: Literal["processes", "threads"] = "processes"
     cuda_graphs: bool = False
@@ -225,6 +230,8 @@ class TrainingConfig:
                  "training.max_grad_norm", "a positive number or null", self.max_grad_norm)
         _require(self.num_workers >= 0, "training.num_workers", "an integer >= 0", self.num_workers)
         _require(self.parallel_folds >= 1, "training.parallel_folds", "an integer >= 1", self.parallel_folds)
+        _require(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1, "training.pad_to_multiple_of",
+                 "null or an integer >= 1", self.pad_to_multiple_of)
         _require(self.save_state_steps >= 0, "training.save_state_steps", "an integer >= 0", self.save_state_steps)
         _require(self.keep_states >= 1, "training.keep_states", "an integer >= 1", self.keep_states)
         _require(0 < self.layerwise_lr_decay <= 1, "training.layerwise_lr_decay", "a number in (0, 1]",

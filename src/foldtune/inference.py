@@ -246,7 +246,9 @@ def predict_run(run_dir: str | Path, texts: Sequence[str], batch_size: int = 32,
     run_cfg = load_config(folders[0] / CONFIG_FILE)
     data = run_cfg.data                                   # cut texts as training did
     # A fused attention compiles per width: round widths up as training did.
-    pad_multiple = STATIC_PAD_MULTIPLE if run_cfg.model.attention == "flex" and fused_on(device_) else 1
+    # flex compiles a kernel per width: the widths it trained with (training.pad_to_multiple_of)
+    pad_multiple = ((run_cfg.training.pad_to_multiple_of or STATIC_PAD_MULTIPLE)
+                    if run_cfg.model.attention == "flex" and fused_on(device_) else 1)
     max_len = max_len or data.max_len
     check_max_len(load_backbone_config(folders[0]), max_len)
     data = dataclasses.replace(data, max_len=max_len)     # windows: of max_len tokens too

@@ -18,6 +18,7 @@ from foldtune.losses import LOSSES
 from foldtune.models.attention import choose_attention, dflash_device_problem
 from foldtune.models.deberta_attention import fused_on
 from foldtune.models.pooling import POOLINGS
+from foldtune.data.collate import STATIC_PAD_MULTIPLE
 from foldtune.data.windows import Windows
 from foldtune.models.regressor import check_backbone, load_backbone_config, load_tokenizer, resolve_backbone
 from foldtune.optim.factory import check_optimizer
@@ -95,6 +96,7 @@ def resolve_attention(cfg: Config, device: torch.device) -> Config:
     logged with the reason; any other value unchanged. Called as a run starts, before its
     config.yaml is written."""
     if cfg.model.attention != "auto" or cfg.model.type != "transformer":
+        check_pad_multiple(cfg)
         return cfg
     if cfg.training.cuda_graphs:
         choice, why = "eager", "training.cuda_graphs: true (fused kernels are not captured)"
@@ -104,4 +106,16 @@ def resolve_attention(cfg: Config, device: torch.device) -> Config:
         if choice == "dflash" and cfg.pruning.heads.enabled:
             choice, why = "eager", "pruning.heads: dflash's encoder bypasses the gated output projection"
     log.info("model.attention auto: %s (%s)", choice, why)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=choice))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=choice))
+    check_pad_multiple(cfg)
+    return cfg
+
+
+def check_pad_multiple(cfg: Config) -> None:
+    """training.pad_to_multiple_of against the attention in place: flex's kernels take
+    widths in whole tiles of 64."""
+    multiple = cfg.training.pad_to_multiple_of
+    if cfg.model.attention == "flex" and multiple is not None and multiple % STATIC_PAD_MULTIPLE:
+        raise ConfigError(f"training.pad_to_multiple_of: {multiple} with model.attention flex, whose kernels take "
+                          f"widths in whole tiles of {STATIC_PAD_MULTIPLE}: set a multiple of {STATIC_PAD_MULTIPLE} "
+                          "(e.g. 128 or 256) or null")

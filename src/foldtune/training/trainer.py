@@ -193,7 +193,7 @@ class FoldTrainer:
     def _setup_data(self) -> None:
         tcfg = self.cfg.training
         static = tcfg.compile or tcfg.cuda_graphs or self.model.attention == "flex"
-        self.pad_multiple = STATIC_PAD_MULTIPLE if static else 1
+        self.pad_multiple = tcfg.pad_to_multiple_of or (STATIC_PAD_MULTIPLE if static else 1)
         # data.long_text windows: batches of the texts' windows (data/windows.py); None: a row a text
         self.windows = Windows.of(self.tokenizer, self.cfg.data)
         collate = row_collate(self.data.train, self.tokenizer.pad_token_id, self.pad_multiple, self.windows)
