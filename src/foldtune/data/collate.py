@@ -151,8 +151,9 @@ def fixed_window_shapes(batch: dict[str, torch.Tensor], reads: int) -> dict[str,
     of GRAPH_TEXT_LENGTH and `reads` reads a position. Each text's output is unchanged."""
     n_windows = len(batch["input_ids"])
     texts, length, have = batch["stitch_weight"].shape
-    # copies of real windows, not rows of padding: a window no token attends to would give
-    # NaN states, whose zero weight in the stitch would still make the gradients NaN
+    # copies of real windows, not rows of padding: a window whose tokens all are masked can
+    # give NaN states (a softmax over no key), and a NaN weighed zero in the stitch still
+    # makes the weights' gradients NaN
     rows = torch.arange(round_up(n_windows, GRAPH_WINDOW_ROWS)) % n_windows
     pad = (0, reads - have, 0, round_up(length, GRAPH_TEXT_LENGTH) - length)
     return {**batch, "input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
