@@ -21,8 +21,9 @@ def is_no_decay(module: nn.Module, param_name: str) -> bool:
     return param_name == "bias" or isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
-def _part_lrs(model: nn.Module, cfg: TrainingConfig) -> tuple[dict[str, str], dict[str, float]]:
-    """Parameter name -> part, and part -> learning rate, in the order groups are listed."""
+def _part_lrs(model: nn.Module, cfg: TrainingConfig) -> tuple[dict[str, str], dict[str, float], set[str]]:
+    """Parameter name -> part, part -> learning rate (in the order groups are listed), and
+    the parts of modules with a rate of their own (`own_lr`)."""
     head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
     part_of: dict[str, str] = {}
     lrs: dict[str, float] = {}
@@ -40,19 +41,20 @@ def _part_lrs(model: nn.Module, cfg: TrainingConfig) -> tuple[dict[str, str], di
     lrs["head"] = head_lr
     # A module that sets `own_lr` (the attention-head gates of pruning.heads) learns in a
     # part of its own at that rate.
+    own = set()
     for module_name, module in model.named_modules():
         own_lr = getattr(module, "own_lr", None)
         if own_lr is not None:
             lrs[module_name] = own_lr
+            own.add(module_name)
             part_of.update({f"{module_name}.{name}": module_name for name, _ in module.named_parameters()})
-    return part_of, lrs
+    return part_of, lrs, own
 
 
 def parameter_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
     """Optimizer groups with a `name`, `lr` and `weight_decay` each; frozen weights left out."""
-    part_of, lrs = _part_lrs(model, cfg)
     # Parts of their own (own_lr) are not decayed: decay would pull log_alpha to 0, gates half-open.
-    own = {name for name, module in model.named_modules() if getattr(module, "own_lr", None) is not None}
+    part_of, lrs, own = _part_lrs(model, cfg)
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
