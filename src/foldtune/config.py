@@ -631,6 +631,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """values[a][b]... = value for the dotted key 'a.b...', in place; missing sections made."""
+    *sections, name = key.split(".")
+    node = values
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[name] = value
+
+
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in values.items()}
     for text in overrides:

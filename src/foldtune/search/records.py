@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
-from foldtune.config import apply_overrides, load_config, read_yaml
+from foldtune.config import apply_overrides, load_config, read_yaml, set_dotted
 from foldtune.files import atomic_path, atomic_write_csv, atomic_write_text
 
 if TYPE_CHECKING:
@@ -75,11 +75,7 @@ def write_best_config(search: "Search", best) -> None:
     values, with a header naming the trial; checked to load as train.py will load it."""
     values = apply_overrides(read_yaml(search.config), search.overrides)
     for key, value in best.params.items():
-        *sections, name = key.split(".")
-        node = values
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = value
+        set_dotted(values, key, value)
     header = (f"# foldtune search {search.out}: trial {best.number} ({best.user_attrs.get('run', '')}), "
               f"OOF MCRMSE {best.value:.4f}\n# the base: {search.config}"
               + (f" with {' '.join(search.overrides)}" if search.overrides else "") + "\n")

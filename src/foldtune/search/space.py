@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
-from foldtune.config import Config, ConfigError, config_from_dict, config_to_dict, yaml_problem
+from foldtune.config import Config, ConfigError, config_from_dict, config_to_dict, set_dotted, yaml_problem
 
 RANGE_FIELDS = ("low", "high", "log", "step")
 # The trials share the base config's folds (their scores compare) and the search names their folders.
@@ -92,11 +92,7 @@ def with_values(cfg: Config, values: Mapping[str, Any]) -> Config:
     """cfg with each dotted key of `values` set, checked as a config file's values are."""
     plain = config_to_dict(cfg)
     for key, value in values.items():
-        *sections, name = key.split(".")
-        node = plain
-        for section in sections:
-            node = node[section]
-        node[name] = value
+        set_dotted(plain, key, value)
     return config_from_dict(plain)
 
 

@@ -9,7 +9,7 @@
 A trial trains its folds one after another; after each fold its score goes to the study
 (trial.report, step = the fold) and optuna's MedianPruner stops a trial whose fold is worse
 than the median of the complete trials' at that fold. A pruned trial's run folder stays
-as it stopped: its finished folds, no scores.json (`foldtune runs` shows it unfinished), and
+as it stopped: its finished folds, no scores.json, a pruned.json (`foldtune runs` shows it pruned), and
 the study and trials.csv record it pruned. Running the same command again resumes: the
 trials that ended are kept, --trials counts the complete and pruned ones, and a trial that
 was running when the search stopped is marked failed and its values tried again. A trial
