@@ -94,10 +94,15 @@ def check_config_against_device(cfg: Config, device: torch.device) -> None:
 def resolve_attention(cfg: Config, device: torch.device) -> Config:
     """`cfg` with model.attention auto replaced by this device's choice (choose_attention),
     logged with the reason; any other value unchanged. Called as a run starts, before its
-    config.yaml is written."""
-    if cfg.model.attention != "auto" or cfg.model.type != "transformer":
-        check_pad_multiple(cfg)
-        return cfg
+    config.yaml is written. training.pad_to_multiple_of is checked against the attention then in place."""
+    if cfg.model.attention == "auto" and cfg.model.type == "transformer":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=_auto_attention(cfg, device)))
+    check_pad_multiple(cfg)
+    return cfg
+
+
+def _auto_attention(cfg: Config, device: torch.device) -> str:
+    """What model.attention auto takes for cfg on `device`, logged with the reason."""
     if cfg.training.cuda_graphs:
         choice, why = "eager", "training.cuda_graphs: true (fused kernels are not captured)"
     else:
@@ -106,9 +111,7 @@ def resolve_attention(cfg: Config, device: torch.device) -> Config:
         if choice == "dflash" and cfg.pruning.heads.enabled:
             choice, why = "eager", "pruning.heads: dflash's encoder bypasses the gated output projection"
     log.info("model.attention auto: %s (%s)", choice, why)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=choice))
-    check_pad_multiple(cfg)
-    return cfg
+    return choice
 
 
 def check_pad_multiple(cfg: Config) -> None:
