@@ -22,9 +22,11 @@ For each row:
 The gates draw their noise from the random generator the fold threads share, so a pruned
 row's score is not a sequential run's (`-- training.parallel_folds=1` gives that).
 
-In about five minutes on one H200 (estimated from docs/benchmarks.md: the fast config
-trains in ~30 s with CUDA graphs; without them and with the gates, a minute or so a row,
-and ~15 s of infer.py):
+Every row trains before any row's inference is timed. `--phase train` stops there and
+`--phase infer` times the rows its --out holds, so that the training can share the GPU with
+other work and the timing need not. In about five minutes on one H200 (estimated from
+docs/benchmarks.md: the fast config trains in ~30 s with CUDA graphs; without them and
+with the gates, a minute or so a row, and ~15 s of infer.py):
 
     python3 benchmarks/pruning_curve.py --model .devicekit/models/all-MiniLM-L6-v2-fp16 \\
         --train .devicekit/data/ellipse/train.csv --test .devicekit/data/ellipse/test.csv \\
@@ -186,27 +188,46 @@ def main() -> int:
                         help="a tiny random BERT, 2 folds x 1 epoch at max_len 64: a CPU smoke test")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/pruning_curve"))
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here (after each row)")
+    parser.add_argument("--phase", choices=("all", "train", "infer"), default="all",
+                        help="all: train every row, then time each row's inference; train: the rows "
+                             "without inference; infer: time inference of the rows --out holds (trained by "
+                             "--phase train), e.g. once the GPU is no longer shared (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for every row, after --")
     args = parser.parse_args()
     targets = parse_targets(args.targets)
     tiny_defaults(args, TINY_JOB)
+    if args.phase == "infer" and (args.out is None or not args.out.is_file()):
+        raise SystemExit(f"--phase infer: --out {args.out} must hold the rows of a --phase train run")
     args.runs_dir.mkdir(parents=True, exist_ok=True)
-    results = Rows(args.out)
-    keep = results.keep
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        backbone = tiny_backbone(work / "tiny-bert", args.model) if args.tiny else args.model.resolve()
-        total = backbone_heads(backbone)
         train_csv, test_csv = work / "train.csv", work / "test.csv"
         for source, rows, copy in ((args.train, args.rows, train_csv), (args.test, args.test_rows, test_csv)):
             pd.read_csv(source, dtype=str, keep_default_na=False).iloc[:rows].to_csv(copy, index=False)
-        overrides = [*(TINY_OVERRIDES if args.tiny else []), f"model.name={backbone}",
-                     f"data.train_file={train_csv}", "data.test_file=null", *args.overrides]
-        for share in targets:
-            row = train_row(share, total, overrides, args.runs_dir)
-            keep({**row, **infer_row(Path(row["run_dir"]), test_csv, args.runs_dir, row["run"])})
+        if args.phase == "infer":
+            trained = json.loads(args.out.read_text())
+        else:
+            # a tiny backbone lives in runs_dir: the rows' checkpoints name it, and --phase infer loads them
+            backbone = tiny_backbone(args.runs_dir / "tiny-bert", args.model) if args.tiny else args.model.resolve()
+            total = backbone_heads(backbone)
+            overrides = [*(TINY_OVERRIDES if args.tiny else []), f"model.name={backbone}",
+                         f"data.train_file={train_csv}", "data.test_file=null", *args.overrides]
+            trained = Rows(args.out)
+            for share in targets:
+                trained.keep(train_row(share, total, overrides, args.runs_dir))
+        if args.phase == "train":
+            return check_folds(trained)
+        # every row trained before any is timed: inference runs with the training finished
+        results = Rows(args.out)
+        for row in trained:
+            results.keep({**row, **infer_row(Path(row["run_dir"]), test_csv, args.runs_dir, row["run"])})
     print("\n" + table(results))
+    return check_folds(results)
+
+
+def check_folds(results: list[dict]) -> int:
+    """0 when every row trained on the same folds, else 1 (said on stderr)."""
     folds = {row["run"]: pd.read_csv(row["folds_file"], dtype={"text_id": str}).sort_values("text_id")["fold"].tolist()
              for row in results}
     if len({tuple(f) for f in folds.values()}) > 1:

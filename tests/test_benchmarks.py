@@ -81,14 +81,27 @@ def test_the_pruning_curve_trains_a_row_per_target_of_heads_on_the_same_folds(tm
     train.to_csv(tmp_path / "train.csv", index=False)
     test.to_csv(tmp_path / "test.csv", index=False)
     out, runs = tmp_path / "rows.json", tmp_path / "runs"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "pruning_curve.py"), "--tiny", "--model", str(MODEL_DIR),
-         "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"), "--targets", "1.0,0.5",
-         "--runs-dir", str(runs), "--out", str(out)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
-        timeout=600)
+
+    def curve(phase: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "pruning_curve.py"), "--tiny", "--model", str(MODEL_DIR),
+             "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"), "--targets", "1.0,0.5",
+             "--runs-dir", str(runs), "--out", str(out), "--phase", phase],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+            timeout=600)
+
+    # the rows trained, none timed yet; then timed from what --out holds, with nothing trained again
+    result = curve("train")
     assert result.returncode == 0, result.stderr[-2000:]
+    trained = json.loads(out.read_text())
+    assert [row["run"] for row in trained] == ["heads-100", "heads-50"]
+    assert not any("infer_s_per_1000" in row for row in trained)
+    result = curve("infer")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # no row trained again: the runs folder holds the two runs and the tiny backbone, as before
+    assert sorted(path.name for path in runs.iterdir() if path.is_dir()) == ["heads-100", "heads-50", "tiny-bert"]
     unpruned, pruned = json.loads(out.read_text())
+    assert [{key: row[key] for key in trained[0]} for row in (unpruned, pruned)] == trained
     # the tiny BERT: 2 layers x 2 heads; 100% is pruning off, 50% keeps 2 of the 4
     assert [row["run"] for row in (unpruned, pruned)] == ["heads-100", "heads-50"]
     assert [row["pruning"] for row in (unpruned, pruned)] == [False, True]
