@@ -222,6 +222,29 @@ def test_before_start_epoch_the_gates_are_open_and_nothing_is_added(tiny_bert):
     assert loss.item() == pytest.approx(1.5 + 0.01 * 4 * expected_l0(torch.tensor(3.0), 2 / 3).item())
 
 
+def test_from_fix_epoch_the_gates_are_the_targets_mask_and_nothing_is_added(tiny_bert):
+    model = _model(tiny_bert)
+    cfg = load_config(None, ["pruning.heads.enabled=true", "pruning.heads.target_heads=2",
+                             "pruning.heads.fix_epoch=2", "training.epochs=3"]).pruning.heads
+    hook = HeadPruning(model.head_gates, cfg)
+    with torch.no_grad():
+        model.head_gates.log_alpha.copy_(torch.tensor([[0.5, 2.0], [1.0, -1.0]]))
+    hook.start_epoch(0)
+    assert (hook.acting, model.head_gates.mode) == (True, "learn")
+    hook.start_epoch(1)
+    # the two heads of the largest log_alpha, as fix_and_prune keeps them at the end
+    assert (hook.acting, model.head_gates.mode) == (False, "fixed")
+    assert model.head_gates.mask.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    assert model.head_gates.gates().tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    loss, _ = hook.around_forward({}, lambda b: (torch.tensor(1.5), None))
+    assert loss.item() == 1.5
+    # fixed once: a later epoch (or log_alpha moved meanwhile) keeps the mask it trains with
+    with torch.no_grad():
+        model.head_gates.log_alpha.copy_(torch.tensor([[3.0, -3.0], [3.0, -3.0]]))
+    hook.start_epoch(2)
+    assert model.head_gates.mask.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
 # --- what is refused ---------------------------------------------------------------------
 
 
@@ -236,6 +259,9 @@ def test_before_start_epoch_the_gates_are_open_and_nothing_is_added(tiny_bert):
                                  "pruning.heads.enabled=false"),
     (["pruning.heads.start_epoch=3", "training.epochs=2"],
      "pruning.heads.start_epoch: 3 is after the last epoch (training.epochs: 2): the gates would never learn"),
+    (["pruning.heads.fix_epoch=3", "training.epochs=2"],
+     "pruning.heads.fix_epoch: 3 is after the last epoch (training.epochs: 2): no epoch would train the pruned "
+     "model; set it to an epoch <= training.epochs, or null to fix the gates at the fold's end"),
     (["training.cuda_graphs=true", "training.precision=bf16"],
      "training.cuda_graphs: true cannot be combined with pruning.heads.enabled: true: switch those off or set "
      "training.cuda_graphs: false"),
@@ -263,6 +289,10 @@ def test_bad_pruning_keys_fail_as_other_sections_do(tiny_bert):
     with pytest.raises(ConfigError, match="'pruning.heads.target_sparsity' set on the command line: expected null "
                                           "when pruning.heads.target_heads is set"):
         load_config(None, ["pruning.heads.target_heads=3", "pruning.heads.target_sparsity=0.5"])
+    with pytest.raises(ConfigError, match="'pruning.heads.fix_epoch' set on the command line: expected null or an "
+                                          r"epoch after pruning.heads.start_epoch \(2\): the gates learn before they "
+                                          "are fixed, got 2"):
+        load_config(None, ["pruning.heads.start_epoch=2", "pruning.heads.fix_epoch=2"])
     with pytest.raises(ConfigError, match=r"target_heads: 5 is more heads than the backbone has \(2 layers x 2 "):
         _model(tiny_bert, target_heads=5)
 
@@ -307,6 +337,46 @@ def test_a_run_saves_pruned_checkpoints_whose_predictions_are_its_oof(pruned_run
         np.testing.assert_allclose(preds, oof[TARGETS].to_numpy(dtype=np.float32), rtol=0, atol=1e-5)
         metrics = pd.read_csv(run / f"fold_{fold}" / "metrics.csv")
         assert metrics["best"].fillna("").tolist()[-1] == "pruned"
+
+
+def test_with_fix_epoch_the_best_checkpoint_is_a_pruned_models_and_pruning_it_changes_no_score(
+        tiny_bert, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="foldtune")
+    run = train_tiny_run(tiny_bert, tmp_path, "fixed", "pruning.heads.enabled=true", "pruning.heads.target_heads=2",
+                         "pruning.heads.l0_lambda=0.1", "pruning.heads.fix_epoch=2", "training.epochs=2",
+                         "training.precision=fp32")
+    for fold in (0, 1):
+        meta = read_meta(run / f"fold_{fold}" / "best")
+        metrics = pd.read_csv(run / f"fold_{fold}" / "metrics.csv")
+        # 12 training rows in batches of 6: 2 steps an epoch, each evaluated; the best of epoch 2's steps
+        trained = metrics[metrics["best"].fillna("") != "pruned"]
+        assert trained["step"].tolist() == [1, 2, 3, 4]
+        assert meta["step"] == trained.loc[trained["step"] > 2].sort_values("val_mcrmse", kind="stable")["step"].iloc[0]
+        # fixed gates are the pruned model's: scored again, the same to float rounding
+        assert meta["val_mcrmse"] == pytest.approx(meta["head_gates"]["val_mcrmse_gated"], abs=1e-6)
+        assert meta["head_gates"]["kept"] == 2
+    fixed = [r.getMessage() for r in caplog.records if "the gates fixed" in r.getMessage()]
+    assert len(fixed) == 2 and all("epoch 2 trains 2 of 4 attention heads" in line for line in fixed)
+
+
+@pytest.mark.parametrize("best_step, forgotten", [(2, True), (0, True), (3, False), (-1, False)])
+def test_a_best_chosen_before_the_gates_were_fixed_is_forgotten_and_a_resumed_ones_is_not(tiny_bert, best_step,
+                                                                                          forgotten):
+    from types import SimpleNamespace
+
+    from foldtune.training.trainer import FoldTrainer
+
+    model = _model(tiny_bert, target_heads=2)
+    trainer = SimpleNamespace(model=model, best_score=0.5, best_step=best_step, steps_per_epoch=2, unit="0")
+    FoldTrainer._choose_best_from_pruned(trainer, 1)        # gates still learning: nothing forgotten
+    assert (trainer.best_score, trainer.best_step) == (0.5, best_step)
+    model.head_gates.fix(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # epoch 2 (from 0: 1) starts after step 2; a best of step 3 was the pruned model's, kept
+    # from before a stop; -1: none yet
+    FoldTrainer._choose_best_from_pruned(trainer, 1)
+    assert (trainer.best_score, trainer.best_step) == ((math.inf, -1) if forgotten else (0.5, best_step))
 
 
 def test_infer_reads_a_pruned_run(pruned_run, monkeypatch):

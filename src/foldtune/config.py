@@ -348,6 +348,10 @@ class HeadPruningConfig:
     target_sparsity: float | None = None
     # First epoch (counting from 1) with gates and penalty; before it every head is open.
     start_epoch: int = 1
+    # First epoch (counting from 1) that trains the pruned model: the gates fixed to the
+    # target's 0/1 mask, no penalty, the fold's best checkpoint chosen from its steps on.
+    # null: the gates learn to the fold's end and are fixed there, on the best checkpoint.
+    fix_epoch: int | None = None
     # The gates' temperature (beta): lower draws gates closer to exactly 0 or 1.
     temperature: float = 2 / 3
     # Learning rate of the gates' log_alpha (own optimizer group, no weight decay).
@@ -363,6 +367,9 @@ class HeadPruningConfig:
                  f"null when pruning.heads.target_heads is set ({self.target_heads}): one target",
                  self.target_sparsity)
         _require(self.start_epoch >= 1, "pruning.heads.start_epoch", "an integer >= 1", self.start_epoch)
+        _require(self.fix_epoch is None or self.fix_epoch > self.start_epoch, "pruning.heads.fix_epoch",
+                 f"null or an epoch after pruning.heads.start_epoch ({self.start_epoch}): the gates learn before "
+                 "they are fixed", self.fix_epoch)
         _require(self.temperature > 0, "pruning.heads.temperature", "a positive number", self.temperature)
         _require(self.lr > 0, "pruning.heads.lr", "a positive number", self.lr)
 

@@ -11,6 +11,12 @@ Lagrangian: no multiplier to learn by gradient ascent and keep in the resume sta
 its push does not fade near the target as a squared one would (which the task loss
 would then hold above it); the exact number comes from the ranking at the end anyway.
 
+With pruning.heads.fix_epoch the gates are fixed to that mask as the epoch starts and the
+epochs from there train the pruned model (the closed heads multiplied by 0, without
+penalty); the fold's best checkpoint is chosen among those steps, so that pruning it at
+the end changes nothing but its size. Without it, the gates learn to the fold's end and
+the best checkpoint, chosen with its evaluation gates, is fixed and scored again.
+
 Refused, before training: CUDA graphs (the gates' mode is switched on the host, and a
 capture of the drawn gates is untested), SWA or EMA (an average of log_alpha is not the
 gates any model was evaluated with, and the averaged model could become the best one
@@ -61,12 +67,28 @@ class HeadPruning(StepHook):
             raise ConfigError(f"pruning.heads.start_epoch: {heads.start_epoch} is after the last epoch "
                               f"(training.epochs: {cfg.training.epochs}): the gates would never learn",
                               "pruning.heads.start_epoch")
+        if heads.fix_epoch is not None and heads.fix_epoch > cfg.training.epochs:
+            raise ConfigError(f"pruning.heads.fix_epoch: {heads.fix_epoch} is after the last epoch "
+                              f"(training.epochs: {cfg.training.epochs}): no epoch would train the pruned model; "
+                              "set it to an epoch <= training.epochs, or null to fix the gates at the fold's end",
+                              "pruning.heads.fix_epoch")
 
     def active(self, epoch: int) -> bool:
         """epoch counts from 0 in the loop; start_epoch counts from 1 in the config."""
         return epoch + 1 >= self.cfg.start_epoch
 
+    def fixed(self, epoch: int) -> bool:
+        """Whether the epoch (from 0) trains the pruned model (pruning.heads.fix_epoch, from 1)."""
+        return self.cfg.fix_epoch is not None and epoch + 1 >= self.cfg.fix_epoch
+
     def start_epoch(self, epoch: int) -> None:
+        if self.fixed(epoch):
+            # the mask fix_and_prune keeps at the end: log_alpha learns no more (its gates
+            # are the mask's constants), so the heads ranked now are those removed then
+            if self.gates.mode != "fixed":
+                self.gates.fix(kept_heads(self.gates.log_alpha, self.target))
+            self.acting = False
+            return
         self.acting = self.active(epoch)
         self.gates.mode = "learn" if self.acting else "open"
 

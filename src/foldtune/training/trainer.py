@@ -247,6 +247,7 @@ class FoldTrainer:
                 epoch_start_order = self.generator.get_state()
                 self.model.train()
                 self.training_step.start_epoch(epoch)
+                self._choose_best_from_pruned(epoch)
                 for i, batch in enumerate(self.train_loader):
                     if i < position:            # seen before the stop: same order, skipped
                         continue
@@ -505,6 +506,18 @@ class FoldTrainer:
             log.info("fold %s: checkpoint of step %d saved to %s", fold, step, folder)
 
         self._submit(write)
+
+    def _choose_best_from_pruned(self, epoch: int) -> None:
+        """pruning.heads.fix_epoch: from the epoch whose gates are fixed, the best checkpoint
+        is the pruned model's; one chosen before (a step of gates still learning, or all
+        heads open) is forgotten, and the next evaluation replaces it."""
+        gates = getattr(self.model, "head_gates", None)
+        if gates is None or gates.mode != "fixed" or not 0 <= self.best_step <= epoch * self.steps_per_epoch:
+            return
+        log.info("fold %s: epoch %d trains %d of %d attention heads, the gates fixed; the best checkpoint "
+                 "(MCRMSE %.4f at step %d) is chosen again from here", self.unit, epoch + 1,
+                 int(gates.mask.sum().item()), gates.mask.numel(), self.best_score, self.best_step)
+        self.best_score, self.best_step = math.inf, -1
 
     def _prune_best_heads(self) -> None:
         """pruning.heads: the best checkpoint's weights with their gates fixed to 0/1 and the
