@@ -138,6 +138,7 @@ def test_cuda_graph_steps_train_as_eager_steps_do(backbone, request, tmp_path, c
 def test_graphed_window_batches_train_as_eager_ones_do(tiny_bert, tmp_path, caplog):
     """data.long_text windows under CUDA graphs: batches padded to fixed shapes (more windows,
     a longer stitch plan, stand-in texts) replay the eager steps' training."""
+    caplog.set_level("INFO", logger="foldtune")     # the fold's train.log gets the capture lines
     windows = ("data.long_text=windows", "data.max_len=32", "model.pooling=mean")
     eager = run_cross_validation(_graph_cfg(tmp_path, tiny_bert, *windows), tmp_path / "eager")
     graphed = run_cross_validation(_graph_cfg(tmp_path, tiny_bert, *windows, "training.cuda_graphs=true"),
