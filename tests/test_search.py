@@ -270,6 +270,24 @@ def test_a_trial_is_pruned_after_a_fold_worse_than_the_median_of_the_complete_tr
     assert cfg.training.lr == trials.loc[0, "training.lr"]
 
 
+def test_the_pruner_compares_the_mean_of_the_folds_so_far_not_the_last_fold_alone(base, tmp_path, monkeypatch):
+    _scripted(monkeypatch, [
+        [0.5, 0.3, 0.4],      # complete: means 0.5, 0.4, 0.4
+        [0.7, 0.5, 0.6],      # complete: means 0.7, 0.6, 0.6
+        [0.3, 0.6, 0.4],      # fold 1 alone (0.6) is above the median of the fold-1 scores (0.4), its mean
+                              # (0.45) below the median of the means (0.5): goes on
+        [0.45, 0.85, 0.1],    # fold 0 below the median of 0.5, 0.7, 0.3; its mean after fold 1 (0.65) above the
+                              # median of the means 0.4, 0.6, 0.45: pruned
+    ])
+    search = prepare_search(base, ["folds.n_splits=3"], base.with_name("space.yaml"), tmp_path / "s")
+    search_study.run_search(search, 4, startup_trials=2)
+    trials = _trials(tmp_path / "s")
+    assert trials["state"].tolist() == ["complete", "complete", "complete", "pruned"]
+    assert trials.loc[3, ["fold_0", "fold_1"]].tolist() == [0.45, 0.85] and pd.isna(trials.loc[3, "fold_2"])
+    assert json.loads((tmp_path / "s" / "trial_0003" / "pruned.json").read_text()) == {
+        "trial": 3, "after_fold": 1, "mcrmse": pytest.approx(0.65)}
+
+
 def test_a_stopped_trial_is_failed_and_its_values_tried_again_on_resume(base, tmp_path, monkeypatch):
     trained = _scripted(monkeypatch, [[0.5, 0.5], TrainingInterrupted(2)])
     try:

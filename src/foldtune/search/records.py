@@ -24,6 +24,8 @@ TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.yaml"
 REPORT_FILE = "report.md"
 IMPORTANCE_PLOT = "importance.png"
+# A trial's user attribute: {fold: its MCRMSE} (search/study.py reports the folds' running mean)
+FOLD_SCORES = "fold_scores"
 MIN_TRIALS_FOR_IMPORTANCE = 2      # complete trials: fANOVA fits a forest to their values
 
 
@@ -62,7 +64,7 @@ def trials_table(study, search: "Search") -> pd.DataFrame:
         rows.append({"number": trial.number, "state": trial.state.name.lower(), "oof_mcrmse": oof,
                      "run": trial.user_attrs.get("run", ""),
                      **{key: trial.params.get(key) for key in search.space.keys},
-                     **{f"fold_{fold}": trial.intermediate_values.get(fold) for fold in folds},
+                     **{f"fold_{fold}": trial.user_attrs.get(FOLD_SCORES, {}).get(str(fold)) for fold in folds},
                      "error": trial.user_attrs.get("error", "")})
     # error: why a failed trial's values could not train (refused together, out of memory)
     columns = ["number", "state", "oof_mcrmse", "run", *search.space.keys, *(f"fold_{fold}" for fold in folds),
@@ -139,8 +141,8 @@ def report_text(search: "Search", table: pd.DataFrame, best, importances: dict[s
         values = ", ".join(f"`{key}={_cell(value)}`" for key, value in best.params.items())
         lines.append(f"Trial {best.number} (`{best.user_attrs.get('run', '')}`), OOF MCRMSE **{best.value:.4f}**: "
                      f"{values}. `{BEST_FILE}` holds its config: `python train.py --config {search.out / BEST_FILE}`.")
-    lines += ["", "## Trials", "", "Pruned: stopped after a fold worse than the median of the complete trials' at "
-              "that fold; fold columns hold each fold's MCRMSE.", ""]
+    lines += ["", "## Trials", "", "Pruned: stopped after a fold where the mean MCRMSE of its folds so far was worse "
+              "than the median of the complete trials' after as many folds; fold columns hold each fold's MCRMSE.", ""]
     header = [str(column) for column in table.columns]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
