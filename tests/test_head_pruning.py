@@ -369,14 +369,18 @@ def test_a_best_chosen_before_the_gates_were_fixed_is_forgotten_and_a_resumed_on
     from foldtune.training.trainer import FoldTrainer
 
     model = _model(tiny_bert, target_heads=2)
-    trainer = SimpleNamespace(model=model, best_score=0.5, best_step=best_step, steps_per_epoch=2, unit="0")
-    FoldTrainer._choose_best_from_pruned(trainer, 1)        # gates still learning: nothing forgotten
+    cfg = load_config(None, ["pruning.heads.enabled=true", "pruning.heads.fix_epoch=2", "training.epochs=3"])
+    trainer = SimpleNamespace(model=model, cfg=cfg, best_score=0.5, best_step=best_step, steps_per_epoch=2, unit="0")
+    FoldTrainer._choose_best_from_pruned(trainer, 0)        # gates still learning: nothing forgotten
     assert (trainer.best_score, trainer.best_step) == (0.5, best_step)
     model.head_gates.fix(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     # epoch 2 (from 0: 1) starts after step 2; a best of step 3 was the pruned model's, kept
-    # from before a stop; -1: none yet
+    # from before a stop, and at the start of epoch 3 too; -1: none yet
     FoldTrainer._choose_best_from_pruned(trainer, 1)
     assert (trainer.best_score, trainer.best_step) == ((math.inf, -1) if forgotten else (0.5, best_step))
+    if not forgotten:
+        FoldTrainer._choose_best_from_pruned(trainer, 2)
+        assert (trainer.best_score, trainer.best_step) == (0.5, best_step)
 
 
 def test_infer_reads_a_pruned_run(pruned_run, monkeypatch):
@@ -433,3 +437,52 @@ def test_a_fold_stopped_after_its_pruned_checkpoint_resumes_to_the_same_oof(tiny
     np.testing.assert_allclose(pd.read_csv(run / "oof.csv")[TARGETS].to_numpy(), finished[TARGETS].to_numpy(),
                                rtol=0, atol=1e-6)
     assert read_meta(run / "fold_0" / "best")["head_gates"] == gates
+
+
+def test_a_fold_stopped_while_training_its_pruned_model_resumes_to_the_same_oof(tiny_bert, tmp_path, monkeypatch,
+                                                                                caplog):
+    """Stopped in epoch 2 of 3 with pruning.heads.fix_epoch 2, after that epoch's first best:
+    the resume fixes the same gates again and keeps that best (it was the pruned model's)."""
+    import signal
+
+    from foldtune.data.demo import make_demo
+    from foldtune.training import stopping
+    from foldtune.training.cross_validation import run_cross_validation
+    from foldtune.training.resume import resume_run
+    from foldtune.training.state import load_state, state_files
+    from foldtune.training.trainer import FoldTrainer
+
+    caplog.set_level("INFO", logger="foldtune")     # the fold's train.log gets the info lines
+    make_demo(n_train=24, n_test=0, seed=9)[0].to_csv(tmp_path / "train.csv", index=False)
+    # 12 training rows at batch 4: 3 steps an epoch, each evaluated, a state saved at each
+    cfg = load_config(None, [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null", "data.max_len=40",
+                             "folds.n_splits=2", f"model.name={tiny_bert}", "training.epochs=3",
+                             "training.batch_size=4", "training.eval_steps=1", "training.save_state_steps=1",
+                             "training.lr=1e-3", "training.precision=fp32", "pruning.heads.enabled=true",
+                             "pruning.heads.target_heads=2", "pruning.heads.l0_lambda=0.1",
+                             "pruning.heads.fix_epoch=2"])
+    reference = tmp_path / "reference"
+    run_cross_validation(cfg, reference)
+    original = FoldTrainer._optimizer_step
+
+    def stepping(self):
+        original(self)
+        if self.data.fold == 1 and self.step == 5:
+            stopping.request_stop(signal.SIGTERM)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(FoldTrainer, "_optimizer_step", stepping)
+        with pytest.raises(stopping.TrainingInterrupted):
+            run_cross_validation(cfg, run)
+    stopping.clear_stop_request()
+    saved = load_state(state_files(run / "fold_1")[-1])
+    assert saved["step"] == 5 and saved["best"]["step"] >= 4      # a best of the pruned model's steps
+    resume_run(run)
+    np.testing.assert_allclose(pd.read_csv(run / "oof.csv").iloc[:, 2:].to_numpy(),
+                               pd.read_csv(reference / "oof.csv").iloc[:, 2:].to_numpy(), rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_csv(run / "fold_1" / "metrics.csv"),
+                                  pd.read_csv(reference / "fold_1" / "metrics.csv"), rtol=0, atol=1e-6)
+    assert read_meta(run / "fold_1" / "best")["step"] == read_meta(reference / "fold_1" / "best")["step"]
+    # the best was forgotten once, as epoch 2 began; the resume, in epoch 2, kept step 4's
+    assert (run / "fold_1" / "train.log").read_text().count("is chosen again from here") == 1

@@ -509,10 +509,14 @@ class FoldTrainer:
 
     def _choose_best_from_pruned(self, epoch: int) -> None:
         """pruning.heads.fix_epoch: from the epoch whose gates are fixed, the best checkpoint
-        is the pruned model's; one chosen before (a step of gates still learning, or all
-        heads open) is forgotten, and the next evaluation replaces it."""
+        is the pruned model's; one chosen before it (a step of gates still learning, or all
+        heads open) is forgotten, and the next evaluation replaces it. One chosen since (a
+        resume, a later epoch) stays."""
         gates = getattr(self.model, "head_gates", None)
-        if gates is None or gates.mode != "fixed" or not 0 <= self.best_step <= epoch * self.steps_per_epoch:
+        if gates is None or gates.mode != "fixed":
+            return
+        fixed_from = (self.cfg.pruning.heads.fix_epoch - 1) * self.steps_per_epoch    # the last step before
+        if not 0 <= self.best_step <= fixed_from:
             return
         log.info("fold %s: epoch %d trains %d of %d attention heads, the gates fixed; the best checkpoint "
                  "(MCRMSE %.4f at step %d) is chosen again from here", self.unit, epoch + 1,
