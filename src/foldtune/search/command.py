@@ -16,7 +16,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     prog = prog or prog_of("search")
     parser = argparse.ArgumentParser(
         prog=prog, description="Search config keys with optuna: each trial a run folder trained fold by fold, "
-                               "pruned when its folds so far average worse than the median; the best trial's config in best.yaml.",
+                               "pruned when its folds so far average worse than the median; the best trial's "
+                               "config in best.yaml.",
         epilog=f"example: {as_typed(prog)} --config configs/ellipse_minilm.yaml --space search.yaml --trials 20 "
                "training.epochs=3\n\nThe space file maps dotted config keys to a range or choices:\n"
                "  training.lr: {low: 1.0e-5, high: 1.0e-4, log: true}\n"

@@ -9,11 +9,13 @@
 A trial trains its folds one after another; after each fold the mean of its folds' scores
 so far goes to the study (trial.report, step = the fold) and optuna's MedianPruner stops a
 trial whose mean is worse than the median of the complete trials' means after as many
-folds. The mean rather than the fold's own score: the folds of one trial differ by more
-than trials do (on the essays 0.482 to 0.498 in one trial), and a trial better on its
+folds. The mean rather than the fold's own score: the folds of one trial differ by as much as
+trials do (on the essays 0.482 to 0.498 in one trial), and a trial better on its
 first fold and worse on its second was pruned though its two folds averaged what the best
-trial's did. Each fold's own score is kept in the trial's user attribute FOLD_SCORES. A pruned trial's run folder stays
-as it stopped: its finished folds, no scores.json, a pruned.json (`foldtune runs` shows it pruned), and
+trial's did. Each fold's own score is kept in the trial's user attribute FOLD_SCORES.
+
+A pruned trial's run folder stays as it stopped: its finished folds, no scores.json, a
+pruned.json (with the mean it was pruned on; `foldtune runs` shows it pruned), and
 the study and trials.csv record it pruned. Running the same command again resumes: the
 trials that ended are kept, --trials counts the complete and pruned ones, and a trial that
 was running when the search stopped is marked failed and its values tried again. A trial
