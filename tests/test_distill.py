@@ -127,3 +127,30 @@ def test_student_trains_on_other_folds_and_pseudo_labels_and_is_scored_on_the_ho
     # one model to ship: infer.py reads the student like any run
     assert infer_main(["--run", str(run), "--out", str(work / "student.csv")]) == 0
     assert len(pd.read_csv(work / "student.csv")) == len(test)
+
+
+def test_a_student_with_its_attention_heads_pruned_distills_and_predicts(teacher, tiny_bert, monkeypatch):
+    """pruning.heads in a student's config: the held-out student keeps the target's heads,
+    trains on the pruned model from fix_epoch, and infer.py reads its smaller checkpoint."""
+    from foldtune.checkpoint import load_checkpoint, read_meta
+
+    work, train, test, _ = teacher
+    monkeypatch.chdir(work)
+    (work / "pruned_student.yaml").write_text(
+        f"data:\n  train_file: train.csv\n  test_file: test.csv\n  max_len: 64\nfolds:\n  n_splits: 3\n"
+        f"model:\n  name: {tiny_bert}\n  attention: eager\ntraining:\n  epochs: 2\n  batch_size: 8\n  lr: 1.0e-4\n"
+        "  precision: fp32\ndistill:\n  teacher: blend.json\n  alpha: 0.5\n  holdout_fold: 0\n"
+        "pruning:\n  heads:\n    enabled: true\n    target_heads: 2\n    l0_lambda: 0.1\n    fix_epoch: 2\n")
+    assert train_main(["--config", "pruned_student.yaml", "--name", "pruned_student"]) == 0
+    run = work / "runs" / "pruned_student"
+    best = next(run.glob("fold_*/best"))
+    meta = read_meta(best)
+    assert (meta["head_gates"]["kept"], meta["head_gates"]["of"]) == (2, 4)
+    # fixed from epoch 2: the best step is one of the pruned model's, and pruning it changed no score
+    assert meta["val_mcrmse"] == pytest.approx(meta["head_gates"]["val_mcrmse_gated"], abs=1e-6)
+    model, _ = load_checkpoint(best)
+    assert sum(layer.attention.self.num_attention_heads for layer in model.backbone.encoder.layer) == \
+        4 - sum(len(heads) for heads in meta.get("pruned_heads", {}).values())
+    assert infer_main(["--run", str(run), "--out", "pruned_submission.csv", "--device", "cpu"]) == 0
+    submission = pd.read_csv(work / "pruned_submission.csv")
+    assert submission["text_id"].tolist() == test["text_id"].tolist() and submission[TARGETS].notna().all().all()
