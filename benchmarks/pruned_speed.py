@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pruning_curve import TINY_ARCHITECTURE  # noqa: E402
-from rows import Rows, tiny_defaults  # noqa: E402
+from rows import Rows, parse_shares, tiny_defaults  # noqa: E402
 
 TINY_JOB = dict(rows=12, max_len=64)
 
@@ -58,16 +58,6 @@ def pruned_model(backbone: Path, share: float, targets: int):
     return model.eval(), keep * config.num_hidden_layers, config.num_hidden_layers * heads
 
 
-def parse_shares(text: str) -> list[float]:
-    try:
-        shares = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--shares {text}: expected shares of heads kept, e.g. 1.0,0.5") from None
-    if any(not 0 < share <= 1 for share in shares) or len(set(shares)) != len(shares):
-        raise SystemExit(f"--shares {text}: expected distinct shares in (0, 1], e.g. 1.0,0.5")
-    return shares
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
@@ -83,7 +73,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     tiny_defaults(args, TINY_JOB)
-    shares = parse_shares(args.shares)
+    shares = parse_shares(args.shares, "--shares")
 
     import tempfile
 

@@ -55,7 +55,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import Rows, tiny_defaults  # noqa: E402
+from rows import Rows, parse_shares, tiny_defaults  # noqa: E402
 
 CONFIG = REPO / "configs" / "ellipse_minilm_fast.yaml"
 TINY_ARCHITECTURE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -90,16 +90,6 @@ def backbone_heads(folder: Path) -> int:
 
     config = AutoConfig.from_pretrained(str(folder))
     return config.num_hidden_layers * config.num_attention_heads
-
-
-def parse_targets(text: str) -> list[float]:
-    try:
-        targets = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--targets {text}: expected shares of heads kept, e.g. 1.0,0.75,0.5,0.25") from None
-    if not targets or any(not 0 < share <= 1 for share in targets) or len(set(targets)) != len(targets):
-        raise SystemExit(f"--targets {text}: expected distinct shares in (0, 1], e.g. 1.0,0.75,0.5,0.25")
-    return targets
 
 
 def heads_of_checkpoints(run_dir: Path, total: int) -> tuple[list[int], list[int]]:
@@ -194,7 +184,7 @@ def main() -> int:
                              "--phase train), e.g. once the GPU is no longer shared (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for every row, after --")
     args = parser.parse_args()
-    targets = parse_targets(args.targets)
+    targets = parse_shares(args.targets, "--targets")
     tiny_defaults(args, TINY_JOB)
     if args.phase == "infer" and (args.out is None or not args.out.is_file()):
         raise SystemExit(f"--phase infer: --out {args.out} must hold the rows of a --phase train run")

@@ -1,4 +1,5 @@
-"""What the job benchmarks share: --tiny's defaults, and rows kept as they come.
+"""What the job benchmarks share: --tiny's defaults, rows kept as they come, and the shares of
+heads kept that the pruning benchmarks take.
 
 A benchmark's rows are printed as JSON lines and, with --out, the whole list is written
 again after each row: a command stopped by its time limit keeps the rows it finished.
@@ -29,3 +30,16 @@ class Rows(list):
         print(json.dumps(row), flush=True)
         if self.out:
             self.out.write_text(json.dumps(self, indent=1))
+
+
+def parse_shares(text: str, option: str) -> list[float]:
+    """Distinct shares of attention heads kept, in (0, 1], from "1.0,0.5"; exits naming
+    `option` otherwise."""
+    expected = f"{option} {text}: expected distinct shares of heads kept in (0, 1], e.g. 1.0,0.75,0.5,0.25"
+    try:
+        shares = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SystemExit(expected) from None
+    if any(not 0 < share <= 1 for share in shares) or len(set(shares)) != len(shares):
+        raise SystemExit(expected)
+    return shares
