@@ -753,11 +753,12 @@ def _holds(values: Any, parts: list[str]) -> bool:
     return True
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections as one level of dotted keys: {'training.lr': 5e-05, ...}."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -765,7 +766,7 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) for every key whose value differs."""
-    a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+    a, b = flatten(config_to_dict(old)), flatten(config_to_dict(new))
     return [(key, a[key], b[key]) for key in a if a[key] != b[key]]
 
 

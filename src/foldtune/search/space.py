@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
-from foldtune.config import Config, ConfigError, config_from_dict, config_to_dict, set_dotted, yaml_problem
+from foldtune.config import Config, ConfigError, config_from_dict, config_to_dict, flatten, set_dotted, yaml_problem
 
 RANGE_FIELDS = ("low", "high", "log", "step")
 # The trials share the base config's folds (their scores compare) and the search names their folders.
@@ -226,7 +226,7 @@ def _key_type(path: Path, key: str) -> Any:
     for depth, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            keys = _leaf_keys(config_to_dict(Config()))
+            keys = list(flatten(config_to_dict(Config())))
             close = difflib.get_close_matches(key, keys, n=1)
             guess = f" (did you mean '{close[0]}'?)" if close else ""
             raise SpaceError(f"{path}: '{key}' is not a config key{guess}")
@@ -246,10 +246,3 @@ def _key_type(path: Path, key: str) -> Any:
                              "one value")
         return tp
     raise AssertionError("unreachable: a key has at least one part")
-
-
-def _leaf_keys(values: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in values.items():
-        keys += _leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"]
-    return keys
