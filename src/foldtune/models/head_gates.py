@@ -215,23 +215,16 @@ def target_heads(cfg: HeadPruningConfig, total: int) -> int | None:
 # --- removing heads ---------------------------------------------------------------
 
 
-def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+def _kept(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping the `index` entries of its outputs (dim 0: weight rows and
+    bias) or of its inputs (dim 1: weight columns, the whole bias)."""
+    weight = linear.weight.index_select(dim, index)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(linear.weight[index])
+        new.weight.copy_(weight)
         if linear.bias is not None:
-            new.bias.copy_(linear.bias[index])
-    return new
-
-
-def _keep_columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, index])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
+            new.bias.copy_(linear.bias[index] if dim == 0 else linear.bias)
     return new
 
 
@@ -257,8 +250,8 @@ def prune_heads(backbone: nn.Module, pruned: dict[int, list[int]]) -> None:
         if remove:
             rows = torch.cat([torch.arange(i * size, (i + 1) * size) for i in keep])
             for name in part.projections:
-                setattr(attention, name, _keep_rows(getattr(attention, name), rows))
-            part.output = _keep_columns(part.output, rows)
+                setattr(attention, name, _kept(getattr(attention, name), rows, 0))
+            part.output = _kept(part.output, rows, 1)
             encoder_layers(backbone)[int(layer)].attention.output.dense = part.output
             attention.num_attention_heads = len(keep)
             attention.all_head_size = len(keep) * size
