@@ -41,7 +41,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +48,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deberta_speed import DEBERTA_V3_BASE  # noqa: E402
-from rows import Rows, tiny_defaults  # noqa: E402
+from rows import DONE, Rows, run_timed, tiny_defaults  # noqa: E402
 from scaling import deberta_backbone  # noqa: E402
 
 CONFIG = REPO / "configs" / "deberta_v3_base.yaml"
@@ -58,7 +57,6 @@ TINY_ARCHITECTURE = dict(hidden_size=32, num_hidden_layers=4, num_attention_head
 # attention: the fused kernel trains on CUDA only.
 TINY_JOB = dict(rows=40, epochs=1, max_len=64)
 TINY_OVERRIDES = ["folds.n_splits=2", "model.attention=eager"]
-DONE = re.compile(r"done: (\S+) in ([0-9.]+) s")
 FOLD = re.compile(r"fold (\d+): (\d+) train / \d+ valid rows, (\d+) steps")
 PEER = "peer (HF Trainer)"
 
@@ -91,17 +89,9 @@ class GpuBusy:
 
 
 def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float, float | None]:
-    """The finished command (its output also in logs/<name>.log), its wall seconds and the
-    GPU's busy fraction meanwhile; exits if it failed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    started = time.perf_counter()
+    """rows.run_timed's finished command and wall seconds, and the GPU's busy fraction meanwhile."""
     with GpuBusy() as busy:
-        result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    (logs / f"{name}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"{name} failed (exit {result.returncode}; {logs / name}.log): {last}")
+        result, wall = run_timed(name, command, logs)
     return result, wall, busy.fraction
 
 

@@ -43,19 +43,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rows import Rows, parse_shares, tiny_defaults  # noqa: E402
+from rows import DONE, Rows, parse_shares, run_timed, tiny_defaults  # noqa: E402
 
 CONFIG = REPO / "configs" / "ellipse_minilm_fast.yaml"
 TINY_ARCHITECTURE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -67,21 +64,7 @@ TINY_OVERRIDES = ["folds.n_splits=2", "training.epochs=1", "data.max_len=64", "t
 # pruning.heads refuses CUDA graphs; the unpruned row trains without them too, so that the
 # rows differ in pruning alone.
 EVERY_ROW = ["training.cuda_graphs=false"]
-DONE = re.compile(r"done: (\S+) in ([0-9.]+) s")
 PREDICTED = re.compile(r"predicted (\d+) texts with .* in ([0-9.]+) s \(([0-9.]+) s per 1,000 texts")
-
-
-def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """The finished command (its output also in logs/<name>.log) and its wall seconds; exits if it failed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    started = time.perf_counter()
-    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    (logs / f"{name}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"{name} failed (exit {result.returncode}; {logs / name}.log): {last}")
-    return result, wall
 
 
 def backbone_heads(folder: Path) -> int:
@@ -109,7 +92,7 @@ def train_row(share: float, total: int, overrides: list[str], logs: Path) -> dic
     target = max(1, round(share * total))
     pruning = [] if share == 1.0 else ["pruning.heads.enabled=true", f"pruning.heads.target_heads={target}"]
     name = f"heads-{round(100 * share)}"
-    result, wall = timed(name, [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", name,
+    result, wall = run_timed(name, [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", name,
                                 f"output.dir={logs}", *overrides, *EVERY_ROW, *pruning], logs)
     done = DONE.search(result.stderr + result.stdout)
     run_dir = Path(done.group(1))
@@ -123,7 +106,7 @@ def train_row(share: float, total: int, overrides: list[str], logs: Path) -> dic
 
 def infer_row(run_dir: Path, test_csv: Path, logs: Path, name: str) -> dict:
     """infer.py --run on the test essays: the whole process, and infer's own prediction time."""
-    result, wall = timed(f"{name}-infer", [sys.executable, REPO / "infer.py", "--run", run_dir, "--test", test_csv,
+    result, wall = run_timed(f"{name}-infer", [sys.executable, REPO / "infer.py", "--run", run_dir, "--test", test_csv,
                                            "--out", logs / f"{name}-submission.csv"], logs)
     predicted = PREDICTED.search(result.stderr + result.stdout)
     n = int(predicted.group(1)) if predicted else len(pd.read_csv(test_csv))

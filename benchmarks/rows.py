@@ -1,5 +1,5 @@
-"""What the job benchmarks share: --tiny's defaults, rows kept as they come, and the shares of
-heads kept that the pruning benchmarks take.
+"""What the job benchmarks share: --tiny's defaults, rows kept as they come, a command run
+and timed with its log kept, and the shares of heads kept that the pruning benchmarks take.
 
 A benchmark's rows are printed as JSON lines and, with --out, the whole list is written
 again after each row: a command stopped by its time limit keeps the rows it finished.
@@ -8,7 +8,14 @@ again after each row: a command stopped by its time limit keeps the rows it fini
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
+
+# train.py's last line: the run folder and its time after imports
+DONE = re.compile(r"done: (\S+) in ([0-9.]+) s")
 
 
 def tiny_defaults(args, defaults: dict) -> None:
@@ -43,3 +50,17 @@ def parse_shares(text: str, option: str) -> list[float]:
     if any(not 0 < share <= 1 for share in shares) or len(set(shares)) != len(shares):
         raise SystemExit(expected)
     return shares
+
+
+def run_timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """The finished command (offline, unbuffered; its output also in logs/<name>.log) and its
+    wall seconds; exits naming the log if it failed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    (logs / f"{name}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{name} failed (exit {result.returncode}; {logs / name}.log): {last}")
+    return result, wall
