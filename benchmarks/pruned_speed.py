@@ -21,7 +21,6 @@ On a CPU the test runs it on a tiny random BERT with --tiny.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
