@@ -128,6 +128,25 @@ def test_two_starts_of_one_run_name_get_one_folder(tmp_path):
     assert sorted(p.name for p in first.folder.iterdir()) == ["config.yaml"]
 
 
+def test_a_new_run_refuses_fold_folders_it_did_not_write(tmp_path):
+    """A run stopping while its folder was removed writes its last training state into a
+    new fold folder: a new run of that name would have continued it."""
+    from foldtune.config import ConfigError, load_config
+    from foldtune.training.cross_validation import new_run_dir
+
+    state = tmp_path / "same" / "fold_0" / "state" / "state-0000007.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"an earlier run's state")
+    cfg = load_config(None, [f"output.dir={tmp_path}", "output.name=same"])
+    with pytest.raises(ConfigError) as refused:
+        new_run_dir(cfg, "x")
+    assert str(refused.value) == (f"run folder {tmp_path / 'same'} holds fold_0 but no config.yaml: the folds of "
+                                  "another run, which a new run would continue; move them away, or choose another "
+                                  "output.name (or --name)")
+    # nothing of it touched, and the folder not left locked
+    assert state.read_bytes() == b"an earlier run's state" and not (tmp_path / "same" / LOCK_FILE).exists()
+
+
 def test_a_lock_from_another_host_is_not_taken_over(tmp_path):
     write_lock(tmp_path, 1, host="other-machine")
     with pytest.raises(RunLockError) as refused:

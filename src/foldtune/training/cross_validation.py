@@ -53,6 +53,14 @@ def new_run_dir(cfg: Config, config_name: str) -> RunLock:
     if (run_dir / CONFIG_FILE).exists():
         lock.release()
         raise ConfigError(f"run folder {run_dir} already holds a run; choose another output.name (or --name)")
+    # Fold folders without config.yaml: a stopping run's last writes after its folder was
+    # removed, or folders copied in. A new run would continue their training states.
+    left = sorted(path.name for path in run_dir.glob("fold_*"))
+    if left:
+        lock.release()
+        raise ConfigError(f"run folder {run_dir} holds {', '.join(left)} but no {CONFIG_FILE}: the folds of another "
+                          "run, which a new run would continue; move them away, or choose another output.name "
+                          "(or --name)")
     remove_orphans(run_dir)
     return lock
 
