@@ -43,13 +43,15 @@ def _batch():
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("share_att_key,pos_att_type", [(True, ("p2c", "c2p")), (False, ("p2c", "c2p")),
-                                                        (False, ("c2p",))])
-def test_fused_scores_equal_transformers_on_every_real_token(share_att_key, pos_att_type, monkeypatch):
+@pytest.mark.parametrize("share_att_key,pos_att_type,tile", [(True, ("p2c", "c2p"), 128), (False, ("p2c", "c2p"), 128),
+                                                             (False, ("c2p",), 128), (True, ("p2c", "c2p"), 8)])
+def test_fused_scores_equal_transformers_on_every_real_token(share_att_key, pos_att_type, tile, monkeypatch):
+    # tiles of 8: five of them over the 40 tokens, rows of 40, 25 and 7 real tokens skip some
     eager = _deberta(share_att_key, pos_att_type)
     fused = copy.deepcopy(eager)
     assert use_flex(fused) == 2
     monkeypatch.setattr(deberta_attention, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(deberta_attention, "SPARSE_BLOCK", tile)
     ids, mask = _batch()
     with torch.no_grad():
         a = eager(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -59,6 +61,40 @@ def test_fused_scores_equal_transformers_on_every_real_token(share_att_key, pos_
     torch.testing.assert_close(b[real], a[real], atol=1e-10, rtol=0)
     # padding positions attend to the real tokens instead of uniformly: they differ, and nothing reads them
     assert not torch.allclose(b[~real], a[~real])
+
+
+def test_the_block_mask_visits_the_tiles_of_real_tokens_only(monkeypatch):
+    monkeypatch.setattr(deberta_attention, "SPARSE_BLOCK", 8)
+    keep = torch.arange(40)[None, :] < torch.tensor([40, 25, 7, 16])[:, None]
+    block_mask = deberta_attention.padding_block_mask(keep)
+    tiles = block_mask.to_dense()[:, 0]                  # B x query tiles x key tiles, 1 where visited
+    assert tiles.shape == (4, 5, 5)
+    assert tiles[0].tolist() == [[1] * 5] * 5
+    # 25 real tokens: query tiles 0-3 visit key tiles 0-3 (tile 3 holds token 24 only); tile 4 is padding
+    assert tiles[1].tolist() == [[1, 1, 1, 1, 0]] * 4 + [[1, 0, 0, 0, 0]]
+    assert tiles[2].tolist() == [[1, 0, 0, 0, 0]] * 5
+    assert tiles[3].tolist() == [[1, 1, 0, 0, 0]] * 2 + [[1, 0, 0, 0, 0]] * 3
+    # whole tiles skip the mask; the part-real tile and the padding queries' tile 0 evaluate it
+    assert block_mask.full_kv_num_blocks[:, 0].tolist() == [[5] * 5, [3] * 4 + [0], [0] * 5, [2] * 2 + [0] * 3]
+    assert block_mask.kv_num_blocks[:, 0].tolist() == [[0] * 5, [1] * 4 + [1], [1] * 5, [0] * 2 + [1] * 3]
+    assert block_mask.kv_indices[1, 0, :, 0].tolist() == [3, 3, 3, 3, 0]
+    # of the 100 tiles of a dense kernel, 55 are visited
+    assert int(tiles.sum()) == 25 + 17 + 5 + 7
+
+
+def test_every_layer_of_a_forward_pass_shares_one_block_mask(monkeypatch):
+    built = []
+    monkeypatch.setattr(deberta_attention, "padding_block_mask",
+                        lambda keep, build=deberta_attention.padding_block_mask: built.append(1) or build(keep))
+    monkeypatch.setattr(deberta_attention, "FLEX_ON_CPU", True)
+    fused = _deberta()
+    use_flex(fused)
+    ids, mask = _batch()
+    with torch.no_grad():
+        fused(input_ids=ids, attention_mask=mask)
+        assert len(built) == 1                          # two layers, one mask
+        fused(input_ids=ids, attention_mask=mask)
+    assert len(built) == 2                              # a new forward pass builds its own
 
 
 def test_off_cuda_the_swapped_modules_run_transformers_forward():
