@@ -53,6 +53,9 @@ class NoGraphs:
     def before_eager_step(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 NO_GRAPHS = NoGraphs()
 
@@ -111,6 +114,12 @@ class GraphedSteps:
         wait_for_stream(self.device)
         # A graph's gradient buffers stay attached after its capture: start afresh.
         self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Drop the graphs and their inputs: once torch's cache is emptied, their memory pool
+        goes back to the device (a pool of a dropped graph is not reused by the next fold's)."""
+        self.graphs.clear()
+        self.step.optimizer.zero_grad(set_to_none=True)     # the captured gradient buffers
 
     def filled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch with its row weights, filled up to the batch size with stand-in texts

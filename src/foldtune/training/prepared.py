@@ -7,6 +7,7 @@ token ids back from the run folder), and reads back the folds finished before.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -92,10 +93,9 @@ class PreparedRun:
         """Train the fold (with its seed, in a run with training.seeds), continuing from its
         newest training state if it has one.
 
-        in_threads: other folds train beside this one, in threads of this process. At the
-        end the GPU memory torch has cached is then not handed back to the driver (for the
-        processes beside this one: it waits for the whole GPU, where the others train), and
-        the fold's training states are removed in the background. on_running: called once
+        in_threads: other folds train beside this one, in threads of this process: the
+        fold's training states are removed in the background. At the end the GPU memory torch
+        has cached is handed back to the driver, threads or not. on_running: called once
         the fold's first steps have run (see FoldTrainer.train). progress: how the run shows
         its folds (default: as the environment asks, this fold alone).
         """
@@ -107,14 +107,23 @@ class PreparedRun:
         with BUILDING:          # seeding and building a model use the global generators
             trainer = FoldTrainer(self.seeded(unit), self.fold_data(unit.fold), self.tokenizer, fold_dir, self.group,
                                   progress).setup()
-        result = trainer.train(state, on_running)
+        try:
+            result = trainer.train(state, on_running)
+        finally:
+            trainer.graphs.close()
+            del trainer
+        if torch.cuda.is_available():
+            # The fold's model, optimizer and graphs (reference cycles) are freed now, and torch's
+            # cache handed back: a graph's memory pool is not reused by another fold's, so in
+            # threads the pools of finished folds piled up until the GPU was full (25 graphed
+            # fold-seeds of windows). Under the launch lock: no fold is capturing meanwhile.
+            gc.collect()
+            with CUDA_LAUNCH_LOCK:
+                torch.cuda.empty_cache()
         if not self.group.is_main:
             return result
         write_fold_result(fold_dir, result)
         remove_states(fold_dir, wait=not in_threads)    # finished: the best checkpoint is what stays
-        if not in_threads and torch.cuda.is_available():
-            with CUDA_LAUNCH_LOCK:
-                torch.cuda.empty_cache()
         return result
 
     def unfinished_reason(self, unit: FoldSeed) -> str | None:
