@@ -260,6 +260,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--only", default=None, help="setting names separated by commas (no space after them)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default="plain,plain+flex,plain+dflash",
+                        help="the settings whose step is also profiled (names separated by commas)")
     parser.add_argument("--architecture", default=None, help="JSON of DebertaV2Config changes (a smoke test)")
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="the DeBERTa-v3 model's size")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "deberta_v3_base.yaml",
@@ -278,7 +280,7 @@ def main() -> int:
             if only and name not in only:
                 continue
             rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps,
-                                profile=name in ("plain", "plain+flex", "plain+dflash"), **common))
+                                profile=name in re.split(r",(?! )", args.profile), **common))
         for name, (overrides, width) in MEMORY.items():
             if only and "memory" not in only and name not in only:
                 continue
