@@ -78,8 +78,33 @@ def test_the_block_mask_visits_the_tiles_of_real_tokens_only(monkeypatch):
     assert block_mask.full_kv_num_blocks[:, 0].tolist() == [[5] * 5, [3] * 4 + [0], [0] * 5, [2] * 2 + [0] * 3]
     assert block_mask.kv_num_blocks[:, 0].tolist() == [[0] * 5, [1] * 4 + [1], [1] * 5, [0] * 2 + [1] * 3]
     assert block_mask.kv_indices[1, 0, :, 0].tolist() == [3, 3, 3, 3, 0]
-    # of the 100 tiles of a dense kernel, 55 are visited
+    # of the 100 tiles of a dense kernel, 54 are visited
     assert int(tiles.sum()) == 25 + 17 + 5 + 7
+
+
+def test_the_block_mask_follows_padding_at_the_start_too(monkeypatch):
+    monkeypatch.setattr(deberta_attention, "SPARSE_BLOCK", 8)
+    keep = torch.arange(40)[None, :] >= 20                  # tokens 20-39 real: tile 2 in part, tiles 3 and 4 whole
+    block_mask = deberta_attention.padding_block_mask(keep)
+    assert block_mask.to_dense()[0, 0].tolist() == [[0, 0, 1, 0, 0]] * 2 + [[0, 0, 1, 1, 1]] * 3
+    assert block_mask.full_kv_num_blocks[0, 0].tolist() == [0, 0, 2, 2, 2]
+    assert block_mask.full_kv_indices[0, 0, 2, :2].tolist() == [3, 4]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_fused_scores_equal_transformers_with_padding_at_the_start(monkeypatch):
+    eager = _deberta()
+    fused = copy.deepcopy(eager)
+    use_flex(fused)
+    monkeypatch.setattr(deberta_attention, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(deberta_attention, "SPARSE_BLOCK", 8)
+    ids, mask = _batch()
+    mask = mask.flip(-1)                                    # rows of 15 and 33 padding tokens first
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = fused(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(b[real], a[real], atol=1e-10, rtol=0)
 
 
 def test_every_layer_of_a_forward_pass_shares_one_block_mask(monkeypatch):

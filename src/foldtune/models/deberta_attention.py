@@ -17,7 +17,7 @@ scores, the softmax and the value product never leave the chip; the backward pas
 scatters into c2p and p2c the same way. The weights are DeBERTa's own: the switch swaps
 the attention modules' class, and a checkpoint loads either way.
 
-Padding costs no attention work: a block mask built from each row's length (on the
+Padding costs no attention work: a block mask built from the padding mask (on the
 device, once per forward pass, no host sync, so a CUDA graph can capture it) tells the
 kernel which 128 x 128 tiles hold real queries and real keys, and it skips the rest,
 forward and backward. At the essays' lengths, batches of 8 padded to a multiple of 64
@@ -25,7 +25,7 @@ hold about 40% padding, and about half of their tiles are skipped.
 
 What it does not do: dropout on the attention probabilities (FlexAttention has none: the
 switch needs `attention_probs_dropout_prob` 0) and returning attention maps. Padding
-keys are masked; padding queries attend to the real tokens of the first tile instead of
+keys are masked; padding queries attend to the real tokens of one tile instead of
 uniformly to all, which changes only the hidden states of padding positions, which
 nothing reads.
 """
@@ -94,34 +94,34 @@ SPARSE_BLOCK = 128
 
 
 def padding_block_mask(keep: torch.Tensor):
-    """FlexAttention's BlockMask for rows padded at the end (keep: B x L, True on real
-    tokens): a query tile holding real tokens visits the key tiles holding real tokens,
-    whole ones without evaluating the mask; a tile of padding queries visits only the
-    first key tile (a finite output for positions nothing reads). Built with tensor
-    operations alone: no host sync."""
+    """FlexAttention's BlockMask for a padding mask (keep: B x L, True on real tokens;
+    foldtune pads at the end, but any pattern works): a query tile holding a real token
+    visits the key tiles holding real tokens, those of real tokens only without evaluating
+    the mask; a tile of padding queries visits only the first key tile with a real token
+    (a finite output for positions nothing reads). Built with tensor operations alone: no
+    host sync."""
     from torch.nn.attention.flex_attention import BlockMask
 
     batch, length = keep.shape
     tiles = -(-length // SPARSE_BLOCK)
-    real = keep.sum(-1, dtype=torch.int32)                               # B
-    touched = (real + SPARSE_BLOCK - 1) // SPARSE_BLOCK                  # tiles with a real token
-    whole = real // SPARSE_BLOCK                                         # tiles of real tokens only
-    query_tile = torch.arange(tiles, device=keep.device, dtype=torch.int32)
-    real_query = query_tile[None, :] < touched[:, None]                  # B x T
-    indices = query_tile.expand(batch, 1, tiles, tiles).contiguous()     # key tiles in order
-    full_count = torch.where(real_query, whole[:, None], 0)
-    # the one tile that is part real, part padding; or tile 0 for a tile of padding queries
-    partial_count = torch.where(real_query, (touched > whole).int()[:, None], 1)
-    partial_index = torch.where(real_query, whole[:, None], 0)
-    partial_indices = torch.cat([partial_index[..., None], indices[0, 0, :, 1:].expand(batch, -1, -1)], -1)
+    padded = torch.nn.functional.pad(keep, (0, tiles * SPARSE_BLOCK - length)).view(batch, tiles, SPARSE_BLOCK)
+    some, only = padded.any(-1), padded.all(-1)                         # B x T: a real token; real tokens only
+    real_query = some[:, :, None]                                       # B x T (queries) x 1
+    whole = real_query & only[:, None, :]                               # B x T x T (keys)
+    first = torch.arange(tiles, device=keep.device) == some.int().argmax(-1)[:, None]    # B x T
+    part = (real_query & (some & ~only)[:, None, :]) | (~real_query & first[:, None, :])
+
+    def listed(visit):          # counts and key-tile indices, the visited tiles first, in order
+        order = torch.argsort((~visit).int(), dim=-1, stable=True)
+        return visit.sum(-1, dtype=torch.int32)[:, None].contiguous(), order.int()[:, None].contiguous()
 
     def mask_mod(b, h, q, k):
         return keep[b, k]
 
-    return BlockMask.from_kv_blocks(
-        partial_count[:, None].int().contiguous(), partial_indices[:, None].int().contiguous(),
-        full_count[:, None].int().contiguous(), indices.int(), BLOCK_SIZE=SPARSE_BLOCK,
-        mask_mod=mask_mod, seq_lengths=(length, length))
+    part_count, part_index = listed(part)
+    whole_count, whole_index = listed(whole)
+    return BlockMask.from_kv_blocks(part_count, part_index, whole_count, whole_index, BLOCK_SIZE=SPARSE_BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
 
 
 # The block mask of the forward pass under way, per thread (folds train in threads): every
