@@ -129,8 +129,11 @@ def padding_block_mask(keep: torch.Tensor):
 _last_mask = threading.local()
 
 
-def _block_mask_for(attention_mask: torch.Tensor, keep: torch.Tensor):
+def _block_mask_for(attention_mask: torch.Tensor):
     if getattr(_last_mask, "source", None) is not attention_mask:
+        # DeBERTa passes B x 1 x L x L (mask_i * mask_j), whose diagonal is the padding mask itself.
+        batch, length = attention_mask.shape[0], attention_mask.shape[-1]
+        keep = attention_mask.reshape(batch, -1, length, length)[:, 0].diagonal(dim1=-2, dim2=-1).bool()
         _last_mask.source, _last_mask.block_mask = attention_mask, padding_block_mask(keep)
     return _last_mask.block_mask
 
@@ -172,11 +175,8 @@ def _disentangled_class():
             value = split(self.value_proj(hidden_states))
             terms = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
             scale = 1.0 / math.sqrt(width * terms)
-            # Padding keys get no attention; DeBERTa passes B x 1 x L x L (mask_i * mask_j),
-            # whose diagonal is the padding mask itself.
-            keep = attention_mask.reshape(batch, -1, length, length)[:, 0].diagonal(dim1=-2, dim2=-1).bool()
-
-            block_mask = _block_mask_for(attention_mask, keep)
+            # Padding keys get no attention: the block mask's tiles and mask say which are real.
+            block_mask = _block_mask_for(attention_mask)
             if not self.relative_attention:
                 score_mod = None
             else:
