@@ -119,7 +119,7 @@ class GraphedSteps:
         """Drop the graphs and their inputs: once torch's cache is emptied, their memory pool
         goes back to the device (a pool of a dropped graph is not reused by the next fold's)."""
         self.graphs.clear()
-        self.step.optimizer.zero_grad(set_to_none=True)     # the captured gradient buffers
+        self.optimizer.zero_grad(set_to_none=True)     # the captured gradient buffers
 
     def filled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch with its row weights, filled up to the batch size with stand-in texts
