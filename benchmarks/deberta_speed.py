@@ -271,6 +271,7 @@ def main() -> int:
     lengths = np.loadtxt(args.lengths, dtype=np.int64)
     # names hold ", " themselves: only a comma without a space after it separates them
     only = re.split(r",(?! )", args.only) if args.only else None
+    profiled = re.split(r",(?! )", args.profile)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"deberta-v3-{args.size}-random"
@@ -280,7 +281,7 @@ def main() -> int:
             if only and name not in only:
                 continue
             rows.append(measure(name, overrides, lengths, folder, tokenizer, args.steps,
-                                profile=name in re.split(r",(?! )", args.profile), **common))
+                                profile=name in profiled, **common))
         for name, (overrides, width) in MEMORY.items():
             if only and "memory" not in only and name not in only:
                 continue
