@@ -194,8 +194,8 @@ def test_graphed_fold_seeds_in_threads_hand_their_memory_back(tiny_deberta, tmp_
     run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, "training.cuda_graphs=true", "training.seeds=[1,2,3]",
                                     "training.parallel_folds=2", "training.parallel_mode=threads"), tmp_path / "t")
     assert len(list((tmp_path / "t").glob("fold_*/seed_*/best"))) == 6
-    # without the release these six fold-seeds left 261 MiB cached (H200, 2026-12-01); with it 0 MiB
-    # run alone and 11 MiB after the other graphed tests: less than one fold-seed's 43
+    # without the release these six fold-seeds left 261 MiB more cached (H200, 2026-12-01); with it
+    # 11 MiB more after the other graphed tests: less than one fold-seed's 43
     assert cached() - before < 32 * 2**20
 
 
