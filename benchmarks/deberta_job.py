@@ -14,7 +14,9 @@ essays' token lengths (deberta_speed.py's `measure`): the speed this shape could
 Times as benchmarks/speed.py takes them: the whole process (wall), and the run's own time
 after its imports (train.py's "done: ... in X s"; the peer's own clock). Train samples/s
 is train rows x epochs over the after-imports time, evaluation and compilation included.
-No peak-memory column: neither train.py nor the peer records it.
+GPU memory: the most nvidia-smi saw in use during the command (every process's, CUDA
+contexts and cached memory included). `--no-peer` leaves the peer out, to set foldtune's
+settings against each other (`--variant`).
 
 In about ten minutes on one H200: the first 256 essays, 5 folds x the recipe's 4
 epochs (AWP from epoch 2, SWA over epoch 4), 4,096 training samples a side (estimated from
@@ -64,14 +66,16 @@ PEER = "peer (HF Trainer)"
 class GpuBusy:
     """The GPU's busy fraction while a command runs: nvidia-smi's utilization.gpu (the share
     of each sample period in which a kernel was executing), sampled every 100 ms and
-    averaged. None without nvidia-smi (a CPU machine)."""
+    averaged; and the most device memory in use meanwhile (memory.used: every process's,
+    the CUDA context and the allocator's cache included: what a smaller card must hold).
+    None without nvidia-smi (a CPU machine)."""
 
     def __enter__(self) -> "GpuBusy":
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
         try:
             self.process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
-                 "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"],
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "100", "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except (FileNotFoundError, PermissionError):
             self.process = None
@@ -81,18 +85,35 @@ class GpuBusy:
         if self.process is not None:
             self.process.terminate()
             out, _ = self.process.communicate()
-            self.samples = [float(line) for line in out.split() if line.replace(".", "", 1).isdigit()]
+            self.samples = busy_samples(out)
 
     @property
     def fraction(self) -> float | None:
-        return round(sum(self.samples) / len(self.samples) / 100, 3) if self.samples else None
+        return round(sum(busy for busy, _ in self.samples) / len(self.samples) / 100, 3) if self.samples else None
+
+    @property
+    def peak_gib(self) -> float | None:
+        return round(max(mib for _, mib in self.samples) / 1024, 1) if self.samples else None
 
 
-def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float, float | None]:
-    """rows.run_timed's finished command and wall seconds, and the GPU's busy fraction meanwhile."""
+def busy_samples(out: str) -> list[tuple[float, float]]:
+    """nvidia-smi's lines "utilization %, memory MiB" as numbers; lines that are not two numbers
+    (a GPU that reports [N/A], a line cut when the sampler stops) are left out."""
+    samples = []
+    for line in out.splitlines():
+        try:
+            busy, mib = (float(cell) for cell in line.split(","))
+        except ValueError:
+            continue
+        samples.append((busy, mib))
+    return samples
+
+
+def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float, GpuBusy]:
+    """rows.run_timed's finished command and wall seconds, and the GPU's use meanwhile."""
     with GpuBusy() as busy:
         result, wall = run_timed(name, command, logs)
-    return result, wall, busy.fraction
+    return result, wall, busy
 
 
 def training_flops(train_csv: Path, folds_file: str, tokenizer_folder: Path, max_len: int, epochs: int,
@@ -139,7 +160,8 @@ def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs
     train_rows = sum(rows for _, rows, _ in folds)
     scores = json.loads((run_dir / "scores.json").read_text())
     return {"run": name, "overrides": job_overrides, "oof": scores["oof"]["mcrmse"], "wall_s": round(wall, 1),
-            "after_imports_s": after_imports, "gpu_busy": busy, "attention": cfg.model.attention,
+            "after_imports_s": after_imports, "gpu_busy": busy.fraction, "gpu_memory_gib": busy.peak_gib,
+            "attention": cfg.model.attention,
             "samples_per_s": round(train_rows * cfg.training.epochs / after_imports, 1),
             "steps_per_fold": [steps for _, _, steps in folds], "folds_file": str(run_dir / "folds.csv")}, cfg
 
@@ -153,7 +175,7 @@ def peer_job(cfg, backbone: Path, train_csv: Path, folds_file: str, logs: Path) 
     peer = json.loads(result.stdout.strip().splitlines()[-1])["peer"]
     train_rows = sum(fold["train_rows"] for fold in peer["folds"])
     return {"run": PEER, "oof": peer["oof_mcrmse"], "wall_s": round(wall, 1), "after_imports_s": peer["seconds"],
-            "gpu_busy": busy,
+            "gpu_busy": busy.fraction, "gpu_memory_gib": busy.peak_gib,
             "samples_per_s": round(train_rows * t.epochs / peer["seconds"], 1),
             "steps_per_fold": [fold["steps"] for fold in peer["folds"]], "folds_file": folds_file}
 
@@ -186,21 +208,25 @@ def ceiling(architecture: dict, cfg, tokenizer_folder: Path, train_csv: Path, wo
 
 
 def table(rows: list[dict]) -> str:
-    peer = next(row for row in rows if row["run"] == PEER)
-    lines = ["| run | OOF MCRMSE | wall s | after imports s | train samples/s | GPU busy | MFU (real tokens) | "
-             "steps per fold | vs peer (wall) | vs peer (after imports) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The rows as a markdown table; the ratios to the peer's times where the peer ran."""
+    peer = next((row for row in rows if row["run"] == PEER), None)
+    lines = ["| run | OOF MCRMSE | wall s | after imports s | train samples/s | GPU busy | GPU memory GiB | "
+             "MFU (real tokens) | steps per fold | vs peer (wall) | vs peer (after imports) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def share(value):
         return "-" if value is None else f"{100 * value:.1f}%"
+
+    def ratio(key, row):
+        return f"{peer[key] / row[key]:.2f}x" if peer is not None and "oof" in row else "-"
 
     for row in rows:
         job = "oof" in row
         cells = [row["run"], f"{row['oof']:.4f}" if job else "-", row.get("wall_s", "-"),
                  row.get("after_imports_s", "-"), row["samples_per_s"], share(row.get("gpu_busy")),
+                 "-" if row.get("gpu_memory_gib") is None else row["gpu_memory_gib"],
                  share(row.get("mfu")), ", ".join(map(str, row["steps_per_fold"])) if job else "-",
-                 f"{peer['wall_s'] / row['wall_s']:.2f}x" if job else "-",
-                 f"{peer['after_imports_s'] / row['after_imports_s']:.2f}x" if job else "-"]
+                 ratio("wall_s", row), ratio("after_imports_s", row)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -222,6 +248,8 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="another foldtune row with these space-separated overrides on top, e.g. "
                              "'5 folds at once=training.parallel_folds=5' (repeatable)")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="foldtune's rows only (settings against each other), no Trainer run")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak for MFU (default an H100/H200 SXM's 989)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for foldtune, after --")
@@ -249,7 +277,8 @@ def main() -> int:
             return {**job, "mfu": round(flops / job["after_imports_s"] / (args.peak_tflops * 1e12), 4)}
 
         keep(with_mfu(row))
-        keep(with_mfu(peer_job(cfg, backbone, train_csv, row["folds_file"], args.runs_dir)))
+        if not args.no_peer:
+            keep(with_mfu(peer_job(cfg, backbone, train_csv, row["folds_file"], args.runs_dir)))
         for variant in args.variant:
             name, _, extra = variant.partition("=")
             # the same folds: drawn from the same rows with the same folds.seed

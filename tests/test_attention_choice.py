@@ -178,11 +178,23 @@ def test_a_run_records_what_auto_chose_and_logs_why(tiny_bert, small_train_csv, 
     assert "model.attention auto: eager (bert uses transformers' own attention)" in (run / "train.log").read_text()
 
 
-def test_resolving_leaves_a_chosen_attention_and_cuda_graphs_take_eager(tiny_deberta):
-    cfg = load_config(None, [f"model.name={tiny_deberta}", "model.attention=flex"])
+def test_resolving_leaves_a_chosen_attention_and_cuda_graphs_take_flex_not_dflash(tiny_deberta_wide, monkeypatch,
+                                                                                    caplog):
+    from foldtune.training import checks
+
+    caplog.set_level("INFO", logger="foldtune")
+    cfg = load_config(None, [f"model.name={tiny_deberta_wide}", "model.attention=flex"])
     assert resolve_attention(cfg, torch.device("cpu")) is cfg
-    graphed = load_config(None, [f"model.name={tiny_deberta}", "training.cuda_graphs=true"])
+    monkeypatch.setattr(attention, "fused_on", lambda device: True)    # as on a GPU Triton compiles for
+    graphed = load_config(None, [f"model.name={tiny_deberta_wide}", "training.cuda_graphs=true",
+                                 "model.backbone_dropout=0.0"])
+    # flex's block mask is built inside the captured step: graphs take it as eager steps do
+    assert resolve_attention(graphed, torch.device("cuda")).model.attention == "flex"
+    # where only dflash could fuse (attention dropout on), graphs take transformers' attention
+    monkeypatch.setattr(checks, "choose_attention", lambda *a: ("dflash", "disentangled-flash's kernels"))
     assert resolve_attention(graphed, torch.device("cuda")).model.attention == "eager"
+    assert caplog.messages[-1] == ("model.attention auto: eager (training.cuda_graphs: true does not capture "
+                                   "dflash's kernels (disentangled-flash's kernels))")
 
 
 def test_dflash_on_a_cpu_is_refused_before_anything_loads():
@@ -195,7 +207,8 @@ def test_dflash_on_a_cpu_is_refused_before_anything_loads():
 
 
 def test_cuda_graphs_refuse_dflash_with_the_key_named():
-    with pytest.raises(ConfigError, match="model.attention: dflash \\(a fused kernel; untested under capture\\)"):
+    with pytest.raises(ConfigError, match="model.attention: dflash \\(its kernels tune themselves as they run; "
+                                          "untested under capture\\)"):
         load_config(None, ["model.attention=dflash", "training.cuda_graphs=true"])
 
 

@@ -67,6 +67,23 @@ def test_the_deberta_job_benchmark_trains_foldtune_and_the_peer_on_the_same_fold
     assert "| foldtune | " in result.stdout and "| peer (HF Trainer) | " in result.stdout
 
 
+def test_the_deberta_job_reads_nvidia_smi_and_sets_rows_against_the_peer_only_where_it_ran():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from deberta_job import PEER, busy_samples, table
+
+    # "utilization %, memory MiB" every 100 ms; a GPU that cannot say, and a line cut at the stop, are left out
+    samples = busy_samples("40, 2048\n[N/A], [N/A]\n60, 3072\n100, 51\n7")
+    assert samples == [(40.0, 2048.0), (60.0, 3072.0), (100.0, 51.0)]
+    job = {"run": "threads", "oof": 0.59, "wall_s": 160.0, "after_imports_s": 150.0, "samples_per_s": 55.7,
+           "gpu_busy": 0.446, "gpu_memory_gib": 48.0, "mfu": 0.0198, "steps_per_fold": [204, 208]}
+    peer = {**job, "run": PEER, "wall_s": 200.0, "after_imports_s": 120.0, "gpu_memory_gib": None}
+    with_peer = table([job, peer]).splitlines()
+    assert with_peer[2] == ("| threads | 0.5900 | 160.0 | 150.0 | 55.7 | 44.6% | 48.0 | 2.0% | 204, 208 | 1.25x | "
+                            "0.80x |")
+    assert with_peer[3].endswith("| 44.6% | - | 2.0% | 204, 208 | 1.00x | 1.00x |")     # no memory seen: "-"
+    assert table([job]).splitlines()[2].endswith("| 204, 208 | - | - |")
+
+
 def test_the_pruning_curve_trains_a_row_per_target_of_heads_on_the_same_folds(tmp_path):
     import math
 

@@ -203,6 +203,50 @@ def _oof_values(run):
     return pd.read_csv(run / "oof.csv").iloc[:, 2:].to_numpy()
 
 
+def _recipe_cfg(tmp_path, backbone, *extra):
+    """configs/deberta_v3_base.yaml on a tiny DeBERTa in fp32: flex, AWP from epoch 2, SWA over
+    epoch 4, LLRD, the bottom two layers frozen and the top one re-initialised. The demo essays
+    are 56-154 word pieces: batches of widths 128 and 192 whose rows end in different tiles,
+    so a replay that kept its capture's block mask would skip tiles its own batch needs."""
+    from pathlib import Path
+
+    train, _ = make_demo(n_train=80, n_test=0, seed=2)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "deberta_v3_base.yaml"
+    return load_config(recipe, [f"data.train_file={tmp_path / 'train.csv'}", "data.test_file=null",
+                                "data.max_len=256", "folds.n_splits=2", f"model.name={backbone}",
+                                "training.lr=1e-3", "training.head_lr=1e-3", "model.attention=flex",
+                                "training.precision=fp32", "training.device=cuda", *extra])
+
+
+def test_the_deberta_recipe_graphed_trains_as_its_eager_steps_do(tiny_deberta_wide, tmp_path, caplog):
+    # flex's block mask is built inside the captured step; AWP's attack and restore are captured
+    # with it, in a graph of their own from epoch 2
+    caplog.set_level("INFO", logger="foldtune")
+    eager = run_cross_validation(_recipe_cfg(tmp_path, tiny_deberta_wide), tmp_path / "eager")
+    graphed = run_cross_validation(_recipe_cfg(tmp_path, tiny_deberta_wide, "training.cuda_graphs=true"),
+                                   tmp_path / "graphed")
+    log = (tmp_path / "graphed" / "fold_0" / "train.log").read_text()
+    # 40 rows a fold at batch 8: 5 full batches an epoch, of one or two widths, without AWP and with it
+    assert 2 <= log.count("captured a CUDA graph") <= 4, log
+    np.testing.assert_allclose(_oof_values(tmp_path / "graphed"), _oof_values(tmp_path / "eager"), atol=1e-4)
+    assert graphed["oof"]["mcrmse"] == pytest.approx(eager["oof"]["mcrmse"], abs=1e-5)
+    for fold in ("fold_0", "fold_1"):
+        la = pd.read_csv(tmp_path / "eager" / fold / "metrics.csv")["train_loss"].to_numpy()
+        lb = pd.read_csv(tmp_path / "graphed" / fold / "metrics.csv")["train_loss"].to_numpy()
+        np.testing.assert_allclose(lb, la, rtol=1e-4)
+
+
+def test_graphed_recipe_folds_in_threads_give_the_sequential_results(tiny_deberta_wide, tmp_path):
+    threads = ("training.parallel_folds=2", "training.parallel_mode=threads")
+    sequential = run_cross_validation(_recipe_cfg(tmp_path, tiny_deberta_wide, "training.cuda_graphs=true"),
+                                      tmp_path / "s")
+    parallel = run_cross_validation(_recipe_cfg(tmp_path, tiny_deberta_wide, "training.cuda_graphs=true", *threads),
+                                    tmp_path / "t")
+    np.testing.assert_allclose(_oof_values(tmp_path / "t"), _oof_values(tmp_path / "s"), atol=1e-4)
+    assert parallel["oof"]["mcrmse"] == pytest.approx(sequential["oof"]["mcrmse"], abs=1e-5)
+
+
 # FGM and R-Drop declare themselves graph safe (training/hooks.py): captured, their step is the eager one.
 @pytest.mark.parametrize("technique", [("fgm.enabled=true", "fgm.epsilon=0.5"), ("rdrop.enabled=true",)])
 def test_a_graphed_step_with_fgm_or_rdrop_trains_as_the_eager_one(technique, tiny_deberta, tmp_path, caplog,
@@ -221,12 +265,13 @@ def test_a_graphed_step_with_fgm_or_rdrop_trains_as_the_eager_one(technique, tin
     np.testing.assert_allclose(_oof_values(tmp_path / "graphed"), _oof_values(tmp_path / "eager"), atol=1e-4)
 
 
-def test_fgm_and_rdrop_change_a_graphed_run(tiny_deberta, tmp_path):
+def test_fgm_rdrop_and_awp_change_a_graphed_run(tiny_deberta, tmp_path):
     # head dropout on: R-Drop's two passes differ. Each switch must change what the replays learn.
     common = ("training.cuda_graphs=true", "model.head_dropout=0.1")
     run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, *common), tmp_path / "plain")
-    for name, switch in (("fgm", "fgm.enabled=true"), ("rdrop", "rdrop.enabled=true")):
-        run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, *common, switch), tmp_path / name)
+    for name, *switch in (("fgm", "fgm.enabled=true"), ("rdrop", "rdrop.enabled=true"),
+                          ("awp", "awp.enabled=true", "awp.start_epoch=1", "awp.adv_lr=1.0", "awp.adv_eps=0.1")):
+        run_cross_validation(_graph_cfg(tmp_path, tiny_deberta, *common, *switch), tmp_path / name)
         assert np.abs(_oof_values(tmp_path / name) - _oof_values(tmp_path / "plain")).max() > 1e-3, name
 
 

@@ -203,7 +203,7 @@ class TrainingConfig:
     # run only without dropout, since the folds share one random generator).
     # cuda_graphs: capture each training step (forward, backward, optimizer) as a CUDA graph
     # per batch shape and replay it: one launch a step (CUDA, adamw, bf16 or fp32; not with
-    # AWP, accumulation, gradient checkpointing or compile).
+    # accumulation, gradient checkpointing, compile or model.attention dflash).
     bucket_batches: bool = False
     compile: bool = False
     # Batch widths rounded up to a multiple of this (training and evaluation). null: 64
@@ -469,8 +469,8 @@ def _check_cuda_graphs(cfg: "Config") -> None:
     conflicts = [
         ("model.gradient_checkpointing: true", cfg.model.gradient_checkpointing),
         ("training.compile: true", t.compile),
-        (f"model.attention: {cfg.model.attention} (a fused kernel; untested under capture)",
-         cfg.model.attention in ("flex", "dflash")),
+        (f"model.attention: {cfg.model.attention} (its kernels tune themselves as they run; untested under capture)",
+         cfg.model.attention == "dflash"),
         (f"training.optimizer: {t.optimizer} (only adamw replays on the device)", t.optimizer != "adamw"),
         ("training.precision: fp16 (its grad scaler checks on the host; use bf16)", t.precision == "fp16"),
     ]

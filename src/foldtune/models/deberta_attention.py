@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -125,17 +126,27 @@ def padding_block_mask(keep: torch.Tensor):
 
 
 # The block mask of the forward pass under way, per thread (folds train in threads): every
-# layer of a forward pass gets the same attention_mask tensor, and builds it once.
+# layer of a forward pass gets the same attention_mask tensor, and builds it once. DeBERTa's
+# encoder makes that tensor anew in every forward pass, so a pass captured in a CUDA graph
+# builds its block mask inside the capture, and each replay builds it again from its batch.
 _last_mask = threading.local()
 
 
 def _block_mask_for(attention_mask: torch.Tensor):
-    if getattr(_last_mask, "source", None) is not attention_mask:
+    source = getattr(_last_mask, "source", None)
+    if source is None or source() is not attention_mask:
         # DeBERTa passes B x 1 x L x L (mask_i * mask_j), whose diagonal is the padding mask itself.
         batch, length = attention_mask.shape[0], attention_mask.shape[-1]
         keep = attention_mask.reshape(batch, -1, length, length)[:, 0].diagonal(dim1=-2, dim2=-1).bool()
-        _last_mask.source, _last_mask.block_mask = attention_mask, padding_block_mask(keep)
+        # a weak reference: the cache keeps no mask alive, a captured graph's memory neither
+        _last_mask.source, _last_mask.block_mask = weakref.ref(attention_mask), padding_block_mask(keep)
     return _last_mask.block_mask
+
+
+def forget_block_mask() -> None:
+    """Drop this thread's cached block mask: after a CUDA graph's capture, whose memory pool
+    holds it (the pool goes back to the device only once nothing holds its tensors)."""
+    _last_mask.source = _last_mask.block_mask = None
 
 
 def _distance_buckets(relative_pos: torch.Tensor, length: int) -> torch.Tensor:

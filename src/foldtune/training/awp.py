@@ -23,10 +23,11 @@ NORM_EPS = 1e-6
 
 class AWP(StepHook):
     """AWP as a step hook: after the backward pass, one more forward/backward at the
-    perturbed weights. Whether it acts is decided on the host at each epoch, and the
-    perturbation's size is bounded per weight: not captured under CUDA graphs."""
+    perturbed weights. Whether it acts is decided on the host at each epoch (a step
+    variant of its own: training/graphs.py captures each variant apart); inside the step
+    the attack, its bound per weight and the restore are device work with no host sync,
+    so a CUDA graph captures them (graph_safe)."""
 
-    graph_safe = False
     switch = "awp.enabled: true"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: AWPConfig):

@@ -103,13 +103,12 @@ def resolve_attention(cfg: Config, device: torch.device) -> Config:
 
 def _auto_attention(cfg: Config, device: torch.device) -> str:
     """What model.attention auto takes for cfg on `device`, logged with the reason."""
-    if cfg.training.cuda_graphs:
-        choice, why = "eager", "training.cuda_graphs: true (fused kernels are not captured)"
-    else:
-        config = load_backbone_config(resolve_backbone(cfg.model.name))
-        choice, why = choose_attention(config, device, cfg.model.backbone_dropout)
-        if choice == "dflash" and cfg.pruning.heads.enabled:
-            choice, why = "eager", "pruning.heads: dflash's encoder bypasses the gated output projection"
+    config = load_backbone_config(resolve_backbone(cfg.model.name))
+    choice, why = choose_attention(config, device, cfg.model.backbone_dropout)
+    if choice == "dflash" and cfg.pruning.heads.enabled:
+        choice, why = "eager", "pruning.heads: dflash's encoder bypasses the gated output projection"
+    if choice == "dflash" and cfg.training.cuda_graphs:
+        choice, why = "eager", f"training.cuda_graphs: true does not capture dflash's kernels ({why})"
     log.info("model.attention auto: %s (%s)", choice, why)
     return choice
 

@@ -23,7 +23,9 @@ What makes a replay equal to an eager step:
 - a filled batch's stand-in rows weigh zero in the loss, so their outputs' gradients are
   exactly zero and the step is that of the short batch alone (up to summation order);
 - dropout draws from the CUDA generator, which a replay advances as an eager step
-  would; the warm-up and capture of a new shape leave the generator as they found it.
+  would; the warm-up and capture of a new shape leave the generator as they found it;
+- model.attention flex builds its block mask from the padding mask inside the step, so
+  each replay skips the padding tiles of its own batch (models/deberta_attention.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import nn
 
 from foldtune.data.collate import fixed_window_shapes
 from foldtune.data.windows import STITCH_KEYS, Windows
+from foldtune.models.deberta_attention import forget_block_mask
 from foldtune.training.step import TrainingStep
 from foldtune.runtime.launch_lock import wait_for_stream
 
@@ -159,6 +162,7 @@ class GraphedSteps:
                 graph.capture_end()
         # The graph keeps its gradient buffers; eager steps must not add to them.
         self.step.clear_gradients()
+        forget_block_mask()         # model.attention flex: the captured pass's block mask
         torch.cuda.set_rng_state(rng, self.device)
         log.info("captured a CUDA graph for batches of shape %s (%d so far)", tuple(static["input_ids"].shape),
                  len(self.graphs) + 1)
