@@ -109,10 +109,16 @@ def busy_samples(out: str) -> list[tuple[float, float]]:
     return samples
 
 
-def timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float, GpuBusy]:
-    """rows.run_timed's finished command and wall seconds, and the GPU's use meanwhile."""
+def timed(name: str, command: list, logs: Path, caches: Path | None = None
+          ) -> tuple[subprocess.CompletedProcess, float, GpuBusy]:
+    """rows.run_timed's finished command and wall seconds, and the GPU's use meanwhile.
+    caches: a folder for inductor's and Triton's caches of this command alone (--cold-compile)."""
+    env = None
+    if caches is not None:
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(caches / name / "inductor"),
+               "TRITON_CACHE_DIR": str(caches / name / "triton")}
     with GpuBusy() as busy:
-        result, wall = run_timed(name, command, logs)
+        result, wall = run_timed(name, command, logs, env)
     return result, wall, busy
 
 
@@ -142,7 +148,8 @@ def training_flops(train_csv: Path, folds_file: str, tokenizer_folder: Path, max
     return float(per_row.sum() * (folds.nunique() - 1) * epochs)
 
 
-def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs: Path, name: str = "foldtune"):
+def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs: Path, name: str = "foldtune",
+                 caches: Path | None = None):
     """foldtune's row, and the run's resolved config (what the peer must match)."""
     from foldtune.config import load_config
 
@@ -150,7 +157,7 @@ def foldtune_job(job_overrides: list[str], backbone: Path, train_csv: Path, logs
                  f"output.dir={logs}", *job_overrides]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")       # the run folder's and log's name
     result, wall, busy = timed(slug, [sys.executable, REPO / "train.py", "--config", CONFIG, "--name", slug,
-                                      *overrides], logs)
+                                      *overrides], logs, caches)
     done = DONE.search(result.stderr + result.stdout)
     run_dir, after_imports = Path(done.group(1)), float(done.group(2))
     cfg = load_config(run_dir / "config.yaml")
@@ -250,6 +257,9 @@ def main() -> int:
                              "'5 folds at once=training.parallel_folds=5' (repeatable)")
     parser.add_argument("--no-peer", action="store_true",
                         help="foldtune's rows only (settings against each other), no Trainer run")
+    parser.add_argument("--cold-compile", action="store_true",
+                        help="each run compiles into empty caches of its own, as on a fresh machine (otherwise "
+                             "a later row reuses the kernels an earlier one compiled)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak for MFU (default an H100/H200 SXM's 989)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for foldtune, after --")
@@ -265,11 +275,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        caches = work / "compile-caches" if args.cold_compile else None
         backbone = work / "deberta-v3-base-random"
         deberta_backbone(backbone, args.minilm, architecture)
         train_csv = work / "train.csv"
         pd.read_csv(args.train, dtype=str, keep_default_na=False).iloc[:args.rows].to_csv(train_csv, index=False)
-        row, cfg = foldtune_job(job_overrides, backbone, train_csv, args.runs_dir)
+        row, cfg = foldtune_job(job_overrides, backbone, train_csv, args.runs_dir, caches=caches)
         flops = training_flops(train_csv, row["folds_file"], args.minilm, cfg.data.max_len, cfg.training.epochs,
                                architecture)
 
@@ -283,7 +294,7 @@ def main() -> int:
             name, _, extra = variant.partition("=")
             # the same folds: drawn from the same rows with the same folds.seed
             keep(with_mfu(foldtune_job([*job_overrides, *extra.split()], backbone, train_csv,
-                                       args.runs_dir, name=name.strip())[0]))
+                                       args.runs_dir, name=name.strip(), caches=caches)[0]))
         if args.ceiling:
             keep(ceiling(architecture, cfg, args.minilm, train_csv, work, steps=2 if args.tiny else 20,
                          profile=args.profile))

@@ -52,10 +52,11 @@ def parse_shares(text: str, option: str) -> list[float]:
     return shares
 
 
-def run_timed(name: str, command: list, logs: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """The finished command (offline, unbuffered; its output also in logs/<name>.log) and its
-    wall seconds; exits naming the log if it failed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def run_timed(name: str, command: list, logs: Path, env: dict[str, str] | None = None
+              ) -> tuple[subprocess.CompletedProcess, float]:
+    """The finished command (offline, unbuffered, with `env` on top; its output also in
+    logs/<name>.log) and its wall seconds; exits naming the log if it failed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     started = time.perf_counter()
     result = subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
