@@ -118,6 +118,93 @@ def test_folds_in_threads_stopped_early_resume_to_the_uninterrupted_result(tiny_
         assert resumed["folds"][fold]["best_step"] == straight["folds"][fold]["best_step"]
 
 
+def test_folds_in_threads_out_of_gpu_memory_say_so_in_a_line_and_resume_fewer_at_once(tiny_deberta, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import torch
+
+    from foldtune.cli import train_main
+    from foldtune.training.trainer import FoldTrainer
+
+    common = _three_folds(tmp_path, tiny_deberta, "model.backbone_dropout=0.0", "training.parallel_folds=3",
+                          "training.parallel_mode=threads", "output.dir=" + str(tmp_path))
+    assert train_main([*common, "output.name=straight"]) == 0       # train.py's default config under these
+    straight = json.loads((tmp_path / "straight" / "scores.json").read_text())
+    common.append("output.name=oom")
+    original = FoldTrainer._optimizer_step
+
+    def short_of_memory(self):          # as a GPU too small for three folds at once: fold 1 at its 3rd step
+        if self.data.fold == 1 and self.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        original(self)
+
+    monkeypatch.setattr(FoldTrainer, "_optimizer_step", short_of_memory)
+    assert train_main(common) == 1
+    run = tmp_path / "oom"
+    resume = f"python train.py --resume {run} training.parallel_folds=1"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: the GPU ran out of memory in fold(s) [1], 3 folds at a time in threads; the folds that finished "
+        f"are kept. Train fewer at once: {resume}")
+    assert sorted(p.parent.name for p in run.glob("fold_*/result.json")) == ["fold_0", "fold_2"]
+    monkeypatch.setattr(FoldTrainer, "_optimizer_step", original)
+    # the command it gives: a resume may change how many folds train at once (not what they learn)
+    assert train_main(resume.split()[2:]) == 0
+    assert load_config(run / "config.yaml").training.parallel_folds == 1
+    np.testing.assert_allclose(pd.read_csv(run / "oof.csv").iloc[:, 2:].to_numpy(),
+                               pd.read_csv(tmp_path / "straight" / "oof.csv").iloc[:, 2:].to_numpy(), atol=1e-6)
+    assert json.loads((run / "scores.json").read_text())["oof"]["mcrmse"] == pytest.approx(
+        straight["oof"]["mcrmse"], abs=1e-6)
+
+
+def test_one_fold_at_a_time_out_of_gpu_memory_points_to_a_smaller_step(tmp_path):
+    import torch
+
+    from foldtune.cli import _out_of_memory
+
+    assert _out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), tmp_path, False) == (
+        "the GPU ran out of memory; the folds that finished are kept. A step needs less memory with "
+        "model.gradient_checkpointing=true (not under training.cuda_graphs), a smaller training.batch_size or a "
+        "shorter data.max_len: each changes what the folds learn, so start a new run (or resume with --force)")
+
+
+def test_a_fold_process_out_of_gpu_memory_is_named_by_its_exit_status(monkeypatch, tmp_path):
+    import subprocess
+    import torch
+
+    from foldtune.run_layout import FoldSeed
+    from foldtune.training import fold_worker, schedulers
+    from foldtune.training.prepared import PreparedRun
+
+    def no_room(run_dir):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PreparedRun, "load", staticmethod(no_room))
+    assert fold_worker.main([str(tmp_path), "1"]) == schedulers.OUT_OF_MEMORY_EXIT
+
+    class Ended:        # a fold process that has exited with `returncode`
+        def __init__(self, returncode):
+            self.returncode = returncode
+
+        def poll(self):
+            return self.returncode
+
+    codes = {"0": 0, "1": schedulers.OUT_OF_MEMORY_EXIT, "2": 1}
+    monkeypatch.setattr(subprocess, "Popen", lambda command: Ended(codes[command[4]]))
+
+    class Prepared:
+        run_dir = tmp_path
+
+        def save_tokens(self):
+            pass
+
+    folds = [FoldSeed(0, None), FoldSeed(1, None), FoldSeed(2, None)]
+    with pytest.raises(schedulers.FoldsOutOfMemory) as err:
+        schedulers.train_folds_in_processes(Prepared(), folds, 3)
+    assert str(err.value) == "the GPU ran out of memory in fold(s) [1], 3 folds at a time in processes"
+    codes["1"] = 1      # a failure of another kind names the folds' logs
+    with pytest.raises(RuntimeError, match=r"fold\(s\) \[1, 2\] failed in their processes; see .*fold_1/train.log"):
+        schedulers.train_folds_in_processes(Prepared(), folds, 3)
+
+
 def test_evaluations_from_a_later_epoch_skip_the_early_ones_and_change_no_training(tiny_deberta, tmp_path):
     # 24 training rows at batch 6: 4 steps an epoch, 12 in all, an evaluation every 2
     common = _three_folds(tmp_path, tiny_deberta, "training.epochs=3")

@@ -118,6 +118,8 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
     must have a teacher."""
     setup_console_logging()
     _start_warm_up(args)        # the GPU starts while the libraries below are imported
+    import torch
+
     from foldtune.checkpoint import CheckpointError
     from foldtune.config import ConfigError, ConfigOrigin, load_config, path_problem
     from foldtune.data.validate import DataError, with_folds_of_column
@@ -125,6 +127,7 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
     from foldtune.files import as_write_error
     from foldtune.run_lock import NO_LOCK, RunLock, RunLockError
     from foldtune.training.state import StateError
+    from foldtune.training.schedulers import FoldsOutOfMemory
     from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
 
     install_signal_handlers()
@@ -206,6 +209,11 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
             raise failure from err
         print(f"error: {failure}. {_after_write_failure(failure, run_dir, fold_parallel)}", file=sys.stderr)
         return 1
+    except (torch.OutOfMemoryError, FoldsOutOfMemory) as err:
+        if call.raise_errors:
+            raise
+        print(f"error: {_out_of_memory(err, run_dir, fold_parallel)}", file=sys.stderr)
+        return 1
     finally:
         from foldtune.training.distributed import close_launch
 
@@ -225,6 +233,23 @@ def _resume_command(run_dir: Path | None, fold_parallel: bool) -> str:
     if launched_world_size() > 1:
         mode = " --fold-parallel" if fold_parallel else " --data-parallel"
     return f"{again} --resume {run_dir}{mode}"
+
+
+def _out_of_memory(err: Exception, run_dir: Path | None, fold_parallel: bool) -> str:
+    """One line for a run the GPU ran out of memory in: where, that the finished folds are
+    kept, and what to change (fewer folds at once, a resume that may change just that; or
+    a smaller step, which changes what the folds learn)."""
+    parallel = getattr(err, "parallel", 1)
+    where = str(err) if parallel > 1 else "the GPU ran out of memory"
+    kept = "; the folds that finished are kept" if run_dir is not None else ""
+    if parallel > 1:
+        fewer = max(1, parallel // 2)
+        return (f"{where}{kept}. Train fewer at once: {_resume_command(run_dir, fold_parallel)} "
+                f"training.parallel_folds={fewer}" if run_dir is not None else
+                f"{where}. Train fewer at once: training.parallel_folds={fewer}")
+    return (f"{where}{kept}. A step needs less memory with model.gradient_checkpointing=true (not under "
+            "training.cuda_graphs), a smaller training.batch_size or a shorter data.max_len: each changes what "
+            "the folds learn, so start a new run (or resume with --force)")
 
 
 def _after_write_failure(failure: OSError, run_dir: Path | None, fold_parallel: bool) -> str:

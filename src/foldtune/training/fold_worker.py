@@ -7,13 +7,19 @@ with training.seeds) as the sequential loop would.
 
 from __future__ import annotations
 
+import logging
 import sys
+
+import torch
 
 from foldtune.logs import setup_console_logging
 from foldtune.run_layout import FoldSeed
 from foldtune.training.prepared import PreparedRun
 from foldtune.training.progress import RunProgress
+from foldtune.training.schedulers import OUT_OF_MEMORY_EXIT
 from foldtune.training.stopping import TrainingInterrupted, install_signal_handlers
+
+log = logging.getLogger("foldtune")
 
 
 def main(argv: list[str]) -> int:
@@ -28,6 +34,10 @@ def main(argv: list[str]) -> int:
         PreparedRun.load(argv[0]).train_fold(unit, progress=RunProgress.from_environment(bars=False))
     except TrainingInterrupted as stop:
         return stop.exit_code
+    except torch.OutOfMemoryError:
+        # the run's process names the fold and what to change; the details stay in the log
+        log.exception("fold %s: the GPU ran out of memory", argv[1])
+        return OUT_OF_MEMORY_EXIT
     return 0
 
 

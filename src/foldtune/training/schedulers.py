@@ -131,6 +131,19 @@ def fold_scheduler(cfg: Config, launch: OneProcess, fold_parallel: bool) -> Fold
     return here
 
 
+# A fold's process ends with this status when the GPU ran out of memory (fold_worker.py).
+OUT_OF_MEMORY_EXIT = 3
+
+
+class FoldsOutOfMemory(RuntimeError):
+    """The GPU ran out of memory in these folds, trained `parallel` at a time in `mode`."""
+
+    def __init__(self, folds: Sequence, parallel: int, mode: str):
+        self.folds, self.parallel, self.mode = list(folds), parallel, mode
+        super().__init__(f"the GPU ran out of memory in fold(s) {_listed(self.folds)}, {parallel} folds at a time "
+                         f"in {mode}")
+
+
 def train_folds_in_processes(prepared: PreparedRun, folds: Sequence[int], parallel: int) -> dict[int, FoldResult]:
     """Train each fold in its own process, `parallel` at a time, on the same device.
 
@@ -160,12 +173,14 @@ def train_folds_in_processes(prepared: PreparedRun, folds: Sequence[int], parall
             if process.poll() is not None:
                 del running[fold]
                 if process.returncode != 0 and forwarded is None:
-                    failed.append(fold)
+                    failed.append((fold, process.returncode))
     if forwarded is not None:
         raise TrainingInterrupted(forwarded)
+    if any(code == OUT_OF_MEMORY_EXIT for _, code in failed):
+        raise FoldsOutOfMemory([fold for fold, code in failed if code == OUT_OF_MEMORY_EXIT], parallel, "processes")
     if failed:
-        logs = ", ".join(str(f.folder(prepared.run_dir) / "train.log") for f in failed)
-        raise RuntimeError(f"fold(s) {_listed(failed)} failed in their processes; see {logs}")
+        logs = ", ".join(str(f.folder(prepared.run_dir) / "train.log") for f, _ in failed)
+        raise RuntimeError(f"fold(s) {_listed([f for f, _ in failed])} failed in their processes; see {logs}")
     return {fold: prepared.load_fold_result(fold) for fold in folds}
 
 
@@ -235,13 +250,16 @@ def train_folds_in_threads(prepared: PreparedRun, folds: Sequence[int], parallel
                     interrupted = stop
                 except Exception as err:  # the others finish; the first failure is raised below
                     log.error("fold %s failed: %s", futures[future], err)
-                    failed.append(err)
+                    failed.append((futures[future], err))
     finally:
         sys.setswitchinterval(switch_interval)
     if interrupted is not None:
         raise interrupted
+    short = [fold for fold, err in failed if isinstance(err, torch.OutOfMemoryError)]
+    if short:
+        raise FoldsOutOfMemory(short, parallel, "threads") from dict(failed)[short[0]]
     if failed:
-        raise failed[0]
+        raise failed[0][1]
     return results
 
 
