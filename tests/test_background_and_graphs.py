@@ -162,6 +162,43 @@ def test_cuda_graphs_refuse_the_techniques_a_replay_cannot_do():
     check_config_against_device(load_config(None, ["training.gradient_accumulation_steps=2"]), torch.device("cpu"))
 
 
+def test_a_graphed_run_with_more_batch_shapes_than_graphs_says_which_pad_multiple_fits(tiny_bert, tmp_path, caplog,
+                                                                                       monkeypatch):
+    from pathlib import Path
+
+    from foldtune.training import cross_validation
+    from foldtune.training.graphs import too_many_shapes
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "deberta_v3_base.yaml"
+    graphed = load_config(recipe, ["training.cuda_graphs=true"])
+    # 1,536 tokens in multiples of 64, AWP from epoch 2: 24 widths x 2 variants for 16 graphs
+    assert too_many_shapes(graphed) == (
+        "training.cuda_graphs: batches come in up to 24 widths (data.max_len 1536 in multiples of 64) times 2 step "
+        "variants (a technique starts at a later epoch), more shapes than the 16 graphs a fold captures: the others "
+        "train eagerly, slower. training.pad_to_multiple_of=192 makes 8 widths")
+    assert too_many_shapes(load_config(recipe, ["training.cuda_graphs=true", "training.pad_to_multiple_of=256"])) is None
+    assert too_many_shapes(load_config(recipe, ["training.cuda_graphs=true", "awp.start_epoch=1"])).endswith(
+        "training.pad_to_multiple_of=128 makes 12 widths")
+    assert too_many_shapes(load_config(recipe)) is None                     # no graphs, nothing to say
+    fast = Path(__file__).resolve().parents[1] / "configs" / "ellipse_minilm_fast.yaml"
+    assert too_many_shapes(load_config(fast)) is None                       # 512 in multiples of 64: 8 widths
+    # a run says it as it starts, into its log, before a fold trains
+    caplog.set_level("WARNING", logger="foldtune")
+
+    class Started(Exception):
+        pass
+
+    def start_run(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(cross_validation, "start_run", start_run)
+    cfg = load_config(None, [f"model.name={tiny_bert}", "training.cuda_graphs=true", "data.max_len=512",
+                             "training.pad_to_multiple_of=16"])
+    with pytest.raises(Started):
+        cross_validation.run_cross_validation(cfg, tmp_path / "run", frame=object())
+    assert caplog.messages == [too_many_shapes(cfg)] and "32 widths" in caplog.messages[0]
+
+
 def test_cuda_graphs_on_a_cpu_run_fail_before_training():
     cfg = load_config(None, ["training.cuda_graphs=true", "training.device=cpu"])
     with pytest.raises(ConfigError, match="training.cuda_graphs: true needs a CUDA device; this run is on cpu"):

@@ -27,6 +27,7 @@ from foldtune.run_lock import RunLock
 from foldtune.runtime.precision import resolve_device
 from foldtune.training.checks import check_run, resolve_attention
 from foldtune.training.distributed import OneProcess, current_launch, launched_world_size
+from foldtune.training.graphs import too_many_shapes
 from foldtune.training.prepared import PreparedRun, finished_folds, tokenized_run
 from foldtune.training.schedulers import AfterFold, Sequential, fold_scheduler
 from foldtune.training.state import wait_for_removals
@@ -143,6 +144,9 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
     launch = current_launch()
     # before config.yaml is written: the run records the attention it trains with
     cfg = resolve_attention(cfg, launch.local_device(resolve_device(cfg.training.device)))
+    shapes = too_many_shapes(cfg)
+    if shapes is not None and launch.is_main:
+        log.warning(shapes)
     run_dir = Path(run_dir)
     folds_to_run = list(range(cfg.folds.n_splits)) if folds_to_run is None else list(folds_to_run)
     launch_info = ({"processes": launch.world_size, "process_mode": "fold_parallel" if fold_parallel

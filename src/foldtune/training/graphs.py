@@ -35,7 +35,8 @@ import logging
 import torch
 from torch import nn
 
-from foldtune.data.collate import fixed_window_shapes
+from foldtune.config import Config
+from foldtune.data.collate import STATIC_PAD_MULTIPLE, fixed_window_shapes
 from foldtune.data.windows import STITCH_KEYS, Windows
 from foldtune.models.deberta_attention import forget_block_mask
 from foldtune.training.step import TrainingStep
@@ -63,12 +64,41 @@ class NoGraphs:
 NO_GRAPHS = NoGraphs()
 
 
+# The graphs a fold captures (per batch shape and step variant); a batch of any other
+# shape runs eagerly. Window batches get twice as many (fixed_window_shapes).
+MAX_GRAPHS = 16
+
+
+def too_many_shapes(cfg: Config) -> str | None:
+    """What a user should change when a fold's batches can come in more shapes than it
+    captures graphs for: batch widths (data.max_len in multiples of the pad multiple) times
+    step variants (AWP or FGM starting at a later epoch doubles them). None when they fit,
+    without CUDA graphs, and for window batches (their own fixed shapes)."""
+    t = cfg.training
+    if not t.cuda_graphs or cfg.data.long_text == "windows":
+        return None
+    starts = sorted({hook.start_epoch for hook in (cfg.awp, cfg.fgm) if hook.enabled})
+    variants = len({tuple(epoch + 1 >= start for start in starts) for epoch in range(t.epochs)})
+    multiple = t.pad_to_multiple_of or STATIC_PAD_MULTIPLE
+    widths = -(-cfg.data.max_len // multiple)
+    if widths * variants <= MAX_GRAPHS:
+        return None
+    coarser = STATIC_PAD_MULTIPLE * next(k for k in range(1, cfg.data.max_len + 1)
+                                         if -(-cfg.data.max_len // (STATIC_PAD_MULTIPLE * k)) * variants <= MAX_GRAPHS)
+    twice = f" times {variants} step variants (a technique starts at a later epoch)" if variants > 1 else ""
+    return (f"training.cuda_graphs: batches come in up to {widths} widths (data.max_len {cfg.data.max_len} in "
+            f"multiples of {multiple}){twice}, more shapes than the {MAX_GRAPHS} graphs a fold captures: the others "
+            f"train eagerly, slower. training.pad_to_multiple_of={coarser} makes "
+            f"{-(-cfg.data.max_len // coarser)} widths")
+
+
 class GraphedSteps:
     """Captures and replays the training step (training/step.py), one CUDA graph per batch
     shape and per set of hooks acting (training/hooks.py: a hook may start acting at an
     epoch)."""
 
-    def __init__(self, step: TrainingStep, batch_size: int, max_graphs: int = 16, windows: Windows | None = None):
+    def __init__(self, step: TrainingStep, batch_size: int, max_graphs: int = MAX_GRAPHS,
+                 windows: Windows | None = None):
         self.step = step
         # data.long_text windows: batches padded to fixed shapes (data/collate.py), more of them
         self.windows = windows
