@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     except TrainingInterrupted as stop:
         return stop.exit_code
     except torch.OutOfMemoryError:
-        # the run's process names the fold and what to change; the details stay in the log
+        # the run's process names the fold and what to change; the traceback goes to this process's output
         log.exception("fold %s: the GPU ran out of memory", argv[1])
         return OUT_OF_MEMORY_EXIT
     return 0
