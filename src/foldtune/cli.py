@@ -243,10 +243,9 @@ def _out_of_memory(err: Exception, run_dir: Path | None, fold_parallel: bool) ->
     where = str(err) if parallel > 1 else "the GPU ran out of memory"
     kept = "; the folds that finished are kept" if run_dir is not None else ""
     if parallel > 1:
-        fewer = max(1, parallel // 2)
-        return (f"{where}{kept}. Train fewer at once: {_resume_command(run_dir, fold_parallel)} "
-                f"training.parallel_folds={fewer}" if run_dir is not None else
-                f"{where}. Train fewer at once: training.parallel_folds={fewer}")
+        fewer = f"training.parallel_folds={max(1, parallel // 2)}"
+        command = f"{_resume_command(run_dir, fold_parallel)} {fewer}" if run_dir is not None else fewer
+        return f"{where}{kept}. Train fewer at once: {command}"
     return (f"{where}{kept}. A step needs less memory with model.gradient_checkpointing=true (not under "
             "training.cuda_graphs), a smaller training.batch_size or a shorter data.max_len: each changes what "
             "the folds learn, so start a new run (or resume with --force)")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from foldtune.config import Config
-from foldtune.data.collate import STATIC_PAD_MULTIPLE, fixed_window_shapes
+from foldtune.data.collate import STATIC_PAD_MULTIPLE, fixed_window_shapes, round_up
 from foldtune.data.windows import STITCH_KEYS, Windows
 from foldtune.models.deberta_attention import forget_block_mask
 from foldtune.training.step import TrainingStep
@@ -79,17 +79,20 @@ def too_many_shapes(cfg: Config) -> str | None:
         return None
     starts = sorted({hook.start_epoch for hook in (cfg.awp, cfg.fgm) if hook.enabled})
     variants = len({tuple(epoch + 1 >= start for start in starts) for epoch in range(t.epochs)})
+    max_len = cfg.data.max_len
+
+    def widths(multiple: int) -> int:
+        return round_up(max_len, multiple) // multiple
+
     multiple = t.pad_to_multiple_of or STATIC_PAD_MULTIPLE
-    widths = -(-cfg.data.max_len // multiple)
-    if widths * variants <= MAX_GRAPHS:
+    if widths(multiple) * variants <= MAX_GRAPHS:
         return None
-    coarser = STATIC_PAD_MULTIPLE * next(k for k in range(1, cfg.data.max_len + 1)
-                                         if -(-cfg.data.max_len // (STATIC_PAD_MULTIPLE * k)) * variants <= MAX_GRAPHS)
+    coarser = next(m for m in range(STATIC_PAD_MULTIPLE, round_up(max_len, STATIC_PAD_MULTIPLE) + 1,
+                                    STATIC_PAD_MULTIPLE) if widths(m) * variants <= MAX_GRAPHS)
     twice = f" times {variants} step variants (a technique starts at a later epoch)" if variants > 1 else ""
-    return (f"training.cuda_graphs: batches come in up to {widths} widths (data.max_len {cfg.data.max_len} in "
+    return (f"training.cuda_graphs: batches come in up to {widths(multiple)} widths (data.max_len {max_len} in "
             f"multiples of {multiple}){twice}, more shapes than the {MAX_GRAPHS} graphs a fold captures: the others "
-            f"train eagerly, slower. training.pad_to_multiple_of={coarser} makes "
-            f"{-(-cfg.data.max_len // coarser)} widths")
+            f"train eagerly, slower. training.pad_to_multiple_of={coarser} makes {widths(coarser)} widths")
 
 
 class GraphedSteps:
