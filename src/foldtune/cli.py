@@ -23,7 +23,8 @@ DEFAULT_CONFIG = _REPO_CONFIGS / "default.yaml" if (_REPO_CONFIGS / "default.yam
 # Where a relative path leads: a user who keeps configs/ and data/ side by side may expect
 # the config file's folder.
 TRAIN_PATHS = ("relative paths, on the command line and in the config (data files, a model.name folder, output.dir,\n"
-               "distill.teacher), are resolved from the working directory, not from the config file's folder")
+               "distill.teacher, pseudo.teacher, pseudo.file), are resolved from the working directory, not from the\n"
+               "config file's folder")
 INFER_PATHS = ("relative paths (--run, --test, --blend, --out, and a run's data.test_file) are resolved from the "
                "working directory")
 
@@ -175,6 +176,11 @@ def _train(args: argparse.Namespace, call: _TrainCall, student: bool = False) ->
         folds = parse_folds_arg(args.folds, cfg.folds.n_splits)
         fold_parallel, why = _process_mode(args, cfg, len(folds))
         frame = load_inputs(cfg, fold_parallel, origin)
+        if cfg.pseudo.teacher is not None:      # a teacher on other folds fails now, before a run folder is made
+            from foldtune.pseudo import check_pseudo
+            from foldtune.training.cross_validation import make_fold_column
+
+            check_pseudo(cfg, frame, make_fold_column(frame, cfg))
         launch = current_launch()
         _quiet_other_processes(fold_parallel)
         # one run folder for all the processes, locked by the main one: its name has the main one's clock

@@ -435,6 +435,29 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PseudoConfig:
+    """Extra training texts scored by a teacher, fold by fold (off while teacher is null).
+
+    Fold k of the run adds every text of `file` to its training rows, with the predictions
+    of the teacher's models of fold k as targets: they never saw fold k's essays, so the
+    fold's score stays held out and the run's OOF can join a blend or a stack. The teacher
+    must have been trained on this run's rows and folds (foldtune.pseudo)."""
+
+    # A run folder, or a blend.json (foldtune ensemble) of runs, on this run's folds; null: off.
+    teacher: str | None = None
+    # CSV of texts (id and text columns; scores are not read), e.g. the unscored test.csv.
+    # Choosing settings by the score of texts trained on this way (a leaderboard) leaks.
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.teacher is None) != (self.file is None):
+            missing = "pseudo.file" if self.file is None else "pseudo.teacher"
+            raise ConfigError(f"{missing} is null while {'pseudo.teacher' if self.file is None else 'pseudo.file'} "
+                              "is set: pseudo-labels need both the texts (pseudo.file) and the teacher that scores "
+                              "them (pseudo.teacher), or neither")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs"
     # Name of the run folder; null: the config file's name and the start time.
@@ -454,11 +477,15 @@ class Config:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
         if self.training.cuda_graphs:
             _check_cuda_graphs(self)
+        if self.pseudo.teacher is not None and self.distill.teacher is not None:
+            raise ConfigError("pseudo.teacher and distill.teacher are both set: a distillation student takes its "
+                              "pseudo-labels from distill.pseudo_label_file; set pseudo.teacher: null")
 
 
 def _check_cuda_graphs(cfg: "Config") -> None:

@@ -127,8 +127,9 @@ def load_model(folder: Path) -> TfidfRidge:
 
 
 def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
-                      folds: Sequence[int]):
-    """Fit each fold's pipeline on the other folds' rows; write its files; return the results."""
+                      folds: Sequence[int], pseudo=None):
+    """Fit each fold's pipeline on the other folds' rows (and on pseudo's texts with the fold's
+    targets for them: foldtune.pseudo); write its files; return the results."""
     names = list(cfg.data.target_columns)
     texts = frame[cfg.data.text_column].to_numpy(dtype=object)
     ids = frame[cfg.data.id_column].to_numpy()
@@ -138,7 +139,10 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
         started = time.perf_counter()
         folder = fold_dir(run_dir, fold)
         train_idx, valid_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-        pipeline = build_tfidf_ridge(cfg.tfidf, cfg.training.seed).fit(list(texts[train_idx]), targets[train_idx])
+        fit_texts, fit_targets = list(texts[train_idx]), targets[train_idx]
+        if pseudo is not None:
+            fit_texts, fit_targets = fit_texts + pseudo.texts, np.concatenate([fit_targets, pseudo.targets[fold]])
+        pipeline = build_tfidf_ridge(cfg.tfidf, cfg.training.seed).fit(fit_texts, fit_targets)
         train_loss = float(np.mean((pipeline.predict(list(texts[train_idx])) - targets[train_idx]) ** 2))
         preds = pipeline.predict(list(texts[valid_idx])).reshape(len(valid_idx), len(names))
         report = score_report(targets[valid_idx], preds, names)
@@ -159,8 +163,9 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
         result = FoldResult(fold, report["mcrmse"], report["per_target"], 1, preds.astype(np.float32), valid_idx,
                             folder / BEST_DIR, seconds)
         write_fold_result(folder, result)
-        log.info("fold %d: %d train / %d valid rows, %d n-gram features, valid MCRMSE %.4f (%.1f s)", fold,
-                 len(train_idx), len(valid_idx), n_features, report["mcrmse"], seconds)
+        log.info("fold %d: %d train%s / %d valid rows, %d n-gram features, valid MCRMSE %.4f (%.1f s)", fold,
+                 len(train_idx), "" if pseudo is None else f" + {len(pseudo)} pseudo-labelled", len(valid_idx),
+                 n_features, report["mcrmse"], seconds)
         results[fold] = result
     return results
 

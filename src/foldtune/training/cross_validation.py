@@ -20,6 +20,7 @@ from foldtune.data.demo import write_demo_files
 from foldtune.data.folds import assign_folds
 from foldtune.data.validate import check_data_files, load_test, load_train
 from foldtune.files import remove_orphans
+from foldtune.pseudo import PseudoLabels, pseudo_labels_of_run
 from foldtune.report import write_report_or_warn
 from foldtune.run_layout import (CONFIG_FILE, FOLDS_FILE, FoldResult, FoldSeed, fold_seeds, read_run_csv,
                                  start_run_folder)
@@ -153,15 +154,20 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
                     else "data_parallel"} if launch.world_size > 1 else None)
     fold_of = launch.run_on_main(lambda: saved_folds(cfg, run_dir, frame) if resume
                                  else start_run(cfg, run_dir, frame, folds_to_run, launch=launch_info))
+    if cfg.pseudo.teacher is not None and launch.world_size > 1:
+        raise ConfigError("pseudo.teacher: a run with pseudo-labels trains in one process (its folds may still "
+                          "run side by side: training.parallel_folds); run it as python train.py, not under "
+                          "accelerate launch")
+    pseudo = pseudo_labels_of_run(cfg, run_dir, frame, fold_of)
     if cfg.model.type == "tfidf_ridge" and launch.world_size == 1:
         # seconds per fold on a CPU: every fold is fitted again, resumed or not
         from foldtune.models.tfidf_ridge import train_tfidf_folds
 
         results = {FoldSeed(fold): result
-                   for fold, result in train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run).items()}
+                   for fold, result in train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run, pseudo).items()}
     else:
         units = fold_seeds(folds_to_run, cfg.training.seeds)
-        prepared, results, to_train = _prepare(cfg, run_dir, frame, fold_of, units, resume, launch)
+        prepared, results, to_train = _prepare(cfg, run_dir, frame, fold_of, units, resume, launch, pseudo)
         scheduler = fold_scheduler(cfg, launch, fold_parallel) if after_fold is None else Sequential(after_fold)
         results.update(scheduler.run_folds(prepared, to_train))
         if not launch.is_main:
@@ -175,14 +181,15 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
 
 
 def _prepare(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray, units: Sequence[FoldSeed],
-             resume: bool, launch: OneProcess) -> tuple[PreparedRun, dict[FoldSeed, FoldResult], list[FoldSeed]]:
+             resume: bool, launch: OneProcess, pseudo: PseudoLabels | None = None,
+             ) -> tuple[PreparedRun, dict[FoldSeed, FoldResult], list[FoldSeed]]:
     """(the prepared run, the folds (fold, seed models) finished before, read back; those to train).
 
     Under a launch the main process tokenizes and decides which folds to train; the
     others read the token ids back, as the fold processes of training.parallel_folds do.
     """
     if launch.world_size == 1:
-        prepared = tokenized_run(cfg, run_dir, frame, fold_of)
+        prepared = tokenized_run(cfg, run_dir, frame, fold_of, pseudo)
         return (prepared, *finished_folds(prepared, units, resume))
     on_main: dict = {}
 

@@ -25,6 +25,7 @@ from foldtune.data.dataset import TextDataset, encode_data
 from foldtune.data.validate import load_train
 from foldtune.files import atomic_path
 from foldtune.models.regressor import load_tokenizer
+from foldtune.pseudo import PseudoLabels, read_pseudo_labels
 from foldtune.run_layout import (CONFIG_FILE, FOLDS_FILE, OOF_FILE, RESULT_FILE, TOKENS_FILE, FoldResult, FoldSeed,
                                  read_fold_result, read_run_csv, write_fold_result)
 from foldtune.runtime.launch_lock import CUDA_LAUNCH_LOCK
@@ -53,19 +54,28 @@ class PreparedRun:
     # The processes that train each fold together: this one alone, or all of a
     # data-parallel launch (whose main process writes the fold's files).
     group: OneProcess | DataParallel = field(default=ONE_PROCESS)
+    # pseudo.file's texts and each fold's targets for them (foldtune.pseudo), tokenized
+    pseudo: PseudoLabels | None = None
+    pseudo_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def targets(self) -> np.ndarray:
         return self.frame[list(self.cfg.data.target_columns)].to_numpy(dtype=np.float32)
 
     def fold_data(self, fold: int) -> FoldData:
+        """The fold's training rows (with pseudo.file's texts and the fold's targets for them, if
+        any) and its validation rows."""
         targets = self.targets
         train_idx = np.flatnonzero(self.fold_of != fold)
         valid_idx = np.flatnonzero(self.fold_of == fold)
         ids = self.frame[self.cfg.data.id_column].tolist()
+        train_ids, train_targets = [self.input_ids[i] for i in train_idx], targets[train_idx]
+        if self.pseudo is not None:
+            train_ids += self.pseudo_ids
+            train_targets = np.concatenate([train_targets, self.pseudo.targets[fold]])
         return FoldData(
             fold=fold,
-            train=TextDataset([self.input_ids[i] for i in train_idx], targets[train_idx]),
+            train=TextDataset(train_ids, train_targets),
             valid=TextDataset([self.input_ids[i] for i in valid_idx], targets[valid_idx]),
             valid_ids=[ids[i] for i in valid_idx],
             valid_index=valid_idx,
@@ -84,7 +94,9 @@ class PreparedRun:
         time left. Bars only where one process draws on the terminal: under a fold-parallel
         launch each process writes lines."""
         tcfg = self.cfg.training
-        steps = {unit: steps_per_epoch(int(np.sum(self.fold_of != unit.fold)), tcfg) * tcfg.epochs for unit in units}
+        extra = 0 if self.pseudo is None else len(self.pseudo)
+        steps = {unit: steps_per_epoch(int(np.sum(self.fold_of != unit.fold)) + extra, tcfg) * tcfg.epochs
+                 for unit in units}
         one_display = current_launch().world_size == 1 or self.group.world_size > 1
         return RunProgress.from_environment(bars=one_display, steps_of_fold=steps)
 
@@ -177,7 +189,10 @@ class PreparedRun:
         with np.load(run_dir / TOKENS_FILE) as saved:
             flat, offsets = saved["ids"], saved["offsets"]
         input_ids = [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-        return cls(cfg, run_dir, frame, fold_of, input_ids, load_tokenizer(cfg.model.name))
+        tokenizer = load_tokenizer(cfg.model.name)
+        pseudo = read_pseudo_labels(cfg, run_dir) if cfg.pseudo.teacher is not None else None
+        return cls(cfg, run_dir, frame, fold_of, input_ids, tokenizer, pseudo=pseudo,
+                   pseudo_ids=_tokens(cfg, tokenizer, pseudo))
 
     def save_tokens(self) -> None:
         """Token ids for fold processes: the texts are tokenized once per run."""
@@ -188,11 +203,17 @@ class PreparedRun:
                          offsets=offsets)
 
 
-def tokenized_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray) -> PreparedRun:
-    """The run's texts tokenized once, for all its folds."""
+def _tokens(cfg: Config, tokenizer, pseudo: PseudoLabels | None) -> list[list[int]]:
+    return [] if pseudo is None else encode_data(tokenizer, pseudo.texts, cfg.data).input_ids
+
+
+def tokenized_run(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
+                  pseudo: PseudoLabels | None = None) -> PreparedRun:
+    """The run's texts (and pseudo.file's) tokenized once, for all its folds."""
     tokenizer = load_tokenizer(cfg.model.name)
     encoded = encode_data(tokenizer, frame[cfg.data.text_column].tolist(), cfg.data)
-    return PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer)
+    return PreparedRun(cfg, run_dir, frame, fold_of, encoded.input_ids, tokenizer, pseudo=pseudo,
+                       pseudo_ids=_tokens(cfg, tokenizer, pseudo))
 
 
 def finished_folds(prepared: PreparedRun, units: Sequence[FoldSeed],
