@@ -70,7 +70,7 @@ def test_did_you_mean_gives_the_whole_dotted_key(typo, meant):
 def test_unknown_section_is_refused():
     with pytest.raises(ConfigError, match=r"unknown config key 'trainig' set on the command line \(did you mean "
                                           r"'training'\?\); valid keys in the top level: data, folds, model, "
-                                          r"training, awp, averaging, fgm, rdrop, pruning, tfidf, distill, output$"):
+                                          r"training, awp, averaging, fgm, rdrop, pruning, tfidf, distill, pseudo, output$"):
         load_config(None, ["trainig.lr=1"])
 
 

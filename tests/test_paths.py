@@ -26,8 +26,8 @@ def _error_line(capsys) -> str:
 
 @pytest.mark.parametrize(("main", "sentence"), [
     (train_main, "relative paths, on the command line and in the config (data files, a model.name folder, "
-                 "output.dir,\ndistill.teacher), are resolved from the working directory, not from the config "
-                 "file's folder\n"),
+                 "output.dir,\ndistill.teacher, pseudo.teacher, pseudo.file), are resolved from the working "
+                 "directory, not from the\nconfig file's folder\n"),
     (infer_main, "relative paths (--run, --test, --blend, --out, and a run's data.test_file) are resolved from the "
                  "working directory\n"),
 ])

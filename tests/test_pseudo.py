@@ -154,3 +154,22 @@ def test_a_transformer_run_trains_on_them_and_resumes_without_the_teacher(teache
     assert train_main(["--resume", str(run), "--folds", "0,1,2"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(run / PSEUDO_FILE), labels)
     assert sorted(pd.read_csv(run / "oof.csv").text_id) == sorted(train.text_id)
+
+
+def test_a_mistyped_or_unfinished_teacher_is_refused_before_a_run_folder(teacher, monkeypatch, capsys):
+    work, _, _ = teacher
+    monkeypatch.chdir(work)
+    assert train_main(["--config", "tfidf.yaml", "--name", "typo", "pseudo.teacher=runs/r_1",
+                       "pseudo.file=test.csv"]) == 2
+    assert f"error: pseudo.teacher: {work / 'runs' / 'r_1'} does not exist" in capsys.readouterr().err
+    assert train_main(["--config", "tfidf.yaml", "--name", "typo", "pseudo.teacher=runs/r1",
+                       "pseudo.file=tset.csv"]) == 2
+    assert f"error: pseudo.file: {work / 'tset.csv'} does not exist" in capsys.readouterr().err
+    half = work / "runs" / "r1_half"        # a teacher whose fold 1 is still training
+    shutil.copytree(work / "runs" / "r1", half)
+    (half / "fold_1" / "result.json").unlink()
+    assert train_main(["--config", "tfidf.yaml", "--name", "early", f"pseudo.teacher={half}",
+                       "pseudo.file=test.csv"]) == 2
+    err = capsys.readouterr().err
+    assert f"fold(s) [1] of {half} have no finished checkpoint" in err and "--resume" in err
+    assert not list((work / "runs").glob("typo*")) and not list((work / "runs").glob("early*"))

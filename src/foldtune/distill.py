@@ -74,8 +74,8 @@ class Teacher:
         return self.blend(np.stack(preds).astype(np.float64), fold)
 
 
-def load_teacher(path: str | Path) -> Teacher:
-    """A blend file, or a run folder (a blend of one with weight one)."""
+def load_teacher(path: str | Path, key: str = "distill.teacher") -> Teacher:
+    """A blend file, or a run folder (a blend of one with weight one); `key` names it in errors."""
     from foldtune.blend import aligned_oof, blend_weights, load_member, read_blend
 
     path = Path(path)
@@ -89,7 +89,7 @@ def load_teacher(path: str | Path) -> Teacher:
         return Teacher(path, [path], ones, {int(k): ones for k in np.unique(fold_of)}, targets, ids, fold_of, oof)
     if not path.is_file():
         what = "is neither a run folder nor a blend file" if path.exists() else "does not exist"
-        raise ConfigError(f"distill.teacher: {path.resolve()} {what}")
+        raise ConfigError(f"{key}: {path.resolve()} {what}")
     blend, runs = read_blend(path)
     members = [load_member(r) for r in runs]
     ids, fold_of, oof = aligned_oof(members)

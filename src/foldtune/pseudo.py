@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from foldtune.config import Config, ConfigError
+from foldtune.config import Config, ConfigError, path_problem
 from foldtune.files import atomic_write_csv
 
 log = logging.getLogger("foldtune")
@@ -49,6 +49,9 @@ class PseudoLabels:
 def _texts(cfg: Config) -> tuple[list[str], list[str]]:
     from foldtune.data.validate import load_test
 
+    problem = path_problem(cfg.pseudo.file, "a CSV file")
+    if problem is not None:
+        raise ConfigError(f"pseudo.file: {problem}")
     frame = load_test(cfg.pseudo.file, cfg.data)
     return frame[cfg.data.id_column].astype(str).tolist(), frame[cfg.data.text_column].astype(str).tolist()
 
@@ -79,9 +82,12 @@ def check_pseudo(cfg: Config, frame: pd.DataFrame, fold_of: np.ndarray):
     """(the teacher, pseudo.file's ids and texts), after checking that the teacher was trained
     on these rows and folds and that no text of pseudo.file is a training essay."""
     from foldtune.distill import load_teacher
+    from foldtune.inference import fold_checkpoints
 
-    teacher = load_teacher(cfg.pseudo.teacher)
+    teacher = load_teacher(cfg.pseudo.teacher, "pseudo.teacher")
     check_teacher_folds(cfg, teacher, frame, fold_of)
+    for run in teacher.runs:        # a teacher still training fails now, naming its unfinished folds
+        fold_checkpoints(run, False, sorted(set(fold_of.tolist())))
     ids, texts = _texts(cfg)
     overlap = sorted(set(ids) & set(frame[cfg.data.id_column].astype(str)))
     if overlap:
