@@ -39,7 +39,8 @@ COMMANDS = {
                     "list the runs of a folder: date, backbone, OOF MCRMSE, config keys changed"),
     "report": Command("foldtune.report", "main", "write a finished run's report.md and plots again"),
     "export": Command("foldtune.export", "main",
-                      "write a run as a self-contained folder to upload as a Kaggle dataset"),
+                      "write a run (or a blend or stack with its runs) as a self-contained folder to upload "
+                      "as a Kaggle dataset"),
     "ensemble": Command("foldtune.ensemble", "main",
                         "fit per-target blend weights on the OOF of runs trained on the same folds: blend.json"),
     "compress": Command("foldtune.compress", "main",
