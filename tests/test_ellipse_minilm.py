@@ -11,7 +11,7 @@ import logging
 import pandas as pd
 import pytest
 
-from conftest import ELLIPSE
+from conftest import ELLIPSE, REPO
 from foldtune.config import load_config
 from foldtune.training.cross_validation import run_cross_validation
 
@@ -35,3 +35,19 @@ def test_minilm_on_real_essays_beats_the_mean_predictor_on_the_same_folds(tmp_pa
     # the mean predictor scores 0.643 on these folds; 50 steps of training reached 0.589 here
     assert scores["mean_predictor_mcrmse"] > 0.55
     assert scores["oof"]["mcrmse"] < scores["mean_predictor_mcrmse"] - 0.03, scores
+
+
+@pytest.mark.parametrize("config", ["configs/ellipse_minilm_windows.yaml"])
+def test_the_windows_config_reads_every_token_of_every_real_essay(config):
+    """Its max_windows covers the longest essay of train.csv and test.csv (1,527 tokens)."""
+    from foldtune.data.dataset import encode_data
+    from foldtune.models.regressor import load_tokenizer
+
+    cfg = load_config(REPO / config, [f"data.train_file={ELLIPSE / 'train.csv'}"])
+    tokenizer = load_tokenizer(cfg.model.name)
+    for name in ("train.csv", "test.csv"):
+        texts = pd.read_csv(ELLIPSE / name)["full_text"].tolist()
+        encoded = encode_data(tokenizer, texts, cfg.data)
+        assert encoded.n_truncated == 0, f"{encoded.n_truncated} essays of {name} cut"
+        # every token of the body is read: the ids are the whole text between [CLS] and [SEP]
+        assert [len(ids) for ids in encoded.input_ids] == encoded.full_lengths.tolist()
