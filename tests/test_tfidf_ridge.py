@@ -159,3 +159,32 @@ def test_a_fold_changed_in_place_is_refused(tfidf_runs, tmp_path, capsys):
     assert (f"fold 1: {weights} does not match the SHA-256 recorded when it was written (the file changed after it "
             f"was saved): retrain the fold with python train.py --resume {run}") in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_stop_request_ends_a_tfidf_run_between_folds_and_resume_finishes_it(tfidf_runs, monkeypatch, capsys):
+    """SIGTERM while fold 0 fits: the run ends after that fold with 143 and its resume command."""
+    import signal
+
+    from foldtune.cli import train_main
+    from foldtune.models import tfidf_ridge
+    from foldtune.training import stopping
+
+    work, _, _ = tfidf_runs
+    monkeypatch.chdir(work)
+
+    def build_then_stop(*args, **kwargs):
+        stopping.request_stop(signal.SIGTERM)       # as the handler does when the signal arrives
+        return build_tfidf_ridge(*args, **kwargs)
+
+    monkeypatch.setattr(tfidf_ridge, "build_tfidf_ridge", build_then_stop)
+    try:
+        assert train_main(["--config", "tfidf.yaml", "--name", "stopped"]) == 143
+    finally:
+        stopping.clear_stop_request()
+    monkeypatch.setattr(tfidf_ridge, "build_tfidf_ridge", build_tfidf_ridge)
+    run = work / "runs" / "stopped"
+    assert (run / "fold_0" / "result.json").is_file() and not (run / "fold_1" / "result.json").exists()
+    assert ("stopped by SIGTERM: the training state is saved. Continue with: python train.py --resume runs/stopped"
+            in capsys.readouterr().err)
+    assert train_main(["--resume", str(run)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(run / "oof.csv"), pd.read_csv(work / "runs" / "ridge1" / "oof.csv"))

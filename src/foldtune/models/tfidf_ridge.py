@@ -38,6 +38,7 @@ from foldtune.config import Config, TfidfConfig, dump_config
 from foldtune.files import atomic_directory, atomic_write_csv
 from foldtune.metrics import score_report
 from foldtune.run_layout import BEST_DIR, OOF_FILE, FoldResult, fold_dir, oof_frame, write_fold_result
+from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
 
@@ -136,6 +137,9 @@ def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: 
     targets = frame[names].to_numpy(dtype=np.float64)
     results = {}
     for fold in folds:
+        stop = stop_requested()     # SIGINT or SIGTERM: stop between folds (a fold is one fit)
+        if stop:
+            raise TrainingInterrupted(stop)
         started = time.perf_counter()
         folder = fold_dir(run_dir, fold)
         train_idx, valid_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
