@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,6 @@ from foldtune.config import Config, TfidfConfig, dump_config
 from foldtune.files import atomic_directory, atomic_write_csv
 from foldtune.metrics import score_report
 from foldtune.run_layout import BEST_DIR, OOF_FILE, FoldResult, fold_dir, oof_frame, write_fold_result
-from foldtune.training.stopping import TrainingInterrupted, stop_requested
 
 log = logging.getLogger("foldtune")
 
@@ -128,18 +127,18 @@ def load_model(folder: Path) -> TfidfRidge:
 
 
 def train_tfidf_folds(cfg: Config, run_dir: Path, frame: pd.DataFrame, fold_of: np.ndarray,
-                      folds: Sequence[int], pseudo=None):
+                      folds: Sequence[int], pseudo=None, before_fold: Callable[[int], None] | None = None):
     """Fit each fold's pipeline on the other folds' rows (and on pseudo's texts with the fold's
-    targets for them: foldtune.pseudo); write its files; return the results."""
+    targets for them: foldtune.pseudo); write its files; return the results. before_fold is
+    called with each fold before it is fitted (the caller stops a run there on a signal)."""
     names = list(cfg.data.target_columns)
     texts = frame[cfg.data.text_column].to_numpy(dtype=object)
     ids = frame[cfg.data.id_column].to_numpy()
     targets = frame[names].to_numpy(dtype=np.float64)
     results = {}
     for fold in folds:
-        stop = stop_requested()     # SIGINT or SIGTERM: stop between folds (a fold is one fit)
-        if stop:
-            raise TrainingInterrupted(stop)
+        if before_fold is not None:
+            before_fold(fold)
         started = time.perf_counter()
         folder = fold_dir(run_dir, fold)
         train_idx, valid_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)

@@ -32,6 +32,7 @@ from foldtune.training.graphs import too_many_shapes
 from foldtune.training.prepared import PreparedRun, finished_folds, tokenized_run
 from foldtune.training.schedulers import AfterFold, Sequential, fold_scheduler
 from foldtune.training.state import wait_for_removals
+from foldtune.training.stopping import TrainingInterrupted, stop_requested
 from foldtune.training.summary import summarize
 
 log = logging.getLogger("foldtune")
@@ -163,8 +164,13 @@ def run_cross_validation(cfg: Config, run_dir: Path, folds_to_run: Sequence[int]
         # seconds per fold on a CPU: every fold is fitted again, resumed or not
         from foldtune.models.tfidf_ridge import train_tfidf_folds
 
-        results = {FoldSeed(fold): result
-                   for fold, result in train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run, pseudo).items()}
+        def stop_between_folds(fold: int) -> None:      # SIGINT or SIGTERM: a fold is one fit
+            stop = stop_requested()
+            if stop:
+                raise TrainingInterrupted(stop)
+
+        results = {FoldSeed(fold): result for fold, result in
+                   train_tfidf_folds(cfg, run_dir, frame, fold_of, folds_to_run, pseudo, stop_between_folds).items()}
     else:
         units = fold_seeds(folds_to_run, cfg.training.seeds)
         prepared, results, to_train = _prepare(cfg, run_dir, frame, fold_of, units, resume, launch, pseudo)
