@@ -129,6 +129,50 @@ def test_each_folds_rows_are_predicted_by_a_ridge_fitted_on_the_other_folds(thre
     assert "stack (ridge), nested OOF" in printed and f"{mcrmse(y, nested):.4f}" in printed
 
 
+@pytest.mark.parametrize("text_stats", [False, True])
+def test_own_features_give_each_target_only_its_own_predictions(three_fold_runs, capsys, text_stats):
+    """--features own: target t's ridge reads the members' predictions of t (and the statistics
+    unless --no-text-stats), fold by fold and for the kept model, as infer.py reads it back."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    root, (r1, r2), ids, texts, y, folds, (p1, p2) = three_fold_runs
+    flags = ["--features", "own"] + ([] if text_stats else ["--no-text-stats"])
+    assert ensemble_main(["--stack", str(r1), str(r2), "--out", str(root / "own"), *flags]) == 0
+    stack = json.loads((root / "own" / "stack.json").read_text())
+    members = ["member0.a", "member0.b", "member1.a", "member1.b"]
+    assert stack["features"] == members + (STATS if text_stats else [])
+    assert (stack["feature_set"], stack["text_stats"]) == ("own", text_stats)
+    stats = leave_one_out_stats(texts)[0]
+    oof = pd.read_csv(root / "own" / "oof.csv")
+
+    def x_of(t, stats_rows):
+        own = np.column_stack([p1[:, t], p2[:, t]])
+        return np.column_stack([own, stats_rows]) if text_stats else own
+
+    def fitted(rows, t):
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS)).fit(x_of(t, stats)[rows], y[rows, t])
+
+    for t, name in enumerate(["a", "b"]):
+        for k in range(3):
+            inside = folds == k
+            np.testing.assert_allclose(oof.loc[inside, name], fitted(~inside, t).predict(x_of(t, stats)[inside]),
+                                       rtol=0, atol=1e-12)
+        whole = fitted(np.ones(len(ids), bool), t)
+        assert len(stack["models"][name]["coef"]) == 2 + 6 * text_stats
+        np.testing.assert_allclose(stack["models"][name]["coef"], whole[-1].coef_, rtol=0, atol=1e-12)
+        # read back: new texts' predictions go through the same columns
+        vocabulary = json.loads((root / "own" / "vocabulary.json").read_text())
+        predicted = read_stack(root / "own").predict(np.stack([p1, p2]), texts)
+        np.testing.assert_allclose(predicted[:, t], whole.predict(x_of(t, stats_matrix(texts, vocabulary))),
+                                   rtol=0, atol=1e-12)
+    assert len(vocabulary) == (11 if text_stats else 0)
+    nested = oof[["a", "b"]].to_numpy()
+    assert stack["scores"]["stack_nested_oof"]["mcrmse"] == pytest.approx(mcrmse(y, nested), abs=1e-12)
+    assert "features: each target its own predictions of every member" in capsys.readouterr().out
+
+
 def test_hgb_folds_are_fitted_on_the_other_folds_and_read_back(three_fold_runs, monkeypatch):
     from sklearn.ensemble import HistGradientBoostingRegressor
 
@@ -170,6 +214,12 @@ def test_the_command_line_keeps_blend_and_stack_options_apart(three_fold_runs, c
     with pytest.raises(SystemExit):
         ensemble_main(["--run", str(r1), "--run", str(r2), "--model", "hgb", "--out", str(root / "b.json")])
     assert "--model applies to --stack only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ensemble_main(["--run", str(r1), "--run", str(r2), "--features", "own", "--no-text-stats", "--out", "b.json"])
+    assert "--features, --no-text-stats applies to --stack only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ensemble_main(["--stack", str(r1), str(r2), "--features", "owns", "--out", str(root / "s")])
+    assert "argument --features: invalid choice: 'owns'" in capsys.readouterr().err
     # a folder that is not a stack is not replaced by one
     assert ensemble_main(["--stack", str(r1), str(r2), "--out", str(r1)]) == 2
     assert "holds files and no stack.json" in capsys.readouterr().err
@@ -188,13 +238,14 @@ def tfidf_stack(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(HGB_SETTINGS, "min_samples_leaf", 3)         # 30 rows: trees of more than a leaf
         build_stack(runs, work / "hgb", model="hgb")
+    build_stack(runs, work / "own", features="own", text_stats=False)
     # then a declared range narrower than the predictions': clipping (the first run's, as infer.py --run's) shows
     config = runs[0] / "config.yaml"
     save_config(load_config(config, [f"data.target_range=[{CLIP[0]}, {CLIP[1]}]"]), config)
     return work, runs, train, test
 
 
-@pytest.mark.parametrize("model", ["stack", "hgb"])
+@pytest.mark.parametrize("model", ["stack", "hgb", "own"])
 def test_infer_with_a_stack_applies_its_saved_models(model, tfidf_stack, monkeypatch):
     import joblib
 
@@ -209,6 +260,10 @@ def test_infer_with_a_stack_applies_its_saved_models(model, tfidf_stack, monkeyp
     x = np.column_stack([*(m[:, t] for m in members for t in range(6)), stats_matrix(texts, vocabulary)])
     if model == "hgb":
         raw = np.column_stack([joblib.load(folder / record["models"][t]["file"]).predict(x) for t in TARGETS])
+    elif model == "own":            # target t's ridge reads both members' predictions of t, no statistics
+        raw = np.column_stack([(np.column_stack([m[:, t] for m in members]) - r["mean"]) / np.array(r["scale"])
+                               @ np.array(r["coef"]) + r["intercept"]
+                               for t, r in enumerate(record["models"][name] for name in TARGETS)])
     else:
         raw = np.column_stack([(x - m["mean"]) / np.array(m["scale"]) @ np.array(m["coef"]) + m["intercept"]
                                for m in (record["models"][t] for t in TARGETS)])

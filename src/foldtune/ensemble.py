@@ -2,7 +2,8 @@
 them under a level-2 model (foldtune.stack).
 
     foldtune ensemble --run runs/A --run runs/B --run runs/C --out blend.json [--method nnls|hill]
-    foldtune ensemble --stack runs/A runs/B --out stacks/ab [--model ridge|hgb]
+    foldtune ensemble --stack runs/A runs/B --out stacks/ab [--model ridge|hgb] [--features all|own]
+                      [--no-text-stats]
 
 The blend's names stay importable from here (EnsembleError, build_blend, read_blend, ...).
 """
@@ -17,6 +18,7 @@ from foldtune.blend import (BLEND_FORMAT, EnsembleError, apply_weights, blend_we
                             fit_weights, format_report, hill_climb, honest_blend, load_member, read_blend,
                             simplex_least_squares)
 from foldtune.commands import prog_of, runs_from_positionals
+from foldtune.stack import FEATURE_SETS
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -38,6 +40,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                              "folder")
     parser.add_argument("--model", default=None, help="with --stack: ridge (standardised, alpha by leave-one-out) "
                                                       "or hgb (HistGradientBoostingRegressor); default: ridge")
+    parser.add_argument("--features", default=None, choices=FEATURE_SETS,
+                        help="with --stack: what each target's model reads: all (every member's prediction of "
+                             "every target; the default) or own (the members' predictions of that target)")
+    parser.add_argument("--no-text-stats", action="store_true",
+                        help="with --stack: leave the text statistics out of the features")
     args = parser.parse_intermixed_args(argv)
     if args.stack:
         if args.run or args.positional or args.method:
@@ -45,10 +52,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         from foldtune.stack import build_stack, format_stack_report
 
         def build() -> str:
-            return format_stack_report(build_stack(args.stack, args.out, args.model or "ridge", args.train))
+            return format_stack_report(build_stack(args.stack, args.out, args.model or "ridge", args.train,
+                                                   args.features or "all", not args.no_text_stats))
     else:
-        if args.model:
-            parser.error("--model applies to --stack only (a blend has --method)")
+        given = [name for name, value in (("--model", args.model), ("--features", args.features),
+                                          ("--no-text-stats", args.no_text_stats)) if value]
+        if given:
+            parser.error(f"{', '.join(given)} applies to --stack only (a blend has --method)")
         runs_from_positionals(parser, args)
 
         def build() -> str:

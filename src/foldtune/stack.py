@@ -1,12 +1,17 @@
 """A level-2 model per target over the OOF predictions of runs trained on the same folds.
 
-    foldtune ensemble --stack runs/A runs/B --out stacks/ab [--model ridge|hgb]
+    foldtune ensemble --stack runs/A runs/B --out stacks/ab [--model ridge|hgb] [--features all|own]
+                      [--no-text-stats]
 
-Features, the same for every target: every target's prediction of every member (the
-targets move together, and a member's grammar score tells something of its conventions
-score; a few dozen columns are no burden for a few thousand rows), then the text's
-statistics (foldtune.text_stats: length, words, sentences, mean word length, type/token
-ratio, share of words outside the vocabulary of the training essays).
+Features (--features all, the default), the same for every target: every target's
+prediction of every member (the targets move together, and a member's grammar score tells
+something of its conventions score; a few dozen columns are no burden for a few thousand
+rows), then the text's statistics (foldtune.text_stats: length, words, sentences, mean word
+length, type/token ratio, share of words outside the vocabulary of the training essays).
+--features own gives each target's model only the members' predictions of that target
+(and the statistics); --no-text-stats leaves the statistics out. Over strong members both
+cost less than they bring: on the real essays (docs/benchmarks.md, "The stack") the stack
+of the best runs scores better with `--features own --no-text-stats`.
 
 The model: ridge on standardised features by default, its alpha chosen among RIDGE_ALPHAS
 by the leave-one-out error of the rows it is fitted on (RidgeCV's exact shortcut: no
@@ -145,26 +150,48 @@ LEVEL2_MODELS.register("hgb")(HgbModel)
 # --- features and the nested fit --------------------------------------------------------
 
 
-def feature_names(n_members: int, targets: Sequence[str]) -> list[str]:
-    return [f"member{j}.{t}" for j in range(n_members) for t in targets] + [f"text.{s}" for s in STAT_NAMES]
+# all: every member's prediction of every target feeds each target's model; own: only the
+# members' predictions of that target. Either way followed by the text statistics, if any.
+FEATURE_SETS = ("all", "own")
 
 
-def stack_features(preds: np.ndarray, stats: np.ndarray) -> np.ndarray:
-    """(rows, features): preds (members, rows, targets) member by member, then the text statistics."""
+def feature_names(n_members: int, targets: Sequence[str], text_stats: bool = True) -> list[str]:
+    """The columns of stack_features: member j's prediction of target t, then the text statistics."""
+    names = [f"member{j}.{t}" for j in range(n_members) for t in targets]
+    return names + ([f"text.{s}" for s in STAT_NAMES] if text_stats else [])
+
+
+def target_inputs(n_members: int, targets: Sequence[str], feature_set: str, text_stats: bool = True) -> list[list[int]]:
+    """For each target, the columns of stack_features its model reads."""
+    names = feature_names(n_members, targets, text_stats)
+    stats = [i for i, name in enumerate(names) if name.startswith("text.")]
+    if feature_set == "all":
+        return [list(range(len(names))) for _ in targets]
+    return [[names.index(f"member{j}.{t}") for j in range(n_members)] + stats for t in targets]
+
+
+def stack_features(preds: np.ndarray, stats: np.ndarray | None) -> np.ndarray:
+    """(rows, features): preds (members, rows, targets) member by member, then the text statistics (if any)."""
     preds = np.asarray(preds, dtype=np.float64)
     by_member = preds.transpose(1, 0, 2).reshape(preds.shape[1], -1)
+    if stats is None:
+        return by_member
     return np.hstack([by_member, np.asarray(stats, dtype=np.float64)])
 
 
-def nested_oof(model: type, x: np.ndarray, y: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
-    """Each fold's rows predicted by models (one per target) fitted on the other folds' rows only."""
+def nested_oof(model: type, x: np.ndarray, y: np.ndarray, fold_of: np.ndarray,
+               inputs: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Each fold's rows predicted by models (one per target, reading the columns `inputs`
+    names for it; default all) fitted on the other folds' rows only."""
     out = np.empty(y.shape, dtype=np.float64)
+    inputs = inputs or [range(x.shape[1])] * y.shape[1]
     for fold in np.unique(fold_of):
         inside, outside = fold_of == fold, fold_of != fold
         if not outside.any():
             raise EnsembleError("the OOF rows come from a single fold: a nested stack needs at least two")
-        for t in range(y.shape[1]):
-            out[inside, t] = model.fit(x[outside], y[outside, t]).predict(x[inside])
+        for t, columns in enumerate(inputs):
+            columns = list(columns)
+            out[inside, t] = model.fit(x[outside][:, columns], y[outside, t]).predict(x[inside][:, columns])
     return out
 
 
@@ -181,9 +208,11 @@ def _check_out(out: Path) -> None:
 
 
 def build_stack(run_dirs: Sequence[str | Path], out: str | Path, model: str = "ridge",
-                train_file: str | Path | None = None) -> dict:
+                train_file: str | Path | None = None, features: str = "all", text_stats: bool = True) -> dict:
     """Fit the stack of `run_dirs`, write its folder `out` (atomically) and return stack.json's contents."""
     level2 = LEVEL2_MODELS.get(model)
+    if features not in FEATURE_SETS:
+        raise EnsembleError(f"--features {features!r}: expected one of {', '.join(FEATURE_SETS)}")
     out = Path(out)
     _check_out(out)
     members = [load_member(r) for r in run_dirs]
@@ -193,11 +222,12 @@ def build_stack(run_dirs: Sequence[str | Path], out: str | Path, model: str = "r
     targets = list(data.target_columns)
     rows = train_rows(first, ids, train_file)
     y = rows[targets].to_numpy(dtype=np.float64)
-    stats, vocabulary = leave_one_out_stats(rows[data.text_column].astype(str).tolist())
+    stats, vocabulary = leave_one_out_stats(rows[data.text_column].astype(str).tolist()) if text_stats else (None, [])
     x = stack_features(preds, stats)
+    inputs = target_inputs(len(members), targets, features, text_stats)
 
-    stacked = nested_oof(level2, x, y, fold_of)
-    final = [level2.fit(x, y[:, t]) for t in range(len(targets))]
+    stacked = nested_oof(level2, x, y, fold_of, inputs)
+    final = [level2.fit(x[:, columns], y[:, t]) for t, columns in enumerate(inputs)]
     blended, _ = honest_blend(preds, y, fold_of, "nnls" if len(members) <= MAX_EXACT_MEMBERS else "hill")
     scores = {
         "members_oof": {m.name: score_report(y, preds[j], targets) for j, m in enumerate(members)},
@@ -216,7 +246,9 @@ def build_stack(run_dirs: Sequence[str | Path], out: str | Path, model: str = "r
             "target_columns": targets,
             "id_column": data.id_column,
             "text_column": data.text_column,
-            "features": feature_names(len(members), targets),
+            "features": feature_names(len(members), targets, text_stats),
+            "feature_set": features,
+            "text_stats": text_stats,
             "vocabulary": {"file": VOCABULARY_FILE, "min_essays": MIN_ESSAYS, "words": len(vocabulary)},
             "n_rows": len(ids),
             "n_folds": int(len(np.unique(fold_of))),
@@ -252,10 +284,19 @@ class Stack:
     def target_columns(self) -> list[str]:
         return list(self.record["target_columns"])
 
+    @property
+    def text_stats(self) -> bool:
+        return self.record.get("text_stats", True)          # stacks written before the switch had them
+
+    @property
+    def inputs(self) -> list[list[int]]:
+        return target_inputs(len(self.runs), self.target_columns, self.record.get("feature_set", "all"),
+                             self.text_stats)
+
     def predict(self, member_preds: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """(texts, targets) from the members' predictions (members, texts, targets) of `texts`."""
-        x = stack_features(member_preds, stats_matrix(texts, self.vocabulary))
-        return np.stack([m.predict(x) for m in self.models], axis=1)
+        x = stack_features(member_preds, stats_matrix(texts, self.vocabulary) if self.text_stats else None)
+        return np.stack([m.predict(x[:, columns]) for m, columns in zip(self.models, self.inputs)], axis=1)
 
 
 def is_stack(path: str | Path) -> bool:
@@ -276,7 +317,11 @@ def read_stack(path: str | Path) -> Stack:
     record = read_record(file, "stack file", STACK_FORMAT, "stack", "foldtune ensemble --stack")
     folder = file.resolve().parent
     runs = [(folder / m).resolve() for m in record["members"]]
-    expected = feature_names(len(runs), record["target_columns"])
+    feature_set = record.get("feature_set", "all")
+    if feature_set not in FEATURE_SETS:
+        raise EnsembleError(f"{file}: its feature_set {feature_set!r} is not one of {', '.join(FEATURE_SETS)}; "
+                            "write the stack again")
+    expected = feature_names(len(runs), record["target_columns"], record.get("text_stats", True))
     if record["features"] != expected:
         raise EnsembleError(f"{file}: its features {record['features']} are not those this foldtune computes "
                             f"({expected}); write the stack again")
@@ -292,6 +337,8 @@ def format_stack_report(stack: dict) -> str:
     rows += [("blend, honest (other folds' weights)", scores["blend_honest"]),
              (f"stack ({stack['model']}), nested OOF", scores["stack_nested_oof"])]
     lines = score_table(rows, stack["target_columns"])
+    lines.append(f"features: {'each target its own predictions' if stack['feature_set'] == 'own' else 'every prediction'} "
+                 f"of every member{', and the text statistics' if stack['text_stats'] else ''}")
     if stack["model"] == "ridge":
         lines.append("ridge alpha per target: " + ", ".join(f"{t} {m['alpha']:g}" for t, m in stack["models"].items()))
     return "\n".join(lines)
