@@ -156,6 +156,36 @@ def test_a_transformer_run_trains_on_them_and_resumes_without_the_teacher(teache
     assert sorted(pd.read_csv(run / "oof.csv").text_id) == sorted(train.text_id)
 
 
+def test_seeds_windows_and_folds_in_threads_train_on_them(teacher, tiny_bert, monkeypatch):
+    """As the windows config trains (long texts in windows, seeds, folds in threads): every
+    fold-seed trains on its rows plus the 8 texts, whose windows hold all their tokens."""
+    from foldtune.data.dataset import encode_data
+    from foldtune.pseudo import read_pseudo_labels
+    from foldtune.training.prepared import tokenized_run
+
+    work, train, test = teacher
+    monkeypatch.chdir(work)
+    (work / "pl_win.yaml").write_text(
+        f"data:\n  train_file: train.csv\n  test_file: test.csv\n  max_len: 32\n  long_text: windows\n"
+        f"  max_windows: 8\nfolds:\n  n_splits: 3\nmodel:\n  name: {tiny_bert}\n"
+        f"training:\n  epochs: 1\n  batch_size: 8\n  lr: 1.0e-4\n  seeds: [1, 2]\n  parallel_folds: 2\n"
+        f"  parallel_mode: threads\npseudo:\n  teacher: runs/r1\n  file: test.csv\n")
+    assert train_main(["--config", "pl_win.yaml", "--name", "pl_win"]) == 0
+    run, folds = work / "runs" / "pl_win", folds_of(work)
+    log = (run / "train.log").read_text()
+    for k in range(3):
+        for seed in (1, 2):
+            assert f"fold {k} seed {seed}: {int((folds != k).sum()) + 8} train / {int((folds == k).sum())} valid rows" in log
+    labels = pd.read_csv(run / PSEUDO_FILE)
+    np.testing.assert_allclose(labels[labels.fold == 1][TARGETS].to_numpy(),
+                               by_hand(train, folds, 1, test.full_text.tolist()), atol=1e-5)
+    cfg = load_config(run / "config.yaml")
+    prepared = tokenized_run(cfg, run, train, folds, read_pseudo_labels(cfg, run))
+    whole = encode_data(prepared.tokenizer, test.full_text.tolist(), prepared.cfg.data).input_ids
+    assert prepared.pseudo_ids == whole and max(map(len, whole)) > 32       # windows: no text cut at max_len
+    assert sorted(pd.read_csv(run / "oof.csv").text_id) == sorted(train.text_id)
+
+
 def test_a_mistyped_or_unfinished_teacher_is_refused_before_a_run_folder(teacher, monkeypatch, capsys):
     work, _, _ = teacher
     monkeypatch.chdir(work)
