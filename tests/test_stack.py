@@ -173,6 +173,22 @@ def test_own_features_give_each_target_only_its_own_predictions(three_fold_runs,
     assert "features: each target its own predictions of every member" in capsys.readouterr().out
 
 
+def test_a_stack_written_before_the_feature_switches_reads_as_all_with_statistics(three_fold_runs):
+    """stack.json without feature_set and text_stats (written by an older foldtune) predicts as it did."""
+    root, runs, ids, texts, y, folds, (p1, p2) = three_fold_runs
+    build_stack(runs, root / "old")
+    before = read_stack(root / "old").predict(np.stack([p1, p2]), texts)
+    file = root / "old" / "stack.json"
+    record = json.loads(file.read_text())
+    del record["feature_set"], record["text_stats"]
+    file.write_text(json.dumps(record))
+    np.testing.assert_array_equal(read_stack(root / "old").predict(np.stack([p1, p2]), texts), before)
+    record["feature_set"] = "mine"
+    file.write_text(json.dumps(record))
+    with pytest.raises(EnsembleError, match=r"its feature_set 'mine' is not one of all, own; write the stack again"):
+        read_stack(root / "old")
+
+
 def test_hgb_folds_are_fitted_on_the_other_folds_and_read_back(three_fold_runs, monkeypatch):
     from sklearn.ensemble import HistGradientBoostingRegressor
 
