@@ -286,17 +286,22 @@ class Stack:
 
     @property
     def text_stats(self) -> bool:
-        return self.record.get("text_stats", True)          # stacks written before the switch had them
+        return _switches(self.record)[1]
 
     @property
     def inputs(self) -> list[list[int]]:
-        return target_inputs(len(self.runs), self.target_columns, self.record.get("feature_set", "all"),
-                             self.text_stats)
+        return target_inputs(len(self.runs), self.target_columns, *_switches(self.record))
 
     def predict(self, member_preds: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """(texts, targets) from the members' predictions (members, texts, targets) of `texts`."""
         x = stack_features(member_preds, stats_matrix(texts, self.vocabulary) if self.text_stats else None)
         return np.stack([m.predict(x[:, columns]) for m, columns in zip(self.models, self.inputs)], axis=1)
+
+
+def _switches(record: dict) -> tuple[str, bool]:
+    """(feature_set, text_stats) of a stack.json; one written before the switches had every
+    prediction and the statistics."""
+    return record.get("feature_set", "all"), record.get("text_stats", True)
 
 
 def is_stack(path: str | Path) -> bool:
@@ -317,11 +322,11 @@ def read_stack(path: str | Path) -> Stack:
     record = read_record(file, "stack file", STACK_FORMAT, "stack", "foldtune ensemble --stack")
     folder = file.resolve().parent
     runs = [(folder / m).resolve() for m in record["members"]]
-    feature_set = record.get("feature_set", "all")
+    feature_set, text_stats = _switches(record)
     if feature_set not in FEATURE_SETS:
         raise EnsembleError(f"{file}: its feature_set {feature_set!r} is not one of {', '.join(FEATURE_SETS)}; "
                             "write the stack again")
-    expected = feature_names(len(runs), record["target_columns"], record.get("text_stats", True))
+    expected = feature_names(len(runs), record["target_columns"], text_stats)
     if record["features"] != expected:
         raise EnsembleError(f"{file}: its features {record['features']} are not those this foldtune computes "
                             f"({expected}); write the stack again")
